@@ -1,0 +1,71 @@
+"""dropcheck: the explicit and implicit regularization of dropout, verified.
+
+Wei, Kakade & Ma, "The Implicit and Explicit Regularization Effects of
+Dropout", ICML 2020.  Equation numbers in the docstrings are the paper's;
+the formulas are collected in MATH.md.
+
+Public API (DESIGN.md)::
+
+    import dropcheck as dc
+    dc.explicit_regularizer(model, inputs, targets, estimator="exact")  # R_approx (4.4)
+    dc.taylor_regularizer(model, inputs, targets)                      # R_taylor (4.2)
+    dc.dropout_gap(model, inputs, targets, samples=1000)               # R_drop
+    dc.implicit_noise(model, inputs, targets)                          # ξ_approx (4.5)
+    dc.dropout_k_gradient(model, inputs, targets, k)                   # Algorithm 1
+    dc.bound.mu(W, X, y), dc.bound.nu(W, X, y)                         # Theorem 4.1
+"""
+
+from ._analytic import AnalyticSession, Occurrence, analytic_mode
+from ._errors import DataError, DropcheckError, NoDropoutSiteError
+from ._explicit import explicit_regularizer, loss_jacobian_regularizer, taylor_regularizer
+from ._gap import GapEstimate, dropout_gap, first_order_gap
+from ._implicit import (
+    dropout_gradient,
+    dropout_k_gradient,
+    implicit_noise,
+    implicit_noise_covariance,
+    implicit_noise_jacobian,
+    noise_injected_dropout_k_gradient,
+    two_draw_noise,
+)
+from ._sites import DropConnect, GaussianDropout, LockedDropout, SiteSpec, WeightDrop, find_sites
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # dropcheck.bound is imported on first use
+    if name == "bound":
+        import importlib
+
+        return importlib.import_module(".bound", __name__)
+    raise AttributeError(f"module 'dropcheck' has no attribute {name!r}")
+
+
+__all__ = [
+    "explicit_regularizer",
+    "taylor_regularizer",
+    "loss_jacobian_regularizer",
+    "dropout_gap",
+    "first_order_gap",
+    "GapEstimate",
+    "implicit_noise",
+    "implicit_noise_covariance",
+    "implicit_noise_jacobian",
+    "dropout_gradient",
+    "dropout_k_gradient",
+    "two_draw_noise",
+    "noise_injected_dropout_k_gradient",
+    "analytic_mode",
+    "AnalyticSession",
+    "Occurrence",
+    "find_sites",
+    "SiteSpec",
+    "LockedDropout",
+    "DropConnect",
+    "GaussianDropout",
+    "WeightDrop",
+    "DropcheckError",
+    "NoDropoutSiteError",
+    "DataError",
+    "bound",
+]

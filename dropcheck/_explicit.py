@@ -1,0 +1,325 @@
+"""The explicit regularizer of dropout and its second-order references.
+
+Notation (MATH.md): logits ``Z`` of shape ``(N, c)`` over all positions,
+``p = softmax(Z)``, ``H_out = diag(p) - ppᵀ``; a site occurrence has input
+``h`` and noise units ``u`` (``mask_shape``); ``a_u = h ⊙ 1[positions of u]``
+is the perturbation direction of unit ``u``, so dropout's perturbation is
+``δ = Σ_u η_u a_u`` with ``E[η_u η_u'] = q/(1-q) · 1[u = u']``.
+
+For a site the unweighted Gauss-Newton regularizer (4.3)-(4.4) is
+
+    R_i = (1/N) Σ_n Σ_u (J_n a_u)ᵀ H_out,n (J_n a_u),      J_n = ∂z_n/∂h_i,
+
+which is ``⟨J_iᵀ H_out J_i, diag(h_i²)⟩`` per example for per-position
+dropout, gains the cross-time terms ``diag(h_t ⊙ h_s)`` for locked sites and
+is ``⟨D²_W L_batch (Gauss-Newton), diag(W²)⟩`` for DropConnect.  The
+dropout-matched penalty weights site ``i`` by ``λ_i = q_i/(2(1-q_i))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._analytic import (
+    Occurrence,
+    analytic_mode,
+    as_generator,
+    fixed_eta_policy,
+    rademacher,
+    zero_probe,
+)
+from ._common import (
+    ESTIMATORS,
+    call_model,
+    check_estimator,
+    check_inputs,
+    default_eps,
+    flatten_logits,
+    mean_loss,
+    quad_form,
+)
+from ._errors import DropcheckError
+
+Value = Union[torch.Tensor, dict]
+
+# Keep Jacobian chunks below this many elements (rows × numel(h)).
+_CHUNK_ELEMS = 1 << 24
+
+
+def probe_forward(model: nn.Module, inputs, targets):
+    """Forward pass with a zero additive probe at every site occurrence.
+
+    Returns ``(Z, y, occurrences)`` with ``Z`` of shape ``(N, c)``; each
+    occurrence's ``delta`` is the probe, so ``autograd.grad(·, occ.delta)`` is
+    the gradient in that site's input ``h``.
+    """
+    check_inputs(inputs)
+    with analytic_mode(model, zero_probe) as session:
+        logits = call_model(model, inputs)
+    Z, y = flatten_logits(logits, targets)
+    return Z, y, session.occurrences
+
+
+def clean_forward(model: nn.Module, inputs, targets):
+    """Forward pass with every site the identity (no probes): ``(Z, y, occurrences)``."""
+    check_inputs(inputs)
+    with analytic_mode(model, None) as session:
+        logits = call_model(model, inputs)
+    Z, y = flatten_logits(logits, targets)
+    return Z, y, session.occurrences
+
+
+def _needs_graph(model: nn.Module) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+
+
+def _finish(per_site: dict, occs: list[Occurrence], weighted: bool, return_per_site: bool) -> Value:
+    if weighted:
+        per_site = {k: v * o.site.lam for (k, v), o in zip(per_site.items(), occs)}
+    if return_per_site:
+        return per_site
+    vals = list(per_site.values())
+    return sum(vals[1:], vals[0])
+
+
+def unit_jacobian(Z: torch.Tensor, occ: Occurrence, create_graph: bool) -> torch.Tensor:
+    """``w[n, c, u] = (J_n a_u)_c``: the logits' derivative along every noise
+    unit's direction, from the full Jacobian ``∂Z/∂h`` (reverse mode, batched
+    over the ``N·c`` outputs, chunked to bound memory).  Shape ``(N, c, U)``."""
+    N, c = Z.shape
+    rows = N * c
+    per_row = max(1, occ.h.numel())
+    chunk = max(1, min(rows, _CHUNK_ELEMS // per_row))
+    out = []
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        eye = torch.zeros(stop - start, rows, dtype=Z.dtype, device=Z.device)
+        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        (J,) = torch.autograd.grad(
+            Z,
+            occ.delta,
+            grad_outputs=eye.reshape(stop - start, N, c),
+            is_grads_batched=True,
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        out.append(occ.unit_sum(J * occ.h).reshape(stop - start, -1))
+    return torch.cat(out, 0).reshape(N, c, -1)
+
+
+def explicit_regularizer(
+    model: nn.Module,
+    inputs,
+    targets: torch.Tensor,
+    *,
+    estimator: str = "exact",
+    samples: int = 1,
+    weighted: bool = True,
+    hessian: str = "output",
+    generator: Union[torch.Generator, int, None] = None,
+    eps: Optional[float] = None,
+    per_site: bool = False,
+) -> Value:
+    """Explicit regularizer ``R_approx`` of dropout, eqs. (4.3)-(4.4).
+
+    ``Σ_i λ_i ⟨J_iᵀ H_out J_i, diag(h_i²)⟩`` averaged over examples (over all
+    positions of a sequence model), with each site's own noise structure
+    (module docstring).  ``weighted=True`` applies ``λ_i = q_i/(2(1-q_i))``
+    (the constant that matches dropout to second order, (4.2)); ``False``
+    gives the bare inner products.
+
+    Estimators (all unbiased for the same value; MATH.md "Estimators"):
+
+    - ``"exact"``: from the full Jacobian ``∂Z/∂h_i``; cost grows with
+      ``N·c`` backward passes, for small models and verification.
+    - ``"sampled"``: labels ``y' ~ p`` per position; ``g = ∂Σ_n ℓ(z_n, y'_n)/∂h``;
+      ``(1/N) Σ_u (g·a_u)²`` (the official code's ``jreg_sample_logit``).
+      Its value is unbiased; its parameter gradient omits the dependence of
+      the label distribution on the parameters (as the official code does).
+    - ``"hutchinson"``: Rademacher ``v`` per unit, ``u = J(v ⊙ h)`` by a
+      Jacobian-vector product, ``(1/N) Σ_n u_nᵀ H_out u_n``.
+    - ``"fd"``: the same ``u`` by a central difference of two forward passes
+      with multiplicative probes ``h(1 ± ε √λ_i v_i)`` at all sites at once
+      (first-order autograd only); bias ``O(ε²)``.
+
+    ``samples`` averages that many draws (ignored by ``"exact"``).
+    ``hessian="identity"`` is the Section 5.2 ablation (``H_out`` replaced by
+    ``I/c``).  Returns a scalar tensor, differentiable in the parameters so it
+    can be added to a loss; ``per_site=True`` returns ``{site key: value}``.
+    """
+    check_estimator(estimator, ESTIMATORS)
+    if hessian not in ("output", "identity"):
+        raise DropcheckError(f"unknown hessian {hessian!r}; expected 'output' or 'identity'")
+    if int(samples) < 1:
+        raise DropcheckError(f"samples must be >= 1, got {samples!r}")
+    samples = int(samples)
+    cg = _needs_graph(model)
+
+    if estimator == "fd":
+        return _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site)
+
+    Z, y, occs = probe_forward(model, inputs, targets)
+    N, c = Z.shape
+    p = torch.softmax(Z, -1)
+    per: dict[str, torch.Tensor] = {}
+
+    if estimator == "exact":
+        for o in occs:
+            w = unit_jacobian(Z, o, cg)
+            per[o.key] = quad_form(p, w, hessian).sum(-1).mean()
+        return _finish(per, occs, weighted, per_site)
+
+    gen = as_generator(generator)
+    probes = [o.delta for o in occs]
+    acc = [Z.new_zeros(()) for _ in occs]
+    if estimator == "sampled":
+        for _ in range(samples):
+            if hessian == "output":
+                yp = torch.multinomial(p.detach().to(gen.device), 1, generator=gen).squeeze(1).to(Z.device)
+                surrogate = F.cross_entropy(Z, yp, reduction="sum")
+            else:  # E[r rᵀ] = I/c
+                r = rademacher(Z.shape, Z, gen) / math.sqrt(c)
+                surrogate = (r * Z).sum()
+            gs = torch.autograd.grad(
+                surrogate, probes, retain_graph=True, create_graph=cg, allow_unused=True, materialize_grads=True
+            )
+            for j, (o, g) in enumerate(zip(occs, gs)):
+                acc[j] = acc[j] + (o.unit_sum(g * o.h) ** 2).sum() / N
+    else:  # hutchinson: u = J d by the double-vjp trick (linear in the dummy w)
+        wdummy = torch.zeros_like(Z, requires_grad=True)
+        gs = torch.autograd.grad(
+            Z, probes, grad_outputs=wdummy, create_graph=True, allow_unused=True, materialize_grads=True
+        )
+        for _ in range(samples):
+            for j, (o, g) in enumerate(zip(occs, gs)):
+                d = o.expand(rademacher(o.mask_shape, o.h, gen)) * o.h
+                if not g.requires_grad:  # site does not reach the logits
+                    continue
+                (u,) = torch.autograd.grad(g, wdummy, grad_outputs=d, retain_graph=True, create_graph=cg)
+                acc[j] = acc[j] + quad_form(p, u, hessian).mean()
+    per = {o.key: a / samples for o, a in zip(occs, acc)}
+    return _finish(per, occs, weighted, per_site)
+
+
+def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site):
+    Z, y, occs = clean_forward(model, inputs, targets)
+    p = torch.softmax(Z, -1)
+    eps = default_eps(Z.dtype) if eps is None else float(eps)
+    if not eps > 0:
+        raise DropcheckError(f"eps must be > 0, got {eps!r}")
+    gen = as_generator(generator)
+    groups = [[j] for j in range(len(occs))] if per_site else [list(range(len(occs)))]
+    acc = [Z.new_zeros(()) for _ in groups]
+    for _ in range(samples):
+        vs = [rademacher(o.mask_shape, o.h, gen) for o in occs]
+        for gi, group in enumerate(groups):
+            etas = [None] * len(occs)
+            for j in group:
+                scale = math.sqrt(occs[j].site.lam) if weighted else 1.0
+                etas[j] = scale * vs[j]
+            zs = []
+            for sign in (1.0, -1.0):
+                with analytic_mode(model, fixed_eta_policy(etas, sign * eps)):
+                    zs.append(call_model(model, inputs).reshape(Z.shape))
+            u = (zs[0] - zs[1]) / (2.0 * eps)
+            acc[gi] = acc[gi] + quad_form(p, u, hessian).mean()
+    acc = [a / samples for a in acc]
+    if per_site:
+        return {o.key: a for o, a in zip(occs, acc)}
+    return acc[0]
+
+
+def loss_jacobian_regularizer(
+    model: nn.Module,
+    inputs,
+    targets: torch.Tensor,
+    *,
+    weighted: bool = True,
+    per_site: bool = False,
+) -> Value:
+    """Loss-Jacobian ablation ``R̃_approx`` of eq. (5.1).
+
+    ``Σ_i λ_i J_loss,i diag(h_i²) J_loss,iᵀ`` with the true labels: per site
+    ``(1/N) Σ_u (a_u · ∂(Σ_n ℓ(z_n, y_n))/∂h_i)²`` (for per-example models
+    exactly the per-example ``Σ_k h_k² (∂ℓ/∂h_k)²`` averaged).  Unlike
+    ``R_approx`` it is not an expectation over labels, so it is not PSD in
+    ``H_out`` and does not match dropout (Section 5.2).
+    """
+    Z, y, occs = probe_forward(model, inputs, targets)
+    N = Z.shape[0]
+    total = F.cross_entropy(Z, y, reduction="sum")
+    gs = torch.autograd.grad(
+        total,
+        [o.delta for o in occs],
+        create_graph=_needs_graph(model),
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    per = {o.key: (o.unit_sum(g * o.h) ** 2).sum() / N for o, g in zip(occs, gs)}
+    return _finish(per, occs, weighted, per_site)
+
+
+def taylor_regularizer(
+    model: nn.Module,
+    inputs,
+    targets: torch.Tensor,
+    *,
+    weighted: bool = True,
+    estimator: str = "exact",
+    samples: int = 1,
+    generator: Union[torch.Generator, int, None] = None,
+    per_site: bool = False,
+) -> Value:
+    """Second-order Taylor term of the dropout gap, eq. (4.2), model Hessian included.
+
+    ``R_taylor = Σ_i λ_i Σ_u a_uᵀ D²_{h_i}(L) a_u`` with ``L`` the mean loss
+    and ``D²`` the *full* Hessian in the site's input (Gauss-Newton part
+    ``JᵀH_out J`` plus ``Σ_c ∂ℓ/∂z_c D²F_c``); cross-site terms vanish since
+    masks of different sites are independent.  Computed by Hessian-vector
+    products: ``"exact"`` along every unit direction ``a_u`` (cost ∝ units),
+    ``"hutchinson"`` along ``Σ_u v_u a_u`` with Rademacher ``v``.
+    Equals the weighted ``R_approx`` exactly where only the softmax follows
+    every site.
+    """
+    check_estimator(estimator, ("exact", "hutchinson"))
+    cg = _needs_graph(model)
+    Z, y, occs = probe_forward(model, inputs, targets)
+    L = mean_loss(Z, y)
+    gs = torch.autograd.grad(
+        L, [o.delta for o in occs], create_graph=True, allow_unused=True, materialize_grads=True
+    )
+    per: dict[str, torch.Tensor] = {}
+    gen = as_generator(generator) if estimator == "hutchinson" else None
+    for o, g in zip(occs, gs):
+        if not g.requires_grad:
+            per[o.key] = Z.new_zeros(())
+            continue
+        if estimator == "exact":
+            U = o.units
+            chunk = max(1, min(U, _CHUNK_ELEMS // max(1, o.h.numel())))
+            total = Z.new_zeros(())
+            for start in range(0, U, chunk):
+                stop = min(U, start + chunk)
+                basis = torch.zeros(stop - start, U, dtype=o.h.dtype, device=o.h.device)
+                basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+                A = basis.reshape(stop - start, *o.mask_shape).expand(stop - start, *o.h.shape) * o.h
+                (Hv,) = torch.autograd.grad(
+                    g, o.delta, grad_outputs=A, is_grads_batched=True, retain_graph=True, create_graph=cg
+                )
+                total = total + (Hv * A).sum()
+            per[o.key] = total
+        else:
+            total = Z.new_zeros(())
+            for _ in range(int(samples)):
+                d = o.expand(rademacher(o.mask_shape, o.h, gen)) * o.h
+                (Hv,) = torch.autograd.grad(g, o.delta, grad_outputs=d, retain_graph=True, create_graph=cg)
+                total = total + (Hv * d).sum()
+            per[o.key] = total / int(samples)
+    return _finish(per, occs, weighted, per_site)
