@@ -25,12 +25,6 @@ class GapEstimate(NamedTuple):
     samples: int
 
 
-def _loss_with(model, inputs, targets, policy) -> torch.Tensor:
-    with analytic_mode(model, policy):
-        logits = call_model(model, inputs)
-    return mean_loss(*flatten_logits(logits, targets))
-
-
 @torch.no_grad()
 def dropout_gap(
     model: nn.Module,
@@ -78,15 +72,18 @@ def dropout_gap(
                 "use Monte Carlo or raise max_units"
             )
         total = base.new_zeros(())
-        for bits in itertools.product((0, 1), repeat=M):  # 1 = dropped
-            etas, prob, pos = [], 1.0, 0
-            for o in occs:
-                b = torch.tensor(bits[pos : pos + o.units], dtype=base.dtype, device=base.device)
-                pos += o.units
-                q = o.site.q
-                prob *= q ** float(b.sum()) * (1.0 - q) ** float(o.units - b.sum())
-                etas.append(torch.where(b > 0, -1.0, q / (1.0 - q)).reshape(o.mask_shape))
-            total = total + prob * _loss_with(model, inputs, targets, fixed_eta_policy(etas))
+        with analytic_mode(model) as sess:
+            for bits in itertools.product((0, 1), repeat=M):  # 1 = dropped
+                etas, prob, pos = [], 1.0, 0
+                for o in occs:
+                    b = torch.tensor(bits[pos : pos + o.units], dtype=base.dtype, device=base.device)
+                    pos += o.units
+                    q = o.site.q
+                    nd = float(b.sum())
+                    prob *= q**nd * (1.0 - q) ** (o.units - nd)
+                    etas.append(torch.where(b > 0, -1.0, q / (1.0 - q)).reshape(o.mask_shape))
+                sess.reset(fixed_eta_policy(etas))
+                total = total + prob * mean_loss(*flatten_logits(call_model(model, inputs), targets))
         return GapEstimate(float(total - base), 0.0, 2**M)
 
     if noise is not None and noise not in ("bernoulli", "gaussian"):
@@ -104,21 +101,22 @@ def dropout_gap(
             )
         cv = [(g * o.h).detach() for g, o in zip(gs, pocc)]
     vals = []
-    for _ in range(int(samples)):
-        if control_variate:
-            with analytic_mode(model, noise_policy(gen, noise)) as s:
-                lv = mean_loss(*flatten_logits(call_model(model, inputs), targets))
-            lin = sum((c * o.expand(o.extra["eta"])).sum() for c, o in zip(cv, s.occurrences))
-            vals.append(lv - lin)
-        elif antithetic:
-            # one draw, recorded, then replayed with the opposite sign
-            with analytic_mode(model, noise_policy(gen, noise)) as s:
-                lp = mean_loss(*flatten_logits(call_model(model, inputs), targets))
-            etas = [o.extra["eta"] for o in s.occurrences]
-            lm = _loss_with(model, inputs, targets, fixed_eta_policy(etas, -1.0))
-            vals.append(0.5 * (lp + lm))
-        else:
-            vals.append(_loss_with(model, inputs, targets, noise_policy(gen, noise)))
+    with analytic_mode(model) as s:  # entered once: hooks stay, the policy changes
+
+        def loss(policy):
+            s.reset(policy)
+            return mean_loss(*flatten_logits(call_model(model, inputs), targets))
+
+        for _ in range(int(samples)):
+            lv = loss(noise_policy(gen, noise))
+            if control_variate:
+                lin = sum((c * o.expand(o.extra["eta"])).sum() for c, o in zip(cv, s.occurrences))
+                vals.append(lv - lin)
+            elif antithetic:  # replay the same draw with the opposite sign
+                etas = [o.extra["eta"] for o in s.occurrences]
+                vals.append(0.5 * (lv + loss(fixed_eta_policy(etas, -1.0))))
+            else:
+                vals.append(lv)
     v = torch.stack(vals) - base
     return GapEstimate(float(v.mean()), float(v.std(unbiased=True) / math.sqrt(len(vals))), len(vals))
 
@@ -139,7 +137,7 @@ def first_order_gap(model: nn.Module, inputs, targets: torch.Tensor, *, per_site
     gs = torch.autograd.grad(L, [o.delta for o in occs], allow_unused=True, materialize_grads=True)
     base = float(L)
     out: dict[str, float] = {}
-    with torch.no_grad():
+    with torch.no_grad(), analytic_mode(model) as sess:
         for j, (o, g) in enumerate(zip(occs, gs)):
             lin = o.unit_sum(g * o.h).reshape(-1)
             total = 0.0
@@ -148,7 +146,8 @@ def first_order_gap(model: nn.Module, inputs, targets: torch.Tensor, *, per_site
                 eta[u] = -1.0
                 etas = [None] * len(occs)
                 etas[j] = eta.reshape(o.mask_shape)
-                Lu = float(_loss_with(model, inputs, targets, fixed_eta_policy(etas)))
+                sess.reset(fixed_eta_policy(etas))
+                Lu = float(mean_loss(*flatten_logits(call_model(model, inputs), targets)))
                 total += Lu - base + float(lin[u])
             out[o.key] = total
     return out if per_site else sum(out.values())
