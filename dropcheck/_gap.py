@@ -135,7 +135,7 @@ def first_order_gap(model: nn.Module, inputs, targets: torch.Tensor, *, per_site
     Z, y, occs = probe_forward(model, inputs, targets)
     L = mean_loss(Z, y)
     gs = torch.autograd.grad(L, [o.delta for o in occs], allow_unused=True, materialize_grads=True)
-    base = float(L)
+    base = float(L.detach())
     out: dict[str, float] = {}
     with torch.no_grad(), analytic_mode(model) as sess:
         for j, (o, g) in enumerate(zip(occs, gs)):

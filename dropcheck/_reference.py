@@ -28,6 +28,16 @@ def noise_second_moment(occ: Occurrence) -> torch.Tensor:
     return same * h[:, None] * h[None, :]
 
 
+def half_second_moment_of_eta(occ: Occurrence) -> float:
+    """``½ E[η²]`` computed from the noise law itself (not from ``SiteSpec.lam``):
+    Bernoulli ``η ∈ {-1, q/(1-q)}`` with probabilities ``{q, 1-q}``; Gaussian
+    sites are defined by their variance ``q/(1-q)``."""
+    q = occ.site.q
+    if occ.site.noise == "gaussian":
+        return 0.5 * q / (1.0 - q)
+    return 0.5 * (q * (-1.0) ** 2 + (1.0 - q) * (q / (1.0 - q)) ** 2)
+
+
 def _probe_fn(model: nn.Module, inputs, targets, j: int):
     """``probe ↦ logits (N, c)`` with ``probe`` added at occurrence ``j`` only."""
 
@@ -59,7 +69,7 @@ def dense_explicit(model: nn.Module, inputs, targets, *, weighted: bool = True) 
         C = noise_second_moment(o)
         M = torch.einsum("nad,de,nbe->nab", J, C, J)
         val = float((H * M).sum((1, 2)).mean())
-        out[o.key] = val * (o.site.lam if weighted else 1.0)
+        out[o.key] = val * (half_second_moment_of_eta(o) if weighted else 1.0)
     return out
 
 
@@ -74,5 +84,5 @@ def dense_taylor(model: nn.Module, inputs, targets, *, weighted: bool = True) ->
         Hs = torch.func.hessian(lambda d: mean_loss(f(d), y))(torch.zeros_like(o.h))
         D = o.h.numel()
         val = float((Hs.reshape(D, D).detach() * noise_second_moment(o)).sum())
-        out[o.key] = val * (o.site.lam if weighted else 1.0)
+        out[o.key] = val * (half_second_moment_of_eta(o) if weighted else 1.0)
     return out
