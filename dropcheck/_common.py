@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -96,3 +98,39 @@ def quad_form(p: torch.Tensor, u: torch.Tensor, hessian: str = "output") -> torc
     if hessian == "identity":
         return (u * u).sum(1) / u.shape[1]
     raise DropcheckError(f"unknown hessian {hessian!r}; expected 'output' or 'identity'")
+
+
+_OUTER_GRAD = contextvars.ContextVar("dropcheck_outer_grad", default=True)
+
+
+def needs_graph(model: nn.Module) -> bool:
+    """Whether results must stay differentiable in the parameters: the
+    caller had autograd on and some parameter requires grad."""
+    return _OUTER_GRAD.get() and any(p.requires_grad for p in model.parameters())
+
+
+def _detach(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, dict):
+        return {k: _detach(v) for k, v in out.items()}
+    return out
+
+
+def grad_aware(fn):
+    """The estimators differentiate internally, so they run with autograd on
+    even inside ``torch.no_grad()``; the caller's mode decides only whether the
+    result keeps its graph (``needs_graph``) or comes back detached."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        outer = torch.is_grad_enabled()
+        token = _OUTER_GRAD.set(outer and _OUTER_GRAD.get())
+        try:
+            with torch.enable_grad():
+                out = fn(*args, **kwargs)
+        finally:
+            _OUTER_GRAD.reset(token)
+        return out if outer else _detach(out)
+
+    return wrapper

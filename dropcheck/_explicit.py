@@ -40,7 +40,9 @@ from ._common import (
     check_inputs,
     default_eps,
     flatten_logits,
+    grad_aware,
     mean_loss,
+    needs_graph,
     quad_form,
 )
 from ._errors import DropcheckError
@@ -72,10 +74,6 @@ def clean_forward(model: nn.Module, inputs, targets):
         logits = call_model(model, inputs)
     Z, y = flatten_logits(logits, targets)
     return Z, y, session.occurrences
-
-
-def _needs_graph(model: nn.Module) -> bool:
-    return torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
 
 
 def _finish(per_site: dict, occs: list[Occurrence], weighted: bool, return_per_site: bool) -> Value:
@@ -114,6 +112,7 @@ def unit_jacobian(Z: torch.Tensor, occ: Occurrence, create_graph: bool) -> torch
     return torch.cat(out, 0).reshape(N, c, -1)
 
 
+@grad_aware
 def explicit_regularizer(
     model: nn.Module,
     inputs,
@@ -160,7 +159,7 @@ def explicit_regularizer(
     if int(samples) < 1:
         raise DropcheckError(f"samples must be >= 1, got {samples!r}")
     samples = int(samples)
-    cg = _needs_graph(model)
+    cg = needs_graph(model)
 
     if estimator == "fd":
         return _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site)
@@ -236,6 +235,7 @@ def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_
     return acc[0]
 
 
+@grad_aware
 def loss_jacobian_regularizer(
     model: nn.Module,
     inputs,
@@ -258,7 +258,7 @@ def loss_jacobian_regularizer(
     gs = torch.autograd.grad(
         total,
         [o.delta for o in occs],
-        create_graph=_needs_graph(model),
+        create_graph=needs_graph(model),
         allow_unused=True,
         materialize_grads=True,
     )
@@ -266,6 +266,7 @@ def loss_jacobian_regularizer(
     return _finish(per, occs, weighted, per_site)
 
 
+@grad_aware
 def taylor_regularizer(
     model: nn.Module,
     inputs,
@@ -289,7 +290,7 @@ def taylor_regularizer(
     every site.
     """
     check_estimator(estimator, ("exact", "hutchinson"))
-    cg = _needs_graph(model)
+    cg = needs_graph(model)
     Z, y, occs = probe_forward(model, inputs, targets)
     L = mean_loss(Z, y)
     gs = torch.autograd.grad(

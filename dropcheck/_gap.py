@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._analytic import analytic_mode, as_generator, fixed_eta_policy, noise_policy
-from ._common import call_model, check_inputs, flatten_logits, mean_loss
+from ._common import call_model, check_inputs, flatten_logits, grad_aware, mean_loss
 from ._errors import DropcheckError
 from ._explicit import clean_forward, probe_forward
 from ._sites import BERNOULLI
@@ -121,6 +121,7 @@ def dropout_gap(
     return GapEstimate(float(v.mean()), float(v.std(unbiased=True) / math.sqrt(len(vals))), len(vals))
 
 
+@grad_aware
 def first_order_gap(model: nn.Module, inputs, targets: torch.Tensor, *, per_site: bool = False):
     """``lim_{q→0} R_drop/q = Σ_i Σ_u Δ_iu`` (MATH.md, "When the second-order picture holds").
 

@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 from ._analytic import analytic_mode, as_generator, fixed_eta_policy, noise_policy, sample_eta
-from ._common import call_model, check_estimator, check_inputs, default_eps, flatten_logits, mean_loss, named_params
+from ._common import (
+    call_model,
+    check_estimator,
+    check_inputs,
+    default_eps,
+    flatten_logits,
+    grad_aware,
+    mean_loss,
+    named_params,
+)
 from ._errors import DropcheckError
 from ._explicit import clean_forward, probe_forward
 
@@ -34,6 +43,7 @@ def _check_noise(noise: Optional[str]) -> None:
         raise DropcheckError(f"unknown noise {noise!r}; expected one of {list(_NOISES)}")
 
 
+@grad_aware
 def implicit_noise(
     model: nn.Module,
     inputs,
@@ -89,6 +99,7 @@ def _loss(model, inputs, targets, policy) -> torch.Tensor:
     return mean_loss(*flatten_logits(logits, targets))
 
 
+@grad_aware
 def implicit_noise_jacobian(
     model: nn.Module, inputs, targets: torch.Tensor, *, params: Optional[Sequence[str]] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +147,7 @@ def implicit_noise_covariance(
     return B.T @ (var[:, None] * B)
 
 
+@grad_aware
 def dropout_gradient(
     model: nn.Module,
     inputs,
