@@ -28,6 +28,7 @@ from ._implicit import (
     noise_injected_dropout_k_gradient,
     two_draw_noise,
 )
+from ._surrogate import AnalyticObjective, analytic_dropout_objective
 from ._sites import DropConnect, GaussianDropout, LockedDropout, SiteSpec, WeightDrop, find_sites
 
 __version__ = "0.1.0"
@@ -55,6 +56,8 @@ __all__ = [
     "dropout_k_gradient",
     "two_draw_noise",
     "noise_injected_dropout_k_gradient",
+    "analytic_dropout_objective",
+    "AnalyticObjective",
     "analytic_mode",
     "AnalyticSession",
     "Occurrence",
