@@ -1,0 +1,90 @@
+"""Reading run logs: tolerant of damage, loud about it.
+
+A malformed or truncated line is reported with its file and line number and
+skipped; the rest of the file is still used.  A file without a header line
+cannot be attributed to an arm and is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class Run:
+    path: Path
+    header: dict
+    evals: list = field(default_factory=list)
+    final: Optional[dict] = None
+
+    @property
+    def config(self) -> dict:
+        return self.header.get("config", {})
+
+    @property
+    def device(self) -> str:
+        return str(self.header.get("device", "?"))
+
+    @property
+    def config_name(self) -> str:
+        return str(self.header.get("config_name", "?"))
+
+    def best_valid(self) -> float:
+        if self.final and self.final.get("best_valid_ppl") is not None:
+            return float(self.final["best_valid_ppl"])
+        vals = [e["valid_ppl"] for e in self.evals if _finite(e.get("valid_ppl"))]
+        return min(vals) if vals else math.nan
+
+    def test_ppl(self) -> float:
+        return float(self.final["test_ppl"]) if self.final and _finite(self.final.get("test_ppl")) else math.nan
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def read_run(path: Path, problems: list[str]) -> Optional[Run]:
+    header, evals, final = None, [], None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                problems.append(f"{path}:{lineno}: malformed log line skipped ({exc})")
+                continue
+            kind = rec.get("type")
+            if kind == "header":
+                header = rec
+            elif kind == "eval":
+                if not all(k in rec for k in ("step", "valid_ppl")):
+                    problems.append(f"{path}:{lineno}: eval line without step/valid_ppl skipped")
+                    continue
+                evals.append(rec)
+            elif kind == "final":
+                final = rec
+            elif kind == "resume":
+                # the log was truncated to the checkpoint: later evals replace nothing
+                pass
+            else:
+                problems.append(f"{path}:{lineno}: unknown record type {kind!r} skipped")
+    if header is None:
+        problems.append(f"{path}: no header line; file skipped")
+        return None
+    return Run(path, header, evals, final)
+
+
+def read_runs(root, problems: Optional[list[str]] = None) -> list[Run]:
+    """Every ``*.jsonl`` below ``root`` (a folder or one file)."""
+    problems = [] if problems is None else problems
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(root.rglob("*.jsonl"))
+    runs = [r for r in (read_run(p, problems) for p in files) if r is not None]
+    return runs
