@@ -1,0 +1,263 @@
+"""Each update rule's gradient equals its definition, computed independently
+with dropcheck's functions (same generator, same draw order), and each rule
+lowers the training loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dropcheck as dc
+from dropcheck._errors import DropcheckError
+from training.configs import RULES, make_config
+from training.model import AWDLSTM, StatefulLM
+from training.rules import Gens, lam, make_rule, needs_double_backward, sites_off
+
+V = 11
+Q = dict(q_embedding=0.3, q_hidden=0.2, q_output=0.4, q_weights=0.25, q_rows=0.1)
+
+
+def _setup(rule, backend="loop", **over):
+    cfg = make_config("smoke", rule=rule, dtype="float64", **{**Q, **over})
+    torch.manual_seed(0)
+    lm = AWDLSTM(V, 5, 6, 2, backend=backend, **{k: cfg[k] for k in Q}).double()
+    model = StatefulLM(lm)
+    g = torch.Generator().manual_seed(7)
+    model.hidden = [
+        (0.2 * torch.randn(3, r.n_out, generator=g, dtype=torch.float64),
+         0.2 * torch.randn(3, r.n_out, generator=g, dtype=torch.float64))
+        for r in lm.rnns
+    ]
+    return cfg, model, make_rule(cfg, model)
+
+
+X = torch.randint(0, V, (5, 3), generator=torch.Generator().manual_seed(1))
+Y = torch.randint(0, V, (5, 3), generator=torch.Generator().manual_seed(2))
+
+
+def _gens(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return Gens(g, g)
+
+
+def _named(model):
+    return [(n, p) for n, p in model.named_parameters()]
+
+
+def _clean_loss(model):
+    with sites_off(model):
+        return F.cross_entropy(model(X).reshape(-1, V), Y.reshape(-1))
+
+
+def _grad(model, scalar):
+    named = _named(model)
+    gs = torch.autograd.grad(scalar, [p for _, p in named])
+    return {n: g for (n, _), g in zip(named, gs)}
+
+
+def _close(a, b, tol=1e-11):
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=tol, atol=tol, msg=lambda m: f"{n}: {m}")
+
+
+def _add(*ds, coefs=None):
+    coefs = coefs or [1.0] * len(ds)
+    return {n: sum(c * d[n] for c, d in zip(coefs, ds)) for n in ds[0]}
+
+
+def test_none_is_the_clean_gradient():
+    cfg, model, rule = _setup("none")
+    g, res = rule.gradient(model, X, Y, _gens())
+    _close(g, _grad(model, _clean_loss(model)))
+    # the sites' own (global-RNG) dropout is not involved: same result twice
+    g2, _ = rule.gradient(model, X, Y, _gens(99))
+    _close(g, g2, 0)
+
+
+def test_l2_adds_weight_decay_of_the_coefficient():
+    cfg, model, rule = _setup("l2", l2=0.01)
+    g, res = rule.gradient(model, X, Y, _gens())
+    ref = _grad(model, _clean_loss(model))
+    _close(g, {n: ref[n] + 0.01 * p.detach() for n, p in _named(model)})
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_dropout_k_is_the_mean_of_k_single_mask_gradients(k):
+    cfg, model, rule = _setup("dropout", k=k)
+    g, res = rule.gradient(model, X, Y, _gens())
+    gen = torch.Generator().manual_seed(5)
+    singles = [dc.dropout_gradient(model, X, Y, generator=gen) for _ in range(k)]
+    _close(g, _add(*singles, coefs=[1.0 / k] * k))
+    _close(g, dc.dropout_k_gradient(model, X, Y, k, generator=torch.Generator().manual_seed(5)))
+    # k draws really differ (else DROPOUT_k would be DROPOUT_1)
+    if k > 1:
+        assert any((singles[0][n] - singles[1][n]).abs().max() > 1e-6 for n in singles[0])
+
+
+def test_dropout_inject_adds_scaled_two_draw_noise():
+    k = 4
+    cfg, model, rule = _setup("dropout_inject", k=k)
+    g, res = rule.gradient(model, X, Y, _gens())
+    gen = torch.Generator().manual_seed(5)
+    gk = dc.dropout_k_gradient(model, X, Y, k, generator=gen)
+    g1 = dc.dropout_gradient(model, X, Y, generator=gen)
+    g2 = dc.dropout_gradient(model, X, Y, generator=gen)
+    c = math.sqrt((1 - 1 / k) / 2)
+    assert c == pytest.approx(math.sqrt(3 / 8))
+    _close(g, _add(gk, g1, g2, coefs=[1.0, c, -c]))
+    _close(g, dc.noise_injected_dropout_k_gradient(model, X, Y, k, generator=torch.Generator().manual_seed(5)))
+    # k = 1: no noise at all (the scale is 0)
+    cfg, model, rule = _setup("dropout_inject", k=1)
+    assert rule.noise(model, X, Y, _gens()) is None
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sampled", "hutchinson", "fd"])
+def test_explicit_is_clean_loss_plus_lambda_weighted_r_approx(estimator):
+    cfg, model, rule = _setup("explicit", estimator=estimator)
+    g, res = rule.gradient(model, X, Y, _gens())
+    R = dc.explicit_regularizer(model, X, Y, estimator=estimator, generator=torch.Generator().manual_seed(5))
+    tol = 1e-11 if estimator != "fd" else 1e-7
+    _close(g, _grad(model, _clean_loss(model) + R), tol)
+    assert float(res.reg["R"]) == pytest.approx(float(R.detach()), rel=tol)
+    assert float(res.loss) == pytest.approx(_clean_loss(model).item(), rel=1e-12)
+
+
+def test_explicit_per_group_coefficients():
+    mult = dict(explicit_mult=2.0, explicit_mult_hidden=3.0, explicit_mult_weights=0.5, explicit_mult_rows=0.0)
+    cfg, model, rule = _setup("explicit", estimator="exact", **mult)
+    g, res = rule.gradient(model, X, Y, _gens())
+    per = dc.explicit_regularizer(model, X, Y, estimator="exact", weighted=False, per_site=True)
+    group = {"lm.drop_emb": ("embedding", 0.3), "lm.drop_hidden.0": ("hidden", 0.2), "lm.drop_out": ("output", 0.4),
+             "lm.rnns.0.wdrop": ("weights", 0.25), "lm.rnns.1.wdrop": ("weights", 0.25), "lm.drop_rows": ("rows", 0.1)}
+    assert set(per) == set(group)
+    gm = {"embedding": 1.0, "hidden": 3.0, "output": 1.0, "weights": 0.5, "rows": 0.0}
+    R = sum(2.0 * gm[group[k][0]] * group[k][1] / (2 * (1 - group[k][1])) * v for k, v in per.items())
+    _close(g, _grad(model, _clean_loss(model) + R))
+    assert float(res.reg["R/hidden"]) == pytest.approx(2 * 3 * lam(0.2) * per["lm.drop_hidden.0"].item())
+    assert float(res.reg["R/rows"]) == 0.0
+    assert lam(0.4) == pytest.approx(1 / 3)
+
+
+def test_fd_estimator_with_group_coefficients_uses_lambda_of_q_prime():
+    """fd probes all sites at once with weights λ(q); a group coefficient c
+    is realised by q' with λ(q') = c.  With one active site the value is
+    exactly c/λ(q) times the default one (same probes)."""
+    only_hidden = dict(q_embedding=0.0, q_output=0.0, q_weights=0.0, q_rows=0.0)
+    cfg, model, rule = _setup("explicit", estimator="fd", explicit_mult_hidden=2.5, **only_hidden)
+    for n, m in rule.modules.items():
+        m.p = {"lm.drop_hidden.0": 0.2}.get(n, 0.0)
+    R, reg = rule.explicit_term(model, X, Y, _gens())
+    R0 = dc.explicit_regularizer(model, X, Y, estimator="fd", generator=torch.Generator().manual_seed(5))
+    assert R.item() == pytest.approx(2.5 * R0.item(), rel=1e-6)
+    assert rule.modules["lm.drop_hidden.0"].p == 0.2  # restored
+
+
+def test_dropout_implicit_is_dropout_k_plus_sqrt_one_minus_one_over_k_xi():
+    k = 4
+    cfg, model, rule = _setup("dropout_implicit", k=k)
+    g, res = rule.gradient(model, X, Y, _gens())
+    gen = torch.Generator().manual_seed(5)
+    gk = dc.dropout_k_gradient(model, X, Y, k, generator=gen)
+    xi = dc.implicit_noise(model, X, Y, generator=gen)
+    _close(g, _add(gk, xi, coefs=[1.0, math.sqrt(1 - 1 / k)]))
+
+
+@pytest.mark.parametrize("noise_estimator", ["autograd", "fd"])
+def test_explicit_implicit_is_algorithm_2(noise_estimator):
+    cfg, model, rule = _setup("explicit_implicit", estimator="sampled", noise_estimator=noise_estimator, implicit_mult=1.5)
+    g, res = rule.gradient(model, X, Y, _gens())
+    gen = torch.Generator().manual_seed(5)
+    R = dc.explicit_regularizer(model, X, Y, estimator="sampled", generator=gen)
+    xi = dc.implicit_noise(model, X, Y, estimator=noise_estimator, generator=gen)
+    tol = 1e-11 if noise_estimator == "autograd" else 1e-7
+    _close(g, _add(_grad(model, _clean_loss(model) + R), xi, coefs=[1.0, 1.5]), tol)
+
+
+def test_implicit_group_multipliers_scale_each_groups_eta():
+    """ξ_approx is linear in η: multiplier 2 on the embedding group equals
+    ξ(all) + ξ(embedding site alone), with the same Rademacher signs
+    (the embedding site is the first whose η is drawn once rows are off)."""
+    base = dict(q_rows=0.0)
+    cfg, model, rule = _setup("explicit_implicit", implicit_mult_embedding=2.0, **base)
+    for n, m in rule.modules.items():
+        if n == "lm.drop_rows":
+            m.p = 0.0
+    xi = rule.implicit_noise(model, X, Y, _gens(), 1.0)
+    full = dc.implicit_noise(model, X, Y, generator=torch.Generator().manual_seed(5))
+    saved = {n: m.p for n, m in rule.modules.items()}
+    for n, m in rule.modules.items():
+        if n != "lm.drop_emb":
+            m.p = 0.0
+    emb_only = dc.implicit_noise(model, X, Y, generator=torch.Generator().manual_seed(5))
+    for n, m in rule.modules.items():
+        m.p = saved[n]
+    _close(xi, _add(full, emb_only), 1e-10)
+    # a multiplier of 0 removes the group
+    cfg, model, rule = _setup("explicit_implicit", implicit_mult_embedding=0.0, **base)
+    for n, m in rule.modules.items():
+        if n == "lm.drop_rows":
+            m.p = 0.0
+    xi0 = rule.implicit_noise(model, X, Y, _gens(), 1.0)
+    for n, m in rule.modules.items():
+        if n == "lm.drop_emb":
+            m.p = 0.0
+    ref = dc.implicit_noise(model, X, Y, generator=torch.Generator().manual_seed(5))
+    _close(xi0, ref, 1e-10)
+
+
+def test_identity_hessian_and_loss_jacobian_ablations():
+    cfg, model, rule = _setup("identity_hessian", estimator="exact", explicit_mult=4.0)
+    g, _ = rule.gradient(model, X, Y, _gens())
+    R = dc.explicit_regularizer(model, X, Y, estimator="exact", hessian="identity")
+    _close(g, _grad(model, _clean_loss(model) + 4.0 * R))
+
+    cfg, model, rule = _setup("loss_jacobian", explicit_mult=2.0)
+    g, _ = rule.gradient(model, X, Y, _gens())
+    R = dc.loss_jacobian_regularizer(model, X, Y)
+    _close(g, _grad(model, _clean_loss(model) + 2.0 * R))
+
+    cfg, model, rule = _setup("loss_jacobian", ablation_noise=True)
+    g, _ = rule.gradient(model, X, Y, _gens())
+    gen = torch.Generator().manual_seed(5)
+    R = dc.loss_jacobian_regularizer(model, X, Y)
+    xi = dc.implicit_noise(model, X, Y, generator=gen)
+    _close(g, _add(_grad(model, _clean_loss(model) + R), xi))
+
+
+@pytest.mark.parametrize("rule_name", RULES)
+def test_every_rule_lowers_the_training_loss(rule_name):
+    over = {"k": 2} if rule_name.startswith("dropout") else {}
+    cfg, model, rule = _setup(rule_name, backend="fused", **over)
+    model.hidden = None
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    gens = _gens(11)
+    before = _clean_loss(model).item()
+    for _ in range(8):
+        g, _ = rule.gradient(model, X, Y, gens)
+        for n, p in model.named_parameters():
+            p.grad = g[n]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+    after = _clean_loss(model).item()
+    assert after < before - 0.05, (before, after)
+
+
+def test_rules_need_an_active_site():
+    with pytest.raises(DropcheckError, match="needs at least one dropout site with q > 0"):
+        _setup("explicit", q_embedding=0.0, q_hidden=0.0, q_output=0.0, q_weights=0.0, q_rows=0.0)
+
+
+def test_double_backward_requirement():
+    base = make_config("smoke")
+    need = lambda **o: needs_double_backward({**base, **o})  # noqa: E731
+    assert not need(rule="dropout", k=8)
+    assert not need(rule="dropout_inject", k=8)
+    assert need(rule="dropout_implicit", k=2) and not need(rule="dropout_implicit", k=2, noise_estimator="fd")
+    assert not need(rule="dropout_implicit", k=1)
+    assert need(rule="explicit") and not need(rule="explicit", estimator="fd")
+    assert not need(rule="explicit_implicit", estimator="fd", noise_estimator="fd")
+    assert need(rule="loss_jacobian", estimator="fd")

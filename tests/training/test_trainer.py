@@ -1,0 +1,111 @@
+"""The training loop: logs, checkpoints, resume equals an uninterrupted run
+bit for bit, best-validation model for test, the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dropcheck._errors import DropcheckError
+from training.trainer import train
+
+TIME_FIELDS = ("wall_time", "tokens_per_s")
+
+
+def _records(path):
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    return recs
+
+
+def _comparable(recs):
+    return [{k: v for k, v in r.items() if k not in TIME_FIELDS} for r in recs if r["type"] in ("eval", "final")]
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        # crosses epoch boundaries (hidden reset), variable BPTT, k masks + ξ_approx
+        dict(rule="dropout_implicit", k=2, train_tokens=200, epochs=3, max_steps=14, eval_every=0),
+        dict(rule="explicit_implicit", estimator="sampled", max_steps=7, eval_every=3, dtype="float64"),
+    ],
+)
+def test_resume_gives_the_same_numbers_bit_for_bit(tiny_cfg, tiny_corpus, tmp_path, over):
+    cfg = tiny_cfg(**over)
+    full = train(cfg, out=tmp_path / "full", corpus=tiny_corpus)
+    assert full.finished
+    part = train(cfg, out=tmp_path / "part", corpus=tiny_corpus, stop_after=5)
+    assert not part.finished and part.step == 5
+    # an interruption after the checkpoint: lines written later must not survive the resume
+    with open(part.log_path, "a") as f:
+        f.write('{"type": "eval", "step": 999}\n')
+    with pytest.raises(DropcheckError, match="already exists"):
+        train(cfg, out=tmp_path / "part", corpus=tiny_corpus)
+    resumed = train(cfg, out=tmp_path / "part", corpus=tiny_corpus, resume=True)
+    assert resumed.finished and resumed.step == full.step
+    for k, v in full.last_state.items():
+        assert torch.equal(v, resumed.last_state[k]), k
+    a, b = _records(full.log_path), _records(resumed.log_path)
+    assert _comparable(a) == _comparable(b)
+    assert [r["type"] for r in b].count("resume") == 1
+    assert not any(r.get("step") == 999 for r in b)
+
+
+def test_log_contents_and_best_model_for_test(tiny_cfg, tiny_corpus, tmp_path):
+    cfg = tiny_cfg(rule="dropout", max_steps=9, eval_every=3, lr=8.0)
+    res = train(cfg, out=tmp_path, corpus=tiny_corpus, config_name="tiny")
+    recs = _records(res.log_path)
+    head = recs[0]
+    assert head["type"] == "header" and head["config"] == cfg and head["seed"] == cfg["seed"]
+    assert head["device"] == "cpu" and head["torch"] == torch.__version__ and "git_commit" in head
+    assert head["vocab"] == len(tiny_corpus.dictionary)
+    evals = [r for r in recs if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6, 9]
+    for r in evals:
+        for key in ("epoch", "train_ppl", "valid_ppl", "wall_time", "tokens_per_s", "reg"):
+            assert key in r
+        assert r["tokens_per_s"] > 0
+    final = recs[-1]
+    assert final["type"] == "final"
+    best = min(evals, key=lambda r: r["valid_ppl"])
+    assert final["best_step"] == best["step"] and final["best_valid_ppl"] == best["valid_ppl"]
+    assert final["valid_ppl"] == pytest.approx(best["valid_ppl"], rel=1e-6)  # the best model was reloaded
+    ckpt = torch.load(res.best_path, weights_only=False)
+    assert ckpt["step"] == best["step"]
+    assert res.ckpt_path.exists() and not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+def test_resume_rejects_a_different_config(tiny_cfg, tiny_corpus, tmp_path):
+    cfg = tiny_cfg(rule="none", max_steps=4)
+    train(cfg, out=tmp_path, corpus=tiny_corpus, stop_after=2)
+    with pytest.raises(DropcheckError, match=r"the config differs \(lr: 2.0 -> 3.0\)"):
+        train({**cfg, "lr": 3.0}, out=tmp_path, corpus=tiny_corpus, resume=True)
+    with pytest.raises(DropcheckError, match="cannot resume: no checkpoint"):
+        train(cfg, out=tmp_path / "empty", corpus=tiny_corpus, resume=True)
+
+
+def test_regularizer_values_are_logged(tiny_cfg, tiny_corpus, tmp_path):
+    cfg = tiny_cfg(rule="explicit", estimator="sampled", max_steps=2, eval_every=2)
+    res = train(cfg, out=tmp_path, corpus=tiny_corpus)
+    ev = [r for r in _records(res.log_path) if r["type"] == "eval"][0]
+    assert {"R", "R/embedding", "R/hidden", "R/output", "R/weights", "R/rows"} <= set(ev["reg"])
+    assert ev["reg"]["R"] > 0
+
+
+def test_cli_smoke_on_ptb_stop_and_resume(data_root, tmp_path, capsys):
+    """``dropcheck train --config smoke`` on the real PTB (full 10k vocabulary),
+    two steps, interrupted after one and resumed."""
+    from dropcheck.cli import main
+
+    args = ["train", "--config", "smoke", "--data", str(data_root), "--out", str(tmp_path), "--no-progress",
+            "max_steps=2", "eval_every=1", "valid_tokens=2000", "test_tokens=2000"]
+    assert main(args + ["--stop-after", "1"]) == 0
+    assert "stopped after 1 steps" in capsys.readouterr().out
+    assert main(args + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "smoke-dropout-k1-s1: 2 steps" in out and "test ppl" in out
+    recs = _records(tmp_path / "smoke-dropout-k1-s1.jsonl")
+    assert recs[0]["vocab"] == 10_000 and recs[0]["train_tokens"] == 64_000 - 64_000 % 16
+    assert [r["type"] for r in recs] == ["header", "eval", "resume", "eval", "final"]
+    assert recs[-1]["test_ppl"] < 10_000  # below the uniform model's

@@ -1,0 +1,376 @@
+"""Run configurations: defaults, the named configs, overrides, validation.
+
+A config is a flat dict; ``DEFAULTS`` lists every key with its default and
+so its type.  ``get_config(name_or_file, overrides)``: a name from
+``CONFIGS``, or a JSON file holding an object of keys (optionally
+``"base": NAME`` to start from a named config), then ``key=value``
+overrides parsed with the type of the default.  Unknown keys and bad values
+raise one ``DropcheckError`` naming the key.
+
+Named configs:
+
+- ``ptb``, ``wikitext2``: the paper's setting (Wei, Kakade & Ma 2020,
+  Section 6 / Appendix D, on AWD-LSTM): emb 400, 3 x 1150 LSTM, tied, q = 0.4
+  on embedding, hidden, output and DropConnect, SGD lr 30, clip 0.25,
+  weight decay 1.2e-6, BPTT 70 (variable), batch 20 (eval 10, test 1).  The
+  explicit term uses the sampled-label estimator, as the official code.
+- ``smoke``: a CPU check that runs in about a minute on 2 cores: the real
+  PTB vocabulary (10,000 words) and a 64k-token slice of the training
+  text, a tiny model (emb 32, 2 x 64), 3 evaluations on a validation slice.
+- ``mini-ptb``, ``mini-wikitext2``: short GPU runs (2 x 512, emb 256,
+  batch 32; 4 epochs of PTB, 2 of WikiText-2; test batch 10 instead of 1);
+  the analytic terms use the finite-difference estimators so that every arm
+  but ``loss_jacobian`` runs on the fused cuDNN LSTM (GPU_NOTES.md: about
+  1.3-1.8 x the cuDNN dropout step, which is 14 ms at the full size).
+  Estimated, not measured (no GPU was lent while writing this): ~415 steps
+  per PTB epoch, well under 10 ms per step, so about 0.5-1 min per
+  DROPOUT_1 / explicit / implicit arm; DROPOUT_k costs about k times
+  DROPOUT_1 (k = 32: several minutes), and ``loss_jacobian`` has no
+  first-order estimator in dropcheck, so it needs the loop LSTM (double
+  backward), several minutes.  ``PAPER_ARMS`` lists the overrides of the
+  arms behind the paper's claims C1-C6.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from dropcheck._errors import DropcheckError
+
+RULES = (
+    "none",
+    "l2",
+    "dropout",
+    "dropout_inject",
+    "explicit",
+    "dropout_implicit",
+    "explicit_implicit",
+    "identity_hessian",
+    "loss_jacobian",
+)
+GROUP_NAMES = ("embedding", "hidden", "output", "weights", "rows")
+
+DEFAULTS: dict[str, Any] = {
+    # data
+    "corpus": "ptb",
+    "train_tokens": 0,  # 0: all; else the first N training tokens (vocabulary stays full)
+    "valid_tokens": 0,
+    "test_tokens": 0,
+    # model
+    "emb": 400,
+    "hidden": 1150,
+    "layers": 3,
+    "tie": True,
+    "q_embedding": 0.4,
+    "q_hidden": 0.4,
+    "q_output": 0.4,
+    "q_weights": 0.4,
+    "q_rows": 0.0,
+    "backend": "auto",  # auto | loop | fused
+    # update rule
+    "rule": "dropout",
+    "k": 1,
+    "estimator": "sampled",  # exact | sampled | hutchinson | fd   (R_approx)
+    "samples": 1,
+    "noise_estimator": "autograd",  # autograd | fd   (ξ_approx)
+    "eps": 0.0,  # finite-difference step; 0: dropcheck's default for the dtype
+    "explicit_mult": 1.0,  # explicit coefficient = λ_g · explicit_mult · explicit_mult_<g>
+    "implicit_mult": 1.0,  # noise coefficient = implicit_mult · implicit_mult_<g>
+    **{f"explicit_mult_{g}": 1.0 for g in GROUP_NAMES},
+    **{f"implicit_mult_{g}": 1.0 for g in GROUP_NAMES},
+    "ablation_noise": False,  # identity_hessian / loss_jacobian: also add ξ_approx
+    "l2": 1e-5,  # coefficient of (l2/2)·Σ‖W‖² for rule l2
+    # optimisation
+    "optimizer": "sgd",  # sgd | adam
+    "lr": 30.0,
+    "clip": 0.25,  # 0: no clipping
+    "weight_decay": 1.2e-6,
+    "bptt": 70,
+    "variable_bptt": True,
+    "batch_size": 20,
+    "eval_batch_size": 10,
+    "test_batch_size": 1,
+    "epochs": 50,
+    "max_steps": 0,  # 0: no limit
+    # bookkeeping
+    "eval_every": 0,  # steps; 0: at the end of every epoch
+    "checkpoint_every": 200,  # steps (also after every evaluation)
+    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "dtype": "float32",  # float32 | float64
+    "deterministic": False,
+    "threads": 0,  # CPU threads; 0: leave torch's default
+    "progress": True,
+    "run_name": "",  # "": <config>-<rule>[-k<k>]-s<seed>
+    "seed": 1,
+}
+
+CHOICES: dict[str, tuple] = {
+    "corpus": ("ptb", "wikitext-2"),
+    "backend": ("auto", "loop", "fused"),
+    "rule": RULES,
+    "estimator": ("exact", "sampled", "hutchinson", "fd"),
+    "noise_estimator": ("autograd", "fd"),
+    "optimizer": ("sgd", "adam"),
+    "dtype": ("float32", "float64"),
+}
+
+POSITIVE_INT = ("emb", "hidden", "layers", "k", "samples", "bptt", "batch_size", "eval_batch_size", "test_batch_size")
+NONNEG_INT = ("train_tokens", "valid_tokens", "test_tokens", "epochs", "max_steps", "eval_every", "checkpoint_every", "threads", "seed")
+NONNEG_FLOAT = (
+    "eps", "explicit_mult", "implicit_mult", "l2", "lr", "clip", "weight_decay",
+    *(f"explicit_mult_{g}" for g in GROUP_NAMES),
+    *(f"implicit_mult_{g}" for g in GROUP_NAMES),
+)
+PROBS = ("q_embedding", "q_hidden", "q_output", "q_weights", "q_rows")
+
+_PAPER = {
+    "corpus": "ptb",
+    "emb": 400,
+    "hidden": 1150,
+    "layers": 3,
+    "q_embedding": 0.4,
+    "q_hidden": 0.4,
+    "q_output": 0.4,
+    "q_weights": 0.4,
+    "q_rows": 0.0,
+    "lr": 30.0,
+    "clip": 0.25,
+    "weight_decay": 1.2e-6,
+    "bptt": 70,
+    "batch_size": 20,
+    "eval_batch_size": 10,
+    "test_batch_size": 1,
+    "estimator": "sampled",
+    "epochs": 50,
+}
+
+_MINI = {
+    "emb": 256,
+    "hidden": 512,
+    "layers": 2,
+    "batch_size": 32,
+    "eval_batch_size": 10,
+    "test_batch_size": 10,
+    "epochs": 4,
+    "estimator": "fd",
+    "noise_estimator": "fd",
+    "checkpoint_every": 500,
+}
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "ptb": dict(_PAPER),
+    "wikitext2": {**_PAPER, "corpus": "wikitext-2"},
+    "smoke": {
+        "corpus": "ptb",
+        "train_tokens": 64_000,
+        "valid_tokens": 12_000,
+        "test_tokens": 12_000,
+        "emb": 32,
+        "hidden": 64,
+        "layers": 2,
+        "q_embedding": 0.4,
+        "q_hidden": 0.4,
+        "q_output": 0.4,
+        "q_weights": 0.4,
+        "lr": 20.0,
+        "clip": 0.25,
+        "bptt": 20,
+        "batch_size": 16,
+        "eval_batch_size": 10,
+        "test_batch_size": 10,
+        "epochs": 2,
+        "max_steps": 300,
+        "eval_every": 100,
+        "checkpoint_every": 100,
+        "device": "cpu",
+        "estimator": "sampled",
+        "threads": 1,
+    },
+    "mini-ptb": {**_PAPER, **_MINI},
+    "mini-wikitext2": {**_PAPER, **_MINI, "corpus": "wikitext-2", "epochs": 2},
+}
+
+# The arms behind the paper's claims (PAPER_RESULTS.md), as overrides of a config.
+PAPER_ARMS: dict[str, dict[str, Any]] = {
+    "none": {"rule": "none"},
+    **{f"dropout-k{k}": {"rule": "dropout", "k": k} for k in (1, 2, 4, 8, 16, 32)},  # C1
+    "inject-k4": {"rule": "dropout_inject", "k": 4},  # C2
+    "explicit": {"rule": "explicit"},  # C3
+    **{f"dropout-implicit-k{k}": {"rule": "dropout_implicit", "k": k} for k in (2, 4, 8)},  # C4
+    "explicit-implicit": {"rule": "explicit_implicit"},  # C5
+    "identity-hessian": {"rule": "identity_hessian"},  # C6
+    "loss-jacobian": {"rule": "loss_jacobian"},  # C6
+    "loss-jacobian-noise": {"rule": "loss_jacobian", "ablation_noise": True},  # C6
+    "l2": {"rule": "l2"},  # C6
+}
+
+
+def _err(key: str, msg: str) -> DropcheckError:
+    return DropcheckError(f"config key {key!r}: {msg}")
+
+
+def parse_value(key: str, text: str) -> Any:
+    """Parse ``text`` with the type of ``DEFAULTS[key]``."""
+    if key not in DEFAULTS:
+        raise unknown_key(key)
+    default = DEFAULTS[key]
+    t = text.strip()
+    if isinstance(default, bool):
+        low = t.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise _err(key, f"expected a boolean (true/false), got {text!r}")
+    if isinstance(default, int):
+        try:
+            return int(t)
+        except ValueError:
+            try:
+                f = float(t)
+            except ValueError:
+                f = math.nan
+            if f.is_integer():
+                return int(f)
+            raise _err(key, f"expected an integer, got {text!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(t)
+        except ValueError:
+            raise _err(key, f"expected a number, got {text!r}") from None
+    return text
+
+
+def unknown_key(key: str) -> DropcheckError:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(DEFAULTS), n=3)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    return DropcheckError(f"unknown config key {key!r}{hint}; see `dropcheck train --list-keys`")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Type-check a value given in a JSON file or a dict."""
+    if key not in DEFAULTS:
+        raise unknown_key(key)
+    default = DEFAULTS[key]
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise _err(key, f"expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise _err(key, f"expected an integer, got {value!r}")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _err(key, f"expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise _err(key, f"expected a string, got {value!r}")
+    return value
+
+
+def validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every key and value; returns a plain dict."""
+    out = {}
+    for key, value in cfg.items():
+        out[key] = _coerce(key, value)
+    missing = [k for k in DEFAULTS if k not in out]
+    if missing:
+        raise DropcheckError(f"config lacks key(s) {missing}")
+    for key, choices in CHOICES.items():
+        if out[key] not in choices:
+            raise _err(key, f"expected one of {list(choices)}, got {out[key]!r}")
+    for key in POSITIVE_INT:
+        if out[key] < 1:
+            raise _err(key, f"must be >= 1, got {out[key]}")
+    for key in NONNEG_INT:
+        if out[key] < 0:
+            raise _err(key, f"must be >= 0, got {out[key]}")
+    for key in NONNEG_FLOAT:
+        v = out[key]
+        if not math.isfinite(v) or v < 0:
+            raise _err(key, f"must be a finite number >= 0, got {v}")
+    for key in PROBS:
+        v = out[key]
+        if not (0.0 <= v < 1.0):
+            raise _err(key, f"drop probability must lie in [0, 1), got {v}")
+    if out["lr"] <= 0:
+        raise _err("lr", f"must be > 0, got {out['lr']}")
+    dev = out["device"]
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise _err("device", f"expected auto, cpu, cuda or cuda:N, got {dev!r}")
+    if out["epochs"] == 0 and out["max_steps"] == 0:
+        raise _err("epochs", "epochs and max_steps are both 0: the run would never stop")
+    if out["run_name"] and any(c in out["run_name"] for c in "/\\\0"):
+        raise _err("run_name", f"must be a plain file name, got {out['run_name']!r}")
+    return out
+
+
+def load_config_source(name_or_file: str) -> tuple[str, dict[str, Any]]:
+    """``(config name, its keys over DEFAULTS)`` for a named config or a JSON file."""
+    if name_or_file in CONFIGS:
+        return name_or_file, {**DEFAULTS, **CONFIGS[name_or_file]}
+    path = Path(name_or_file)
+    if not path.exists():
+        raise DropcheckError(
+            f"unknown config {name_or_file!r}: not a named config ({', '.join(CONFIGS)}) nor an existing file"
+        )
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DropcheckError(f"config file {path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise DropcheckError(f"config file {path}: expected a JSON object of keys, got {type(obj).__name__}")
+    base = obj.pop("base", None)
+    cfg = dict(DEFAULTS)
+    if base is not None:
+        if base not in CONFIGS:
+            raise DropcheckError(f"config file {path}: unknown base config {base!r}; expected one of {list(CONFIGS)}")
+        cfg.update(CONFIGS[base])
+    for key, value in obj.items():
+        try:
+            cfg[key] = _coerce(key, value)
+        except DropcheckError as exc:
+            raise DropcheckError(f"config file {path}: {exc}") from None
+    return path.stem, cfg
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{key: typed value}``."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise DropcheckError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        out[key] = parse_value(key, text)
+    return out
+
+
+def get_config(name_or_file: str, overrides: Iterable[str] | Mapping[str, Any] = ()) -> tuple[str, dict[str, Any]]:
+    """``(config name, validated config)``."""
+    name, cfg = load_config_source(name_or_file)
+    if isinstance(overrides, Mapping):
+        over = {k: _coerce(k, v) for k, v in overrides.items()}
+    else:
+        over = parse_overrides(overrides)
+    cfg.update(over)
+    return name, validate(cfg)
+
+
+def make_config(base: str = "smoke", **overrides: Any) -> dict[str, Any]:
+    """A validated config from a named one and Python overrides (tests, scripts)."""
+    return get_config(base, overrides)[1]
+
+
+def run_name(config_name: str, cfg: Mapping[str, Any]) -> str:
+    if cfg["run_name"]:
+        return cfg["run_name"]
+    rule = cfg["rule"]
+    k = f"-k{cfg['k']}" if rule in ("dropout", "dropout_inject", "dropout_implicit") else ""
+    return f"{config_name}-{rule}{k}-s{cfg['seed']}"

@@ -1,0 +1,214 @@
+"""Word-level language-modelling corpora: vocabulary, batching, BPTT windows.
+
+Layout: a corpus folder holds ``train.txt``, ``valid.txt`` and ``test.txt``
+(``/work/shared/data/ptb``, ``/work/shared/data/wikitext-2``; see that
+folder's README).  Tokenisation is the ``word_language_model`` one: every
+line is ``line.split()`` plus one ``<eos>``, empty lines included, so PTB has
+929,589 training tokens and a 10,000-word vocabulary, WikiText-2 2,088,628
+and 33,278.  The vocabulary is built from ``train.txt`` in order of first
+appearance; a word of ``valid``/``test`` missing from it is an error (both
+corpora guarantee there is none).
+
+Where the corpora are: ``--data DIR`` or the environment variable
+``DROPCHECK_DATA``; ``DIR`` is either a corpus folder (holding ``train.txt``)
+or a folder holding ``ptb/`` and ``wikitext-2/``.
+
+Every problem with a file (missing, unreadable, not UTF-8, empty) raises one
+``DataError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dropcheck._errors import DataError
+
+EOS = "<eos>"
+SPLITS = ("train", "valid", "test")
+CORPORA = ("ptb", "wikitext-2")
+
+__all__ = [
+    "EOS",
+    "Dictionary",
+    "Corpus",
+    "resolve_corpus_dir",
+    "load_corpus",
+    "read_lines",
+    "batchify",
+    "get_batch",
+    "sample_seq_len",
+]
+
+
+@dataclass
+class Dictionary:
+    """Word <-> index map; indices in order of first appearance."""
+
+    word2idx: dict = field(default_factory=dict)
+    idx2word: list = field(default_factory=list)
+
+    def add(self, word: str) -> int:
+        idx = self.word2idx.get(word)
+        if idx is None:
+            idx = len(self.idx2word)
+            self.word2idx[word] = idx
+            self.idx2word.append(word)
+        return idx
+
+    def __len__(self) -> int:
+        return len(self.idx2word)
+
+
+@dataclass
+class Corpus:
+    """A tokenised corpus: ``train``/``valid``/``test`` are 1-D int64 tensors."""
+
+    path: Path
+    dictionary: Dictionary
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.dictionary)
+
+    def split(self, name: str) -> torch.Tensor:
+        return {"train": self.train, "valid": self.valid, "test": self.test}[name]
+
+
+def resolve_corpus_dir(data: Optional[str | os.PathLike], corpus: str) -> Path:
+    """The folder holding ``corpus``'s three files.
+
+    ``data`` (``--data``) wins over ``$DROPCHECK_DATA``; either may name the
+    corpus folder itself or the folder holding ``ptb/`` and ``wikitext-2/``.
+    """
+    src = "--data"
+    if data is None or str(data) == "":
+        env = os.environ.get("DROPCHECK_DATA")
+        if not env:
+            raise DataError(
+                f"no corpus folder given: pass --data DIR or set DROPCHECK_DATA "
+                f"(a folder holding {corpus}/train.txt, or the {corpus} folder itself)"
+            )
+        data, src = env, "DROPCHECK_DATA"
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise DataError(f"{src}={root}: no such folder")
+    if not root.is_dir():
+        raise DataError(f"{src}={root}: not a folder")
+    if (root / "train.txt").exists():
+        return root
+    if (root / corpus).is_dir():
+        return root / corpus
+    raise DataError(
+        f"{src}={root}: holds neither train.txt nor a {corpus}/ folder "
+        f"(expected {root / corpus / 'train.txt'} or {root / 'train.txt'})"
+    )
+
+
+def read_lines(path: Path) -> list[str]:
+    """The file's lines (strict UTF-8); a clear ``DataError`` naming the file otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"missing corpus file {path}")
+    if not path.is_file():
+        raise DataError(f"corpus file {path} is not a regular file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read corpus file {path}: {exc.strerror or exc}") from None
+    if not raw:
+        raise DataError(f"corpus file {path} is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"corpus file {path} is not valid UTF-8 (byte {exc.start}, line {line}: {exc.reason})"
+        ) from None
+    if "\x00" in text:
+        raise DataError(f"corpus file {path} contains NUL bytes: not a text corpus")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line
+    if not any(line.split() for line in lines):
+        raise DataError(f"corpus file {path} holds no words")
+    return lines
+
+
+def _tokenize(path: Path, dictionary: Dictionary, grow: bool) -> torch.Tensor:
+    lines = read_lines(path)
+    ids: list[int] = []
+    w2i = dictionary.word2idx
+    for lineno, line in enumerate(lines, 1):
+        for word in line.split() + [EOS]:
+            idx = w2i.get(word)
+            if idx is None:
+                if not grow:
+                    raise DataError(
+                        f"corpus file {path}, line {lineno}: word {word!r} is not in the "
+                        f"training vocabulary (built from train.txt)"
+                    )
+                idx = dictionary.add(word)
+            ids.append(idx)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def load_corpus(path: str | os.PathLike) -> Corpus:
+    """Tokenise ``path/{train,valid,test}.txt`` (vocabulary from ``train.txt``)."""
+    path = Path(path)
+    d = Dictionary()
+    train = _tokenize(path / "train.txt", d, grow=True)
+    valid = _tokenize(path / "valid.txt", d, grow=False)
+    test = _tokenize(path / "test.txt", d, grow=False)
+    return Corpus(path, d, train, valid, test)
+
+
+def batchify(data: torch.Tensor, bsz: int) -> torch.Tensor:
+    """``(N,)`` tokens -> ``(N // bsz, bsz)``: column ``b`` is the ``b``-th
+    contiguous slice of the stream (the remainder is dropped)."""
+    if bsz < 1:
+        raise DataError(f"batch size must be >= 1, got {bsz}")
+    nbatch = data.size(0) // bsz
+    if nbatch < 2:
+        raise DataError(
+            f"{data.size(0)} tokens are too few for batch size {bsz} (need at least {2 * bsz})"
+        )
+    return data[: nbatch * bsz].view(bsz, nbatch).t().contiguous()
+
+
+def get_batch(source: torch.Tensor, i: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``source[i:i+L]`` and next-word targets ``source[i+1:i+1+L]``,
+    ``L = min(seq_len, len(source) - 1 - i)``; both ``(L, B)``."""
+    L = min(int(seq_len), source.size(0) - 1 - i)
+    return source[i : i + L], source[i + 1 : i + 1 + L]
+
+
+def sample_seq_len(
+    gen: torch.Generator,
+    bptt: int,
+    *,
+    std: float = 5.0,
+    p_full: float = 0.95,
+    min_len: int = 5,
+    max_extra: int = 20,
+) -> int:
+    """AWD-LSTM's variable BPTT length (Merity et al. 2018, Section 4.1).
+
+    With probability ``p_full`` the base length is ``bptt``, otherwise
+    ``bptt/2``; the length is ``N(base, std²)`` truncated to an int, at least
+    ``min_len`` and at most ``bptt + max_extra`` (AWD-LSTM's guard against
+    rare long windows).  Draws two numbers from ``gen`` (a CPU generator),
+    so the sequence of lengths is reproducible and identical on every rank.
+    """
+    u = float(torch.rand((), generator=gen))
+    z = float(torch.randn((), generator=gen))
+    base = bptt if u < p_full else bptt / 2.0
+    n = int(base + std * z)  # truncation, as AWD-LSTM's int(np.random.normal(...))
+    return max(min(min_len, bptt), min(n, bptt + max_extra))

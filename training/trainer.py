@@ -1,0 +1,726 @@
+"""Training loop: evaluation, JSON-lines logs, atomic checkpoints, resume,
+data parallelism.
+
+One run writes, in its output folder, ``<run>.jsonl`` (first line the
+header: config, seed, device, git commit, torch version; then one line per
+evaluation and a final line with the test perplexity of the
+best-validation model), ``<run>.ckpt.pt`` (the last checkpoint) and
+``<run>.best.pt`` (the model with the best validation perplexity so far).
+Eval records: ``step``, ``epoch`` (fractional), ``tokens_seen``,
+``train_loss``/``train_ppl`` (mean over the interval's steps of the loss
+the rule optimises, without its regularizer: the mean over the k dropout
+draws for the dropout rules, the clean loss otherwise), ``valid_loss``/
+``valid_ppl`` (no dropout, the whole validation slice, hidden state
+carried), ``best_valid_ppl``, ``reg`` (interval means of the regularizer
+values, e.g. ``R`` and ``R/<group>``), ``wall_time`` (training seconds so
+far, evaluation excluded) and ``tokens_per_s`` (training tokens per
+second over the interval, all ranks together).
+Files are written atomically (temporary file + ``os.replace``).  ``resume``
+restores model, optimizer, every generator (data order / BPTT lengths,
+dropout and estimator noise, torch's global RNG), the data position, the
+carried hidden state and the running averages, truncates the log to the
+lines the checkpoint knew of, and continues: the numbers are the same as
+an uninterrupted run's (tested bit for bit on CPU).
+
+Data parallelism and the analytic regularizers
+----------------------------------------------
+
+Launch with ``torchrun --nproc_per_node N -m dropcheck train ...`` (gloo on
+CPU, NCCL on GPU).  The global batch of ``batch_size`` sequences (columns of
+the batchified stream) is split into ``N`` equal column blocks, one per
+rank, so the ranks together see exactly the single-process batch; BPTT
+lengths come from a generator seeded alike on all ranks.
+
+Each step has two parts (``rules.py``):
+
+1. The rule's *objective* (data or dropout loss plus, for the explicit
+   rules, ``Σ_g c_g R_g``) is computed inside the forward of a
+   ``DistributedDataParallel``-wrapped module (``_Objective``), and one
+   ``backward()`` follows.  The double-backward path of ``R_approx`` (the
+   estimators call ``torch.autograd.grad(..., create_graph=True)`` with
+   respect to the sites' probes) happens entirely inside that forward: it
+   differentiates with respect to probe tensors, not parameters, so it runs
+   none of the parameters' gradient-accumulation hooks through which DDP
+   starts its all-reduce.  The parameter gradient of ``loss + R`` (its
+   second-order part included) then flows in the single ``backward()``,
+   each parameter's accumulation fires once, and DDP's bucketed all-reduce
+   averages it over ranks.  Every loss and exact regularizer is a mean over
+   the rank's tokens (DropConnect's Gauss-Newton term is a mean over
+   positions too), so with equal shards the average of the ranks' gradients
+   is the gradient on the concatenated batch, up to floating-point
+   summation order (tested: 2 gloo processes vs 1 process for ``none`` and
+   ``explicit`` with the exact estimator).  The stochastic estimators
+   (sampled labels, Hutchinson, finite differences) keep their expectation;
+   for DropConnect sites the sampled-label square ``(Σ_n g_n·a_u)²`` is
+   formed per shard, which drops cross-shard terms of zero mean.  The k
+   forward passes of ``DROPOUT_k`` all happen inside the one DDP forward as
+   well.
+2. The rule's *noise* (``ξ̃_drop``, ``ξ_approx``) is not the gradient of a
+   loss: each rank computes it on its own shard with
+   ``torch.autograd.grad`` on the un-wrapped model (so DDP never sees it),
+   then the trainer all-reduces it (sum / N) and adds it to ``.grad``.
+   Since the loss is a mean over the rank's tokens, the average of the
+   ranks' ``ξ`` computed from independent per-sequence noise is ``ξ`` of
+   the concatenated batch with the concatenated noise.  Noise that is one
+   draw for the whole batch (DropConnect and embedding-row masks, and their
+   ``η`` in ``ξ_approx``) comes from a generator seeded alike on all ranks,
+   so it is the same draw on every rank, as in one process; per-sequence
+   noise comes from a per-rank generator.
+
+Gradient clipping follows the all-reduce, so every rank clips the same
+gradient and the replicas stay identical.  Evaluation runs the whole
+validation/test stream on every rank (no communication, identical
+numbers); only rank 0 writes files.  A checkpoint gathers every rank's
+hidden state and generators, and resuming needs the same number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dropcheck._errors import DropcheckError
+
+from .configs import DEFAULTS, run_name as default_run_name, validate
+from .data import Corpus, batchify, get_batch, load_corpus, resolve_corpus_dir, sample_seq_len
+from .model import AWDLSTM, StatefulLM
+from .rules import Gens, UpdateRule, make_rule, needs_double_backward
+
+CKPT_VERSION = 1
+# Keys that may differ between a checkpoint and a resumed run (they change no number).
+RESUME_MAY_DIFFER = ("progress", "threads", "checkpoint_every", "max_steps", "epochs", "device")
+
+__all__ = ["train", "evaluate", "TrainResult", "atomic_write_bytes", "atomic_torch_save"]
+
+
+# --------------------------------------------------------------------------
+# small utilities
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def git_commit() -> Optional[str]:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        if not sha:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DropcheckError(f"config key 'device': {spec!r} requested but CUDA is not available")
+        if spec == "cuda":
+            spec = f"cuda:{local_rank}"
+    return torch.device(spec)
+
+
+def _make_gen(device: torch.device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed) % (2**63))
+    return g
+
+
+def _seed(seed: int, *parts: int) -> int:
+    """A distinct 63-bit seed per stream, derived from the run's seed."""
+    s = int(seed) * 1_000_003
+    for p in parts:
+        s = (s * 1_000_033 + int(p) + 7919) % (2**63 - 1)
+    return s
+
+
+# --------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(lm: AWDLSTM, data: torch.Tensor, bptt: int) -> tuple[float, int]:
+    """Mean cross-entropy (nats/token) of ``lm`` without dropout over the
+    batchified stream ``data`` ``(N, B)``, carrying the hidden state, and the
+    number of tokens scored."""
+    was = lm.training
+    lm.eval()
+    try:
+        hidden = lm.init_hidden(data.size(1))
+        total = torch.zeros((), dtype=torch.float64, device=data.device)
+        n = 0
+        for i in range(0, data.size(0) - 1, bptt):
+            x, y = get_batch(data, i, bptt)
+            logits, hidden = lm(x, hidden)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").double()
+            n += y.numel()
+        return float(total) / n, n
+    finally:
+        lm.train(was)
+
+
+# --------------------------------------------------------------------------
+# state
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+    best_valid: float = math.inf
+    best_step: int = -1
+    evals: int = 0
+    log_lines: int = 0
+    train_time: float = 0.0
+    interval_time: float = 0.0
+    interval_tokens: int = 0
+    tokens_seen: int = 0
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    log_path: Path
+    ckpt_path: Path
+    best_path: Path
+    step: int
+    finished: bool
+    best_valid_ppl: float
+    test_ppl: Optional[float]
+    records: list = field(default_factory=list)
+    last_state: dict = field(default_factory=dict)  # the model's state after the last step
+
+
+class _Objective(nn.Module):
+    """The rule's differentiable objective as one module forward (for DDP)."""
+
+    def __init__(self, model: StatefulLM, rule: UpdateRule, gens: Gens):
+        super().__init__()
+        self.model = model
+        self.rule = rule
+        self.gens = gens
+
+    def forward(self, x, y):
+        res = self.rule.objective(self.model, x, y, self.gens)
+        return res.objective, res.loss, res.reg, res.hidden
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+class _Log:
+    def __init__(self, path: Path, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+        self.lines = 0
+
+    def truncate_to(self, n: int) -> None:
+        """Keep the first ``n`` lines (those a checkpoint knew of)."""
+        if not self.enabled:
+            self.lines = n
+            return
+        if not self.path.exists():
+            raise DropcheckError(f"cannot resume: log {self.path} is missing")
+        kept = self.path.read_bytes().split(b"\n")[:n]
+        if len(kept) < n:
+            raise DropcheckError(f"cannot resume: log {self.path} has fewer lines than its checkpoint records")
+        atomic_write_bytes(self.path, b"".join(line + b"\n" for line in kept))
+        self.lines = n
+
+    def start(self) -> None:
+        if self.enabled:
+            atomic_write_bytes(self.path, b"")
+        self.lines = 0
+
+    def write(self, rec: Mapping[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec, allow_nan=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        self.lines += 1
+
+
+# --------------------------------------------------------------------------
+# distributed helpers
+
+
+def _dist_env() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return world, rank, local
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    off = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[off : off + n].view_as(t))
+        off += n
+
+
+# --------------------------------------------------------------------------
+# the run
+
+
+def train(
+    cfg: Mapping[str, Any],
+    *,
+    data: Optional[str] = None,
+    out: str | os.PathLike = "runs",
+    resume: bool = False,
+    overwrite: bool = False,
+    config_name: str = "custom",
+    stop_after: Optional[int] = None,
+    corpus: Optional[Corpus] = None,
+) -> TrainResult:
+    """Run (or resume) one training run; returns a ``TrainResult``.
+
+    ``cfg``: a validated config (``configs.get_config``).  ``stop_after``:
+    stop after that many steps in total, writing a checkpoint (to simulate
+    an interruption; the run is not finished).  ``corpus``: an already
+    loaded corpus (tests), else it is read from ``data``/``$DROPCHECK_DATA``.
+    """
+    cfg = validate(cfg)
+    world, rank, local_rank = _dist_env()
+    if world > 1 and cfg["batch_size"] % world:
+        raise DropcheckError(
+            f"config key 'batch_size': {cfg['batch_size']} is not divisible by the {world} processes"
+        )
+    device = _resolve_device(cfg["device"], local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    if cfg["deterministic"]:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["dtype"]]
+
+    name = default_run_name(config_name, cfg)
+    out = Path(out)
+    is_main = rank == 0
+    log_path, ckpt_path, best_path = out / f"{name}.jsonl", out / f"{name}.ckpt.pt", out / f"{name}.best.pt"
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and not overwrite and (log_path.exists() or ckpt_path.exists()):
+            raise DropcheckError(
+                f"{log_path} or {ckpt_path} already exists: pass --resume to continue that run, "
+                "--overwrite to start it again, or another --out / run_name"
+            )
+        if resume and not ckpt_path.exists():
+            raise DropcheckError(f"cannot resume: no checkpoint {ckpt_path}")
+
+    # ---- data
+    if corpus is None:
+        corpus = load_corpus(resolve_corpus_dir(data, cfg["corpus"]))
+
+    def _slice(t: torch.Tensor, n: int) -> torch.Tensor:
+        return t[:n] if n else t
+
+    train_all = batchify(_slice(corpus.train, cfg["train_tokens"]), cfg["batch_size"]).to(device)
+    per = cfg["batch_size"] // world
+    train_data = train_all[:, rank * per : (rank + 1) * per]
+    valid_data = batchify(_slice(corpus.valid, cfg["valid_tokens"]), cfg["eval_batch_size"]).to(device)
+    test_data = batchify(_slice(corpus.test, cfg["test_tokens"]), cfg["test_batch_size"]).to(device)
+    nrows = train_data.size(0)
+    V = corpus.vocab_size
+
+    # ---- model
+    backend = cfg["backend"]
+    if backend == "auto":
+        backend = "loop" if (device.type == "cuda" and needs_double_backward(cfg)) else "fused"
+    if backend == "fused" and device.type == "cuda" and needs_double_backward(cfg):
+        raise DropcheckError(
+            f"rule {cfg['rule']!r} with estimator {cfg['estimator']!r} / noise_estimator "
+            f"{cfg['noise_estimator']!r} needs double backward, which cuDNN's fused LSTM lacks: "
+            "use backend=loop (or auto), or the fd estimators"
+        )
+    torch.manual_seed(_seed(cfg["seed"], 0))
+    lm = AWDLSTM(
+        V,
+        cfg["emb"],
+        cfg["hidden"],
+        cfg["layers"],
+        q_embedding=cfg["q_embedding"],
+        q_hidden=cfg["q_hidden"],
+        q_output=cfg["q_output"],
+        q_weights=cfg["q_weights"],
+        q_rows=cfg["q_rows"],
+        tie=cfg["tie"],
+        backend=backend,
+    ).to(device=device, dtype=dtype)
+    model = StatefulLM(lm)
+    rule = make_rule(cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg["optimizer"] == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    else:
+        opt = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+    data_gen = _make_gen(torch.device("cpu"), _seed(cfg["seed"], 1))
+    local = _make_gen(device, _seed(cfg["seed"], 2, rank))
+    shared = local if world == 1 else _make_gen(device, _seed(cfg["seed"], 3))
+    gens = Gens(local, shared)
+    objective = _Objective(model, rule, gens)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        ddp = objective
+
+    st = LoopState()
+    hidden = lm.init_hidden(per)
+    acc = {"loss": torch.zeros((), dtype=torch.float64, device=device), "steps": 0, "reg": {}}
+    log = _Log(log_path, is_main)
+
+    # ---- resume or start
+    if resume:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt.get("version") != CKPT_VERSION:
+            raise DropcheckError(f"checkpoint {ckpt_path}: unknown format version {ckpt.get('version')!r}")
+        diff = sorted(k for k in DEFAULTS if k not in RESUME_MAY_DIFFER and ckpt["config"].get(k) != cfg[k])
+        if diff:
+            pairs = ", ".join(f"{k}: {ckpt['config'].get(k)!r} -> {cfg[k]!r}" for k in diff)
+            raise DropcheckError(f"cannot resume {ckpt_path}: the config differs ({pairs})")
+        if ckpt["world_size"] != world:
+            raise DropcheckError(
+                f"cannot resume {ckpt_path}: it was written by {ckpt['world_size']} process(es), this run has {world}"
+            )
+        lm.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        st = LoopState(**ckpt["loop"])
+        data_gen.set_state(ckpt["data_gen"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        mine = ckpt["ranks"][rank]
+        gens.load_state(mine["gens"])
+        hidden = [(h.to(device), c.to(device)) for h, c in mine["hidden"]]
+        acc = {
+            "loss": mine["acc"]["loss"].to(device),
+            "steps": mine["acc"]["steps"],
+            "reg": {k: v.to(device) for k, v in mine["acc"]["reg"].items()},
+        }
+        log.truncate_to(st.log_lines)
+        log.write({"type": "resume", "step": st.step, "epoch": st.epoch, "time": time.time()})
+    else:
+        log.start()
+        header = {
+            "type": "header",
+            "run_name": name,
+            "config_name": config_name,
+            "config": cfg,
+            "seed": cfg["seed"],
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "backend": backend,
+            "dtype": cfg["dtype"],
+            "world_size": world,
+            "git_commit": git_commit(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "corpus": str(corpus.path),
+            "vocab": V,
+            "train_tokens": int(train_all.numel()),
+            "valid_tokens": int(valid_data.numel()),
+            "test_tokens": int(test_data.numel()),
+            "parameters": sum(p.numel() for p in params),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        log.write(header)
+
+    def save_checkpoint() -> None:
+        mine = {
+            "gens": gens.state(),
+            "hidden": [(h.detach().cpu(), c.detach().cpu()) for h, c in hidden],
+            "acc": {
+                "loss": acc["loss"].cpu(),
+                "steps": acc["steps"],
+                "reg": {k: v.cpu() for k, v in acc["reg"].items()},
+            },
+        }
+        if world > 1:
+            ranks: list = [None] * world
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        if not is_main:
+            return
+        st.log_lines = log.lines
+        ckpt = {
+            "version": CKPT_VERSION,
+            "config": cfg,
+            "config_name": config_name,
+            "run_name": name,
+            "world_size": world,
+            "model": lm.state_dict(),
+            "optimizer": opt.state_dict(),
+            "loop": asdict(st),
+            "data_gen": data_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "ranks": ranks,
+        }
+        atomic_torch_save(ckpt, ckpt_path)
+
+    def run_eval() -> dict:
+        reg = dict(acc["reg"])
+        loss_sum = acc["loss"].clone()
+        if world > 1:
+            vals = [loss_sum] + [reg[k] for k in sorted(reg)]
+            _all_reduce_mean(vals, world)
+        steps = max(acc["steps"], 1)
+        train_loss = float(loss_sum) / steps if acc["steps"] else math.nan
+        vloss, _ = evaluate(lm, valid_data, cfg["bptt"])
+        if not math.isfinite(vloss) or (acc["steps"] and not math.isfinite(train_loss)):
+            raise DropcheckError(
+                f"training diverged at step {st.step}: train loss {train_loss}, valid loss {vloss} "
+                "(lower lr or check the config)"
+            )
+        vppl = _ppl(vloss)
+        st.evals += 1
+        improved = vppl < st.best_valid
+        if improved:
+            st.best_valid, st.best_step = vppl, st.step
+            if is_main:
+                atomic_torch_save({"model": lm.state_dict(), "step": st.step, "valid_ppl": vppl, "config": cfg}, best_path)
+        tps = st.interval_tokens / st.interval_time if st.interval_time > 0 else math.nan
+        rec = {
+            "type": "eval",
+            "step": st.step,
+            "epoch": st.epoch + min(1.0, st.pos / max(nrows - 2, 1)),
+            "tokens_seen": st.tokens_seen,
+            "train_loss": train_loss,
+            "train_ppl": _ppl(train_loss) if acc["steps"] else math.nan,
+            "valid_loss": vloss,
+            "valid_ppl": vppl,
+            "best_valid_ppl": st.best_valid,
+            "lr": cfg["lr"],
+            "reg": {k: float(v) / steps for k, v in sorted(reg.items())},
+            "wall_time": st.train_time,
+            "tokens_per_s": tps,
+        }
+        log.write(rec)
+        acc["loss"].zero_()
+        acc["steps"] = 0
+        acc["reg"] = {}
+        st.interval_time = 0.0
+        st.interval_tokens = 0
+        return rec
+
+    # ---- loop
+    total_steps = cfg["max_steps"] or None
+    if total_steps is None:
+        approx = max(1, int(nrows / cfg["bptt"]))
+        total_steps = approx * cfg["epochs"]
+    bar = None
+    if cfg["progress"] and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=st.step, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    records: list = []
+    last_ckpt_step = st.step
+    finished = False
+    stopped = False
+    model.train()
+    try:
+        while True:
+            if cfg["max_steps"] and st.step >= cfg["max_steps"]:
+                finished = True
+                break
+            if cfg["epochs"] and st.epoch >= cfg["epochs"]:
+                finished = True
+                break
+            if stop_after is not None and st.step >= stop_after:
+                stopped = True
+                break
+            # ---- one step
+            t0 = time.perf_counter()
+            bptt = cfg["bptt"]
+            seq_len = sample_seq_len(data_gen, bptt) if cfg["variable_bptt"] else bptt
+            x, y = get_batch(train_data, st.pos, seq_len)
+            for g in opt.param_groups:
+                g["lr"] = cfg["lr"] * x.size(0) / bptt if cfg["variable_bptt"] else cfg["lr"]
+            model.hidden = hidden
+            opt.zero_grad(set_to_none=True)
+            obj, loss, reg, new_hidden = ddp(x, y)
+            obj.backward()
+            xi = rule.noise(model, x, y, gens)
+            if xi is not None:
+                named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                noise = [xi[n].detach().clone() for n, _ in named]
+                _all_reduce_mean(noise, world)
+                for (n, p), v in zip(named, noise):
+                    if p.grad is None:
+                        p.grad = v
+                    else:
+                        p.grad.add_(v)
+            if cfg["clip"]:
+                torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
+            opt.step()
+            hidden = new_hidden
+            model.hidden = None
+            acc["loss"] += loss.double()
+            acc["steps"] += 1
+            for k, v in reg.items():
+                acc["reg"][k] = acc["reg"].get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.double()
+            st.step += 1
+            st.pos += seq_len
+            ntok = x.numel() * world
+            st.tokens_seen += ntok
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            st.train_time += dt
+            st.interval_time += dt
+            st.interval_tokens += ntok
+            if bar is not None:
+                bar.update(1)
+            # ---- evaluation / epoch end / checkpoint
+            epoch_end = st.pos >= nrows - 2
+            did_eval = False
+            if (cfg["eval_every"] and st.step % cfg["eval_every"] == 0) or (epoch_end and not cfg["eval_every"]):
+                rec = run_eval()
+                records.append(rec)
+                did_eval = True
+                if bar is not None:
+                    bar.set_postfix(valid_ppl=f"{rec['valid_ppl']:.2f}", train_ppl=f"{rec['train_ppl']:.2f}")
+            if epoch_end:
+                st.epoch += 1
+                st.pos = 0
+                hidden = lm.init_hidden(per)
+            if did_eval or (cfg["checkpoint_every"] and st.step % cfg["checkpoint_every"] == 0):
+                save_checkpoint()
+                last_ckpt_step = st.step
+    finally:
+        if bar is not None:
+            bar.close()
+
+    last_state = {k: v.detach().cpu().clone() for k, v in lm.state_dict().items()}
+    if stopped:
+        if last_ckpt_step != st.step:
+            save_checkpoint()
+        return TrainResult(name, log_path, ckpt_path, best_path, st.step, False, st.best_valid, None, records, last_state)
+
+    # ---- final: evaluate the last interval if needed, then test the best model
+    if acc["steps"] or st.evals == 0:
+        records.append(run_eval())
+    save_checkpoint()
+    if world > 1:
+        dist.barrier()
+    best = torch.load(best_path, map_location="cpu", weights_only=False)
+    lm.load_state_dict(best["model"])
+    tloss, tn = evaluate(lm, test_data, cfg["bptt"])
+    vloss, _ = evaluate(lm, valid_data, cfg["bptt"])
+    final = {
+        "type": "final",
+        "step": st.step,
+        "best_step": st.best_step,
+        "best_valid_ppl": st.best_valid,
+        "valid_ppl": _ppl(vloss),
+        "test_loss": tloss,
+        "test_ppl": _ppl(tloss),
+        "test_tokens": tn,
+        "wall_time": st.train_time,
+        "tokens_per_s": st.tokens_seen / st.train_time if st.train_time > 0 else math.nan,
+    }
+    log.write(final)
+    records.append(final)
+    return TrainResult(
+        name, log_path, ckpt_path, best_path, st.step, True, st.best_valid, final["test_ppl"], records, last_state
+    )
+
+
+# --------------------------------------------------------------------------
+# several processes from Python (tests; on a cluster use torchrun)
+
+
+def _spawn_entry(rank: int, world: int, port: int, jobs: list, corpus_dir: Optional[str]) -> None:
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+        }
+    )
+    torch.set_num_threads(1)
+    try:
+        corpus = load_corpus(corpus_dir) if corpus_dir is not None else None
+        for cfg, kwargs in jobs:
+            kwargs = dict(kwargs)
+            dump = kwargs.pop("dump", None)
+            res = train(cfg, corpus=corpus, **kwargs)
+            if dump is not None:  # every rank's last parameters, to check that the replicas agree
+                Path(dump).mkdir(parents=True, exist_ok=True)
+                atomic_torch_save(res.last_state, Path(dump) / f"rank{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_train(world: int, jobs: list, *, corpus_dir: Optional[str] = None) -> None:
+    """Run ``train(cfg, **kwargs)`` for each ``(cfg, kwargs)`` of ``jobs``, one
+    after the other, in ``world`` CPU processes (gloo backend) started with
+    ``torch.multiprocessing.spawn`` (on a cluster use ``torchrun``).  Every
+    process loads the corpus from ``corpus_dir`` (else ``kwargs['data']``);
+    ``kwargs['dump'] = DIR`` saves each rank's last parameters as
+    ``DIR/rank<r>.pt``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    jobs = [(dict(cfg), dict(kw)) for cfg, kw in jobs]
+    mp.spawn(_spawn_entry, args=(world, port, jobs, corpus_dir), nprocs=world, join=True)
