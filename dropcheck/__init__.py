@@ -15,7 +15,15 @@ Public API (DESIGN.md)::
     dc.bound.mu(W, X, y), dc.bound.nu(W, X, y)                         # Theorem 4.1
 """
 
-from ._analytic import AnalyticSession, Occurrence, analytic_mode
+from ._analytic import (
+    AnalyticSession,
+    Occurrence,
+    analytic_mode,
+    fixed_eta_policy,
+    noise_policy,
+    sample_eta,
+    zero_probe,
+)
 from ._errors import DataError, DropcheckError, NoDropoutSiteError
 from ._explicit import explicit_regularizer, loss_jacobian_regularizer, taylor_regularizer
 from ._gap import GapEstimate, dropout_gap, first_order_gap
@@ -59,6 +67,10 @@ __all__ = [
     "analytic_dropout_objective",
     "AnalyticObjective",
     "analytic_mode",
+    "sample_eta",
+    "noise_policy",
+    "fixed_eta_policy",
+    "zero_probe",
     "AnalyticSession",
     "Occurrence",
     "find_sites",

@@ -134,3 +134,23 @@ def grad_aware(fn):
         return out if outer else _detach(out)
 
     return wrapper
+
+
+def site_weight_list(occs, site_weights) -> list[float]:
+    """Per-occurrence multipliers from ``site_weights``: a mapping from a site
+    key (``"name"``, ``"name#1"``) or a module name (all its calls) to a
+    non-negative float; sites not named get 1.  Unknown names are an error."""
+    if site_weights is None:
+        return [1.0] * len(occs)
+    known = {o.key for o in occs} | {o.site.name for o in occs}
+    unknown = sorted(set(site_weights) - known)
+    if unknown:
+        raise DropcheckError(f"site_weights names unknown site(s) {unknown}; the sites are {sorted(known)}")
+    out = []
+    for o in occs:
+        w = site_weights.get(o.key, site_weights.get(o.site.name, 1.0))
+        w = float(w)
+        if not (w >= 0.0) or w != w or w == float("inf"):
+            raise DropcheckError(f"site_weights[{o.key!r}] must be a finite number >= 0, got {w!r}")
+        out.append(w)
+    return out

@@ -19,7 +19,7 @@ dropout-matched penalty weights site ``i`` by ``λ_i = q_i/(2(1-q_i))``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from ._common import (
     mean_loss,
     needs_graph,
     quad_form,
+    site_weight_list,
 )
 from ._errors import DropcheckError
 
@@ -76,9 +77,9 @@ def clean_forward(model: nn.Module, inputs, targets):
     return Z, y, session.occurrences
 
 
-def _finish(per_site: dict, occs: list[Occurrence], weighted: bool, return_per_site: bool) -> Value:
-    if weighted:
-        per_site = {k: v * o.site.lam for (k, v), o in zip(per_site.items(), occs)}
+def _finish(per_site: dict, occs: list[Occurrence], weighted: bool, return_per_site: bool, site_weights=None) -> Value:
+    ws = site_weight_list(occs, site_weights)
+    per_site = {k: v * w * (o.site.lam if weighted else 1.0) for (k, v), o, w in zip(per_site.items(), occs, ws)}
     if return_per_site:
         return per_site
     vals = list(per_site.values())
@@ -125,6 +126,7 @@ def explicit_regularizer(
     generator: Union[torch.Generator, int, None] = None,
     eps: Optional[float] = None,
     per_site: bool = False,
+    site_weights: Optional[Mapping[str, float]] = None,
 ) -> Value:
     """Explicit regularizer ``R_approx`` of dropout, eqs. (4.3)-(4.4).
 
@@ -150,7 +152,8 @@ def explicit_regularizer(
 
     ``samples`` averages that many draws (ignored by ``"exact"``).
     ``hessian="identity"`` is the Section 5.2 ablation (``H_out`` replaced by
-    ``I/c``).  Returns a scalar tensor, differentiable in the parameters so it
+    ``I/c``).  ``site_weights`` multiplies sites' terms (keys: site keys or
+    module names; default 1), e.g. per-group coefficients.  Returns a scalar tensor, differentiable in the parameters so it
     can be added to a loss; ``per_site=True`` returns ``{site key: value}``.
     """
     check_estimator(estimator, ESTIMATORS)
@@ -162,7 +165,7 @@ def explicit_regularizer(
     cg = needs_graph(model)
 
     if estimator == "fd":
-        return _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site)
+        return _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site, site_weights)
 
     Z, y, occs = probe_forward(model, inputs, targets)
     N, c = Z.shape
@@ -173,7 +176,7 @@ def explicit_regularizer(
         for o in occs:
             w = unit_jacobian(Z, o, cg)
             per[o.key] = quad_form(p, w, hessian).sum(-1).mean()
-        return _finish(per, occs, weighted, per_site)
+        return _finish(per, occs, weighted, per_site, site_weights)
 
     gen = as_generator(generator)
     probes = [o.delta for o in occs]
@@ -204,11 +207,12 @@ def explicit_regularizer(
                 (u,) = torch.autograd.grad(g, wdummy, grad_outputs=d, retain_graph=True, create_graph=cg)
                 acc[j] = acc[j] + quad_form(p, u, hessian).mean()
     per = {o.key: a / samples for o, a in zip(occs, acc)}
-    return _finish(per, occs, weighted, per_site)
+    return _finish(per, occs, weighted, per_site, site_weights)
 
 
-def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site):
+def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site, site_weights):
     Z, y, occs = clean_forward(model, inputs, targets)
+    ws = site_weight_list(occs, site_weights)
     p = torch.softmax(Z, -1)
     eps = default_eps(Z.dtype) if eps is None else float(eps)
     if not eps > 0:
@@ -221,7 +225,7 @@ def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_
         for gi, group in enumerate(groups):
             etas = [None] * len(occs)
             for j in group:
-                scale = math.sqrt(occs[j].site.lam) if weighted else 1.0
+                scale = math.sqrt((occs[j].site.lam if weighted else 1.0) * ws[j])
                 etas[j] = scale * vs[j]
             zs = []
             for sign in (1.0, -1.0):
@@ -243,6 +247,7 @@ def loss_jacobian_regularizer(
     *,
     weighted: bool = True,
     per_site: bool = False,
+    site_weights: Optional[Mapping[str, float]] = None,
 ) -> Value:
     """Loss-Jacobian ablation ``R̃_approx`` of eq. (5.1).
 
@@ -263,7 +268,7 @@ def loss_jacobian_regularizer(
         materialize_grads=True,
     )
     per = {o.key: (o.unit_sum(g * o.h) ** 2).sum() / N for o, g in zip(occs, gs)}
-    return _finish(per, occs, weighted, per_site)
+    return _finish(per, occs, weighted, per_site, site_weights)
 
 
 @grad_aware

@@ -7,7 +7,7 @@ trainable parameters (or the ``params`` named), for the batch-mean loss.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from ._common import (
     grad_aware,
     mean_loss,
     named_params,
+    site_weight_list,
 )
 from ._errors import DropcheckError
 from ._explicit import clean_forward, probe_forward
@@ -54,6 +55,7 @@ def implicit_noise(
     eps: Optional[float] = None,
     noise: str = "rademacher",
     params: Optional[Sequence[str]] = None,
+    site_weights: Optional[Mapping[str, float]] = None,
 ) -> Grads:
     """One sample of the analytic update noise ``ξ_approx``, eqs. (4.5)-(4.6).
 
@@ -68,6 +70,8 @@ def implicit_noise(
     ``estimator="autograd"``: double backward.  ``"fd"``:
     ``[∇_W L(h(1+εη)) - ∇_W L(h(1-εη))] / (2ε)``, first-order autograd only,
     error ``O(ε²)``.  The same ``generator`` state gives the same ``η`` in both.
+    ``site_weights`` multiplies each site's ``η`` (keys: site keys or module
+    names; default 1), e.g. per-group noise coefficients.
     """
     check_estimator(estimator, ("autograd", "fd"))
     _check_noise(noise)
@@ -79,14 +83,16 @@ def implicit_noise(
         gs = torch.autograd.grad(
             L, [o.delta for o in occs], create_graph=True, allow_unused=True, materialize_grads=True
         )
+        ws = site_weight_list(occs, site_weights)
         s = Z.new_zeros(())
-        for o, g in zip(occs, gs):
-            eta = sample_eta(o, gen, noise)
+        for o, g, w in zip(occs, gs, ws):
+            eta = w * sample_eta(o, gen, noise)
             s = s + (g * o.expand(eta) * o.h).sum()
         return _grads(s, named)
     Z, y, occs = clean_forward(model, inputs, targets)
     eps = default_eps(Z.dtype) if eps is None else float(eps)
-    etas = [sample_eta(o, gen, noise) for o in occs]
+    ws = site_weight_list(occs, site_weights)
+    etas = [w * sample_eta(o, gen, noise) for o, w in zip(occs, ws)]
     out = []
     for sign in (1.0, -1.0):
         out.append(_grads(_loss(model, inputs, targets, fixed_eta_policy(etas, sign * eps)), named))

@@ -110,7 +110,7 @@ class DropConnect(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return w
-        return _bernoulli_noise_mul(w, self.p, w.shape)
+        return _bernoulli_noise_mul(w, self.p, self.mask_shape(w))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -18,13 +18,13 @@ fluctuations are uncorrelated for symmetric ``v``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Union
+from typing import Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from ._analytic import analytic_mode, as_generator, fixed_eta_policy, rademacher
-from ._common import call_model, default_eps, mean_loss, quad_form
+from ._common import call_model, default_eps, mean_loss, quad_form, site_weight_list
 from ._errors import DropcheckError
 from ._explicit import clean_forward
 
@@ -51,12 +51,17 @@ def analytic_dropout_objective(
     hessian: str = "output",
     generator: Union[torch.Generator, int, None] = None,
     eps: Optional[float] = None,
+    site_weights: Optional[Mapping[str, float]] = None,
 ) -> AnalyticObjective:
     """Surrogate of Algorithm 2 (``L + λ₁R_approx`` plus ``λ₂ξ_approx``) by
     finite differences; see the module docstring.  ``explicit_weight`` and
     ``implicit_weight`` multiply the derived defaults (λ_i per site, and the
     noise with variance ``q/(1-q)``); 0 switches a term off (its passes are
-    still run when the other needs them).  Bias ``O(ε²)``."""
+    still run when the other needs them).  ``site_weights`` ``w_i`` multiply
+    the sites' explicit terms (probe scale ``sqrt(λ_i w_i)``); since both
+    terms share the probe, site ``i``'s noise is then scaled by ``sqrt(w_i)``
+    (use ``explicit_regularizer`` + ``implicit_noise`` for independent
+    per-site coefficients).  Bias ``O(ε²)``."""
     if hessian not in ("output", "identity"):
         raise DropcheckError(f"unknown hessian {hessian!r}; expected 'output' or 'identity'")
     Z0, y, occs = clean_forward(model, inputs, targets)
@@ -68,7 +73,8 @@ def analytic_dropout_objective(
         zero = loss.new_zeros(())
         return AnalyticObjective(loss, loss, zero, zero)
     gen = as_generator(generator)
-    etas = [math.sqrt(o.site.lam) * rademacher(o.mask_shape, o.h, gen) for o in occs]
+    ws = site_weight_list(occs, site_weights)
+    etas = [math.sqrt(o.site.lam * w) * rademacher(o.mask_shape, o.h, gen) for o, w in zip(occs, ws)]
     zs = []
     for sign in (1.0, -1.0):
         with analytic_mode(model, fixed_eta_policy(etas, sign * eps)):
