@@ -81,7 +81,9 @@ def dropout_gap(
                     q = o.site.q
                     nd = float(b.sum())
                     prob *= q**nd * (1.0 - q) ** (o.units - nd)
-                    etas.append(torch.where(b > 0, -1.0, q / (1.0 - q)).reshape(o.mask_shape))
+                    # η in the model's dtype: a float32 q/(1-q) biased float64 gaps by up to 3e-6
+                    eta = torch.where(b > 0, torch.full_like(b, -1.0), torch.full_like(b, q / (1.0 - q)))
+                    etas.append(eta.reshape(o.mask_shape))
                 sess.reset(fixed_eta_policy(etas))
                 total = total + prob * mean_loss(*flatten_logits(call_model(model, inputs), targets))
         return GapEstimate(float(total - base), 0.0, 2**M)
