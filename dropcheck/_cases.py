@@ -56,8 +56,7 @@ def mlp_spec(model: nn.Sequential, sizes, acts, sites, X, y) -> dict:
         "sizes": list(sizes),
         "activations": list(acts),
         "sites": [{"layer": k, "q": q} for k, q in sorted(sites.items()) if q > 0],
-        "weights": [m.weight.detach().tolist() for m in lins],
-        "biases": [m.bias.detach().tolist() for m in lins],
+        "params": [{"weight": m.weight.detach().tolist(), "bias": m.bias.detach().tolist()} for m in lins],
         "X": X.tolist(),
         "y": y.tolist(),
     }
@@ -70,7 +69,8 @@ def _mlp_case(name, desc, sizes, acts, sites, n, seed, scale=1.0) -> Case:
     y = torch.randint(0, sizes[-1], (n,), generator=g)
     last = len(sizes) - 2
     lin_after = set(sites) <= {last}
-    return Case(name, desc, model, X, y, lin_after, mlp_spec(model, sizes, acts, sites, X, y))
+    spec = {"name": name, **mlp_spec(model, sizes, acts, sites, X, y)}
+    return Case(name, desc, model, X, y, lin_after, spec)
 
 
 class TinyLockedRNN(nn.Module):

@@ -81,22 +81,13 @@ def symbolic_route():
         return None
 
     def values(spec: dict) -> dict:
-        out = build(spec)
-        vals = out.get("values", out)
-        res = {}
-        for ours, keys in (
-            ("R_approx_weighted", ("R_approx_weighted", "R_approx_weighted_total")),
-            ("R_taylor", ("R_taylor", "R_taylor_total")),
-            ("R_drop_exact", ("R_drop_exact",)),
-        ):
-            for k in keys:
-                v = vals.get(k)
-                if isinstance(v, dict):
-                    v = v.get("total", v.get("sum"))
-                if isinstance(v, (int, float)):
-                    res[ours] = float(v)
-                    break
-        return res
+        ref = build(spec, with_expressions=False)["reference"]
+        return {
+            "R_approx_weighted": float(ref["R_approx"]["weighted"]["total"]),
+            "R_taylor": float(ref["R_taylor"]),
+            "R_drop_exact": float(ref["R_drop_exact"]),
+            "first_order": float(ref["first_order_coefficient"]),
+        }
 
     return values
 

@@ -213,6 +213,10 @@ def run_case(case: Case, *, draws: int = 300, seed: int = 0, symbolic: Optional[
                 ex = dropout_gap(model, X, y, exact=True, max_units=ENUM_LIMIT).value
                 R.rel("R_drop (exact)", "torch enumeration", "SymPy (derivations)", ex,
                       float(sym["R_drop_exact"]), 1e-9, t0, f"derived in {secs:.2f}s")
+            if "first_order" in sym:
+                R.rel("lim R_drop/q (first-order coefficient)", "torch deletions sum Delta_ik",
+                      "SymPy q-series of the exact gap", float(first_order_gap(model, X, y)),
+                      sym["first_order"], 1e-9, t0, f"derived in {secs:.2f}s")
         except Exception as exc:  # the symbolic route is optional; say why it is missing
             R.skip("symbolic route", "torch", "SymPy", f"{type(exc).__name__}: {exc}")
     return R.rows

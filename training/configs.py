@@ -73,7 +73,8 @@ DEFAULTS: dict[str, Any] = {
     # update rule
     "rule": "dropout",
     "k": 1,
-    "estimator": "sampled",  # exact | sampled | hutchinson | fd   (R_approx)
+    "estimator": "sampled",  # exact | sampled | hutchinson | fd   (R_approx); fd_shared: explicit_implicit
+    # only, one probe shared by R_approx and ξ_approx (dc.analytic_dropout_objective; rules.py)
     "samples": 1,
     "noise_estimator": "autograd",  # autograd | fd   (ξ_approx)
     "eps": 0.0,  # finite-difference step; 0: dropcheck's default for the dtype
@@ -111,7 +112,7 @@ CHOICES: dict[str, tuple] = {
     "corpus": ("ptb", "wikitext-2"),
     "backend": ("auto", "loop", "fused"),
     "rule": RULES,
-    "estimator": ("exact", "sampled", "hutchinson", "fd"),
+    "estimator": ("exact", "sampled", "hutchinson", "fd", "fd_shared"),
     "noise_estimator": ("autograd", "fd"),
     "optimizer": ("sgd", "adam"),
     "dtype": ("float32", "float64"),

@@ -81,17 +81,13 @@ class EmbeddingRowDropout(DropConnect):
     ``forward(W)`` with ``W`` of shape ``(V, D)`` drops whole rows (words):
     ``W ⊙ m/(1-q)`` with ``m`` of shape ``(V, 1)``, one mask per forward
     pass shared by every occurrence of a word in the batch.  For dropcheck
-    it is a DropConnect (weight) site whose noise units are the rows.
+    it is a DropConnect (weight) site whose noise units are the rows; only
+    the mask shape differs (``DropConnect.forward`` draws its training-mode
+    mask with ``self.mask_shape``).
     """
 
     def mask_shape(self, w: torch.Tensor) -> tuple[int, ...]:
         return (w.shape[0],) + (1,) * (w.dim() - 1)
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return w
-        keep = torch.empty(self.mask_shape(w), dtype=w.dtype, device=w.device).bernoulli_(1.0 - self.p)
-        return w * keep / (1.0 - self.p)
 
 
 class LSTMLayer(nn.Module):

@@ -24,7 +24,9 @@ rule                   objective                                     noise
 ``dropout_inject``     ``(1/k) Σ_j L_{η_j}``                         ``sqrt((1-1/k)/2) · ξ̃_drop`` (Sec. 3.1)
 ``explicit``           ``L + Σ_g c_g R_g``  ((4.3)-(4.4))            -
 ``dropout_implicit``   ``(1/k) Σ_j L_{η_j}``                         ``sqrt(1-1/k) · ξ_approx`` (Algorithm 4)
-``explicit_implicit``  ``L + Σ_g c_g R_g``                           ``ξ_approx`` (Algorithm 2)
+``explicit_implicit``  ``L + Σ_g c_g R_g``                           ``ξ_approx`` (Algorithm 2; with
+                                                                    ``estimator=fd_shared`` both in the
+                                                                    objective, see below)
 ``identity_hessian``   ``L + Σ_g c_g R_g`` with ``H_out → I/c``      ``ξ_approx`` if ``ablation_noise``
 ``loss_jacobian``      ``L + Σ_g c_g R̃_g`` (5.1)                     ``ξ_approx`` if ``ablation_noise``
 =====================  ============================================  ==========================================
@@ -53,18 +55,48 @@ same order (tested).  Under data parallelism ``shared`` is seeded alike on
 every rank, which makes the whole-batch masks one mask for the global
 batch, as in a single process.
 
-Per-group coefficients through dropcheck's public API: ``R_g`` comes from
-``explicit_regularizer(..., per_site=True, weighted=False)`` (or
-``loss_jacobian_regularizer``), multiplied per site.  The finite-difference
-estimator probes all sites in one pass only in its ``weighted=True`` form,
-whose per-site weight is ``λ(q_site)``; so for ``estimator="fd"`` with
-non-uniform multipliers each site's ``q`` is set, for that call only, to
-``q'`` with ``λ(q') = c_g`` (``q' = 2c/(1+2c)``).  Likewise ``ξ_approx``
-with per-group multipliers sets ``q'`` with
-``sqrt(q'/(1-q')) = m_g sqrt(q/(1-q))``: the Rademacher draws are the same
-(uniform numbers compared with 1/2) and ``ξ_approx`` is linear in ``η``, so
-the result is exactly ``Σ_g m_g ξ_g`` (tested).  A multiplier of 0 sets
-``q' = 0``, which removes the site from that call.
+Per-group coefficients through dropcheck's ``site_weights``: the exact,
+sampled and Hutchinson estimators (and ``loss_jacobian_regularizer``) give
+``R_site`` unweighted (``per_site=True, weighted=False``), multiplied here
+by ``c_g`` so that the per-group values can be logged; the finite-difference
+estimator probes all sites in one pair of passes with weights
+``λ(q_site) · w_site`` (probe scale ``sqrt(λ w)``), ``w = explicit_mult ·
+explicit_mult_<g>``; ``ξ_approx`` gets ``site_weights = m_g`` (each site's
+``η`` times its multiplier).  Where every weight of a call is the same, it
+is factored out of the call instead (so the default configs compute exactly
+what they computed before ``site_weights`` existed).
+
+A multiplier of 0 removes the group's sites from that call: their ``q`` is
+set to 0 for the duration of the call (``_sites_removed``), so they draw no
+noise at all.  ``site_weights=0`` would give the same values but would still
+draw the sites' Rademacher numbers from the generator, shifting every later
+draw; removal keeps the draws of the other sites the same as if the group
+had no dropout (tested), and lets ``ξ_approx`` be split over two generators
+under data parallelism (``shared`` for the whole-batch sites, ``local`` for
+the others: one dropcheck call per generator, each with the other part's
+sites removed).  dropcheck has no way yet to leave a site out of a call or
+to give sites different generators, so that one workaround stays.
+
+The shared-probe fast path (``estimator="fd_shared"``, rule
+``explicit_implicit`` only) is ``dc.analytic_dropout_objective``: three
+forward passes (clean and ``h(1 ± ε√(λ_i w_i) v_i)``) with one Rademacher
+probe ``v`` shared by the explicit and the implicit term, and one
+first-order backward (``noise_estimator`` is ignored).  Its objective's
+gradient is ``∇[L + a Σ_i λ_i w_i R̂_i] + b Σ_i sqrt(w_i) ξ̂_i``: since one
+probe serves both terms, site ``i``'s noise coefficient is tied to the
+square root of its explicit weight.  The rule maps its coefficients onto
+``(a, b, w)`` with ``a λ_i w_i = c_i`` and ``b sqrt(w_i) = m_i``, which
+exists only when ``m_g² / (explicit_mult · explicit_mult_<g>)`` is one
+number for every active group (and a group's ``m_g`` is 0 exactly when its
+explicit weight is); otherwise ``make_rule`` raises.  Under data
+parallelism the whole objective, its implicit part included, goes through
+the DDP backward, so each site's probe is both its explicit probe and its
+noise ``η``: per-sequence sites need probes independent across ranks
+(``gens.local``), whole-batch sites (DropConnect, rows) the same ``η`` on
+every rank (``gens.shared``).  One call draws every probe from one
+generator, so with several processes the fast path is allowed only when
+the noise acts on sites of one kind only (e.g. ``q_weights = q_rows = 0``),
+else a clear error (``check_world_size``).
 """
 
 from __future__ import annotations
@@ -129,6 +161,8 @@ class StepResult(NamedTuple):
 def needs_double_backward(cfg: Mapping[str, Any]) -> bool:
     """Whether the rule differentiates through a gradient (no cuDNN then)."""
     rule = cfg["rule"]
+    if rule == "explicit_implicit" and cfg["estimator"] == "fd_shared":
+        return False  # three forward passes, one first-order backward
     noise = rule in ("dropout_implicit", "explicit_implicit") or (
         rule in ("identity_hessian", "loss_jacobian") and cfg["ablation_noise"]
     )
@@ -137,7 +171,7 @@ def needs_double_backward(cfg: Mapping[str, Any]) -> bool:
             return True
     if rule == "loss_jacobian":
         return True
-    if rule in ("explicit", "explicit_implicit", "identity_hessian") and cfg["estimator"] != "fd":
+    if rule in ("explicit", "explicit_implicit", "identity_hessian") and cfg["estimator"] not in ("fd", "fd_shared"):
         return True
     return False
 
@@ -157,14 +191,17 @@ def sites_off(model: nn.Module):
 
 
 @contextlib.contextmanager
-def _override_q(mods_q: Mapping[nn.Module, float]):
-    saved = {m: m.p for m in mods_q}
+def _sites_removed(mods):
+    """Inside the block the given site modules have ``q = 0``, so dropcheck
+    does not see them (no probe, no noise, no draw); restored on exit."""
+    mods = list(mods)
+    saved = [m.p for m in mods]
     try:
-        for m, q in mods_q.items():
-            m.p = float(q)
+        for m in mods:
+            m.p = 0.0
         yield
     finally:
-        for m, q in saved.items():
+        for m, q in zip(mods, saved):
             m.p = q
 
 
@@ -172,19 +209,37 @@ def _mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def _bernoulli_policy(gens: Gens):
-    """Dropout noise for ``dc.analytic_mode``: ``η = -1`` w.p. ``q``, ``q/(1-q)``
-    otherwise, one per noise unit of the site (``occ.mask_shape``); weight
-    sites draw from ``gens.shared``, the others from ``gens.local``."""
+def _dropout_policy(gens: Gens):
+    """Dropout's own noise for ``dc.analytic_mode`` (``dc.noise_policy``: η = -1
+    w.p. ``q``, ``q/(1-q)`` otherwise, one per noise unit of the site);
+    weight sites draw from ``gens.shared``, the others from ``gens.local``."""
+    shared = dc.noise_policy(gens.shared)
+    local = shared if gens.shared is gens.local else dc.noise_policy(gens.local)
 
     def policy(occ: dc.Occurrence) -> torch.Tensor:
-        gen = gens.shared if occ.site.structure == "weight" else gens.local
-        q = occ.site.q
-        u = torch.rand(occ.mask_shape, generator=gen, device=gen.device, dtype=occ.h.dtype).to(occ.h.device)
-        eta = torch.where(u < q, torch.full_like(u, -1.0), torch.full_like(u, q / (1.0 - q)))
-        return occ.expand(eta) * occ.h
+        return (shared if occ.site.structure == "weight" else local)(occ)
 
     return policy
+
+
+@contextlib.contextmanager
+def _record_hidden(model: StatefulLM):
+    """Collects the new hidden state of every ``model.lm`` call in the block."""
+    seen: list = []
+    handle = model.lm.register_forward_hook(lambda mod, args, out: seen.append(out[1]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _factor(weights: Mapping[str, float]):
+    """``(f, site_weights)``: a common weight is factored out (``site_weights``
+    None), else ``(1, weights)``."""
+    vals = list(weights.values())
+    if all(v == vals[0] for v in vals):
+        return vals[0], None
+    return 1.0, dict(weights)
 
 
 class UpdateRule:
@@ -199,15 +254,32 @@ class UpdateRule:
         self.groups = site_groups(model)
         self.modules = dict(all_sites(model))  # name -> site module
         self.eps = float(cfg["eps"]) or None
+        self.shared_probe = self.name in EXPLICIT_RULES and cfg["estimator"] == "fd_shared"
+        if self.shared_probe and self.name != "explicit_implicit":
+            raise DropcheckError(
+                f"config key 'estimator': 'fd_shared' (one probe shared by the explicit and the implicit "
+                f"term) is the fast path of rule 'explicit_implicit' only, not of {self.name!r}; use 'fd'"
+            )
+        if self.shared_probe and int(cfg["samples"]) != 1:
+            raise DropcheckError(
+                f"config key 'samples': estimator 'fd_shared' draws one probe per step, got samples={cfg['samples']}"
+            )
         if self.name in EXPLICIT_RULES or self._has_noise():
-            active = [n for n, m in self.modules.items() if m.p > 0]
-            if not active:
+            if not self._active():
                 raise DropcheckError(
                     f"rule {self.name!r} needs at least one dropout site with q > 0; all q_* are 0"
                 )
+        if self.shared_probe:
+            self.shared_probe_weights()  # raises when the multipliers cannot share one probe
 
     # -- coefficients ---------------------------------------------------
+    def explicit_weight(self, site_name: str) -> float:
+        """``w = explicit_mult · explicit_mult_<g>``: the explicit coefficient over ``λ(q)``."""
+        g = self.groups[site_name]
+        return self.cfg["explicit_mult"] * self.cfg[f"explicit_mult_{g}"]
+
     def explicit_coef(self, site_name: str) -> float:
+        """``c_g = λ(q) · explicit_mult · explicit_mult_<g>``."""
         g = self.groups[site_name]
         q = self.modules[site_name].p
         return lam(q) * self.cfg["explicit_mult"] * self.cfg[f"explicit_mult_{g}"]
@@ -215,6 +287,37 @@ class UpdateRule:
     def implicit_mult(self, site_name: str) -> float:
         g = self.groups[site_name]
         return self.cfg["implicit_mult"] * self.cfg[f"implicit_mult_{g}"]
+
+    def shared_probe_weights(self) -> tuple[float, float, dict]:
+        """``(a, b, w)`` for ``dc.analytic_dropout_objective``: ``explicit_weight
+        a``, ``implicit_weight b`` and ``site_weights w`` with ``a λ_i w_i = c_i``
+        and ``b sqrt(w_i) = m_i`` for every active site (module docstring).
+        Raises ``DropcheckError`` when no such triple exists."""
+        active = self._active()
+        e = {n: self.explicit_weight(n) for n in active}
+        m = {n: self.implicit_mult(n) for n in active}
+        if all(v == 0 for v in e.values()):  # noise only: the probe is the noise
+            return 0.0, 1.0, {n: m[n] * m[n] for n in active}
+        if all(v == 0 for v in m.values()):  # explicit only
+            return 1.0, 0.0, e
+        ratio = {n: m[n] * m[n] / e[n] for n in active if e[n] > 0}
+        first = next(iter(ratio))
+        bad = [n for n in active if (e[n] == 0) != (m[n] == 0)] + [
+            n for n, r in ratio.items() if not math.isclose(r, ratio[first], rel_tol=1e-9)
+        ]
+        if bad:
+            per_group: dict[str, str] = {}
+            for n in active:
+                g = self.groups[n]
+                per_group[g] = f"{g}: implicit {m[n]:g}, explicit {e[n]:g}"
+            raise DropcheckError(
+                "estimator 'fd_shared' shares one probe between the explicit and the implicit term, so each "
+                "site's noise coefficient is tied to the square root of its explicit weight: "
+                "(implicit_mult·implicit_mult_<g>)² / (explicit_mult·explicit_mult_<g>) must be the same "
+                f"for every group with dropout, and 0 in both or neither; got {'; '.join(per_group.values())}. "
+                "Use estimator=fd with noise_estimator=fd for independent coefficients"
+            )
+        return 1.0, m[first] / math.sqrt(e[first]), e
 
     def _has_noise(self) -> bool:
         if self.name in ("dropout_inject", "dropout_implicit"):
@@ -227,6 +330,34 @@ class UpdateRule:
 
     def _active(self) -> list[str]:
         return [n for n, m in self.modules.items() if m.p > 0]
+
+    def _is_weight(self, name: str) -> bool:
+        return self.groups[name] in ("weights", "rows")
+
+    # -- data parallelism --------------------------------------------------
+    def _probe_generator(self, gens: Gens, b: float, w: Mapping[str, float]) -> torch.Generator:
+        """The one generator of the shared probe (module docstring)."""
+        if gens.shared is gens.local or b == 0:
+            return gens.local
+        kinds = {self._is_weight(n) for n, v in w.items() if v > 0}
+        if kinds == {True}:
+            return gens.shared
+        if not kinds or kinds == {False}:
+            return gens.local
+        raise DropcheckError(
+            "estimator 'fd_shared' with several processes: its one probe is also the noise η, which must be "
+            "one draw for the whole batch at DropConnect/row sites (seeded alike on every rank) and "
+            "independent per sequence elsewhere, and one dropcheck call draws all probes from one generator. "
+            "Run it in one process, or set q_weights=q_rows=0 (or their implicit multipliers to 0), or use "
+            "estimator=fd with noise_estimator=fd"
+        )
+
+    def check_world_size(self, world: int) -> None:
+        """Raises ``DropcheckError`` if the rule cannot run in ``world`` processes."""
+        if self.shared_probe and world > 1:
+            a, b, w = self.shared_probe_weights()
+            g1, g2 = torch.Generator(), torch.Generator()
+            self._probe_generator(Gens(g1, g2), b, w)
 
     # -- pieces ----------------------------------------------------------
     def clean(self, model: StatefulLM, x, y):
@@ -241,7 +372,7 @@ class UpdateRule:
             loss, hid = self.clean(model, x, y)
             return loss, hid
         total, hid0 = None, None
-        with dc.analytic_mode(model, _bernoulli_policy(gens)):
+        with dc.analytic_mode(model, _dropout_policy(gens)):
             for j in range(k):
                 logits, hid = model.lm(x, model.hidden)
                 L = _mean_ce(logits, y)
@@ -269,15 +400,16 @@ class UpdateRule:
         if cfg["estimator"] != "fd":
             per = dc.explicit_regularizer(model, x, y, weighted=False, per_site=True, **common)
             return self._combine(per, coefs)
-        # fd: all sites in one probe pair through weighted=True (weights λ(q)).
-        ratios = {n: (coefs[n] / lam(self.modules[n].p)) for n in active}
-        vals = list(ratios.values())
-        if all(abs(v - vals[0]) <= 1e-12 * max(1.0, abs(vals[0])) for v in vals):
-            R = vals[0] * dc.explicit_regularizer(model, x, y, weighted=True, **common)
-        else:
-            qs = {self.modules[n]: 2.0 * c / (1.0 + 2.0 * c) for n, c in coefs.items()}
-            with _override_q(qs):
-                R = dc.explicit_regularizer(model, x, y, weighted=True, **common)
+        # fd: all sites in one probe pair, site i weighted λ(q_i)·w_i (probe sqrt(λ_i w_i) v_i)
+        weights = {n: self.explicit_weight(n) for n in active}
+        on = {n: v for n, v in weights.items() if v != 0}
+        if not on:
+            p0 = next(model.parameters())
+            R = torch.zeros((), dtype=p0.dtype, device=p0.device)
+            return R, {"R": R}
+        factor, site_weights = _factor(on)
+        with _sites_removed(self.modules[n] for n in active if n not in on):
+            R = factor * dc.explicit_regularizer(model, x, y, weighted=True, site_weights=site_weights, **common)
         return R, {"R": R.detach()}
 
     def _combine(self, per: Mapping[str, torch.Tensor], coefs: Mapping[str, float]):
@@ -295,54 +427,58 @@ class UpdateRule:
         reg = {"R": total.detach(), **{f"R/{g}": v for g, v in by_group.items()}}
         return total, reg
 
-    def implicit_noise(self, model: StatefulLM, x, y, gens: Gens, scale: float) -> dict:
-        """``scale · Σ_g m_g ξ_approx,g`` (one Rademacher draw per noise unit)."""
+    def implicit_noise(self, model: StatefulLM, x, y, gens: Gens, scale: float) -> Optional[dict]:
+        """``scale · Σ_g m_g ξ_approx,g`` (one Rademacher draw per noise unit);
+        ``None`` when every multiplier is 0."""
         cfg = self.cfg
         active = self._active()
         mults = {n: scale * self.implicit_mult(n) for n in active}
         kw = dict(estimator=cfg["noise_estimator"], eps=self.eps, noise="rademacher")
-        split = gens.shared is not gens.local
-        parts = [("all", active, gens.local)] if not split else [
-            ("weight", [n for n in active if self._is_weight(n)], gens.shared),
-            ("local", [n for n in active if not self._is_weight(n)], gens.local),
-        ]
+        if gens.shared is gens.local:
+            parts = [(active, gens.local)]
+        else:  # whole-batch sites from the generator seeded alike on every rank
+            parts = [
+                ([n for n in active if self._is_weight(n)], gens.shared),
+                ([n for n in active if not self._is_weight(n)], gens.local),
+            ]
         out: Optional[dict] = None
-        for _, names, gen in parts:
-            if not names or all(mults[n] == 0 for n in names):
+        for names, gen in parts:
+            on = {n: mults[n] for n in names if mults[n] != 0}
+            if not on:
                 continue
-            vals = [mults[n] for n in names]
-            uniform = all(v == vals[0] for v in vals) and len(names) == len(active)
-            if uniform:
-                xi = dc.implicit_noise(model, x, y, generator=gen, **kw)
-                xi = {k: vals[0] * v for k, v in xi.items()}
-            else:
-                qs = {}
-                for n, m in self.modules.items():
-                    if m.p == 0:
-                        continue
-                    if n not in names:
-                        qs[m] = 0.0
-                    else:
-                        r = mults[n] ** 2 * m.p / (1.0 - m.p)
-                        qs[m] = r / (1.0 + r)
-                with _override_q(qs):
-                    xi = dc.implicit_noise(model, x, y, generator=gen, **kw)
+            factor, site_weights = _factor(on)
+            with _sites_removed(self.modules[n] for n in active if n not in on):
+                xi = dc.implicit_noise(model, x, y, generator=gen, site_weights=site_weights, **kw)
+            xi = {k: factor * v for k, v in xi.items()}
             out = xi if out is None else {k: out[k] + xi[k] for k in out}
         return out
-
-    def _is_weight(self, name: str) -> bool:
-        return self.groups[name] in ("weights", "rows")
 
     def two_draw(self, model: StatefulLM, x, y, gens: Gens) -> dict:
         """``ξ̃_drop = ∇L_{η¹} - ∇L_{η²}`` with two fresh draws."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         grads = []
-        with dc.analytic_mode(model, _bernoulli_policy(gens)):
+        with dc.analytic_mode(model, _dropout_policy(gens)):
             for _ in range(2):
                 logits, _h = model.lm(x, model.hidden)
                 gs = torch.autograd.grad(_mean_ce(logits, y), [p for _, p in named], allow_unused=True, materialize_grads=True)
                 grads.append(gs)
         return {n: a - b for (n, _), a, b in zip(named, grads[0], grads[1])}
+
+    def shared_probe_objective(self, model: StatefulLM, x, y, gens: Gens) -> StepResult:
+        """Algorithm 2 as one objective (``estimator="fd_shared"``): the gradient
+        of ``dc.analytic_dropout_objective`` is ``∇[L + Σ_i c_i R̂_i] + Σ_i m_i ξ̂_i``
+        with one probe per step shared by both terms (module docstring)."""
+        a, b, w = self.shared_probe_weights()
+        gen = self._probe_generator(gens, b, w)
+        site_weights = None if all(v == 1.0 for v in w.values()) else w
+        with _record_hidden(model) as hiddens:
+            res = dc.analytic_dropout_objective(
+                model, x, y, explicit_weight=a, implicit_weight=b, generator=gen, eps=self.eps,
+                site_weights=site_weights,
+            )
+        # the first of its passes is the clean one (dc's docstring; tested)
+        hid = detach_hidden(hiddens[0])
+        return StepResult(res.objective, res.loss.detach(), {"R": (a * res.explicit).detach()}, hid)
 
     # -- the two halves --------------------------------------------------
     def objective(self, model: StatefulLM, x: torch.Tensor, y: torch.Tensor, gens: Gens) -> StepResult:
@@ -350,6 +486,8 @@ class UpdateRule:
         if r in DROPOUT_RULES:
             loss, hid = self.dropout_k(model, x, y, gens, self.k)
             return StepResult(loss, loss.detach(), {}, hid)
+        if self.shared_probe:
+            return self.shared_probe_objective(model, x, y, gens)
         loss, hid = self.clean(model, x, y)
         if r == "none":
             return StepResult(loss, loss.detach(), {}, hid)
@@ -361,7 +499,7 @@ class UpdateRule:
         return StepResult(loss + R, loss.detach(), reg, hid)
 
     def noise(self, model: StatefulLM, x: torch.Tensor, y: torch.Tensor, gens: Gens) -> Optional[dict]:
-        if not self._has_noise():
+        if not self._has_noise() or self.shared_probe:  # fd_shared: the noise is in the objective
             return None
         if self.name == "dropout_inject":
             c = math.sqrt((1.0 - 1.0 / self.k) / 2.0)

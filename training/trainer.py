@@ -67,6 +67,21 @@ Each step has two parts (``rules.py``):
    so it is the same draw on every rank, as in one process; per-sequence
    noise comes from a per-rank generator.
 
+3. The shared-probe fast path (``rule=explicit_implicit estimator=fd_shared``,
+   ``dc.analytic_dropout_objective``) has no separate noise: its implicit
+   part is the gradient of a loss term (the central difference of the
+   losses at ``h(1 ± ε√λ v)``), so it lives in the objective and goes
+   through the DDP backward with the rest, averaged over ranks like any
+   loss gradient.  The probe ``v`` is then also the noise ``η``, so it must
+   be independent per sequence at locked sites (each rank's ``local``
+   generator) and one draw for the global batch at DropConnect and row
+   sites (the ``shared`` generator, seeded alike on every rank).  One call
+   draws every site's probe from one generator, so this is guaranteed only
+   when the noise acts on sites of one kind; for the paper's setting (both
+   kinds with q > 0) ``rule.check_world_size`` refuses to start with more
+   than one process and names the alternatives (one process, or
+   ``estimator=fd noise_estimator=fd``).
+
 Gradient clipping follows the all-reduce, so every rank clips the same
 gradient and the replicas stay identical.  Evaluation runs the whole
 validation/test stream on every rank (no communication, identical
@@ -103,7 +118,17 @@ CKPT_VERSION = 1
 # Keys that may differ between a checkpoint and a resumed run (they change no number).
 RESUME_MAY_DIFFER = ("progress", "threads", "checkpoint_every", "max_steps", "epochs", "device")
 
-__all__ = ["train", "evaluate", "TrainResult", "atomic_write_bytes", "atomic_torch_save"]
+__all__ = [
+    "train",
+    "train_step",
+    "evaluate",
+    "TrainResult",
+    "build_lm",
+    "make_optimizer",
+    "resolve_backend",
+    "atomic_write_bytes",
+    "atomic_torch_save",
+]
 
 
 # --------------------------------------------------------------------------
@@ -303,6 +328,76 @@ def _all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
 
 
 # --------------------------------------------------------------------------
+# one step (also timed by ``dropcheck bench``)
+
+
+def resolve_backend(cfg: Mapping[str, Any], device: torch.device) -> str:
+    """The LSTM backend of a run: ``auto`` is the loop LSTM on CUDA when the
+    rule needs double backward, else the fused one; ``fused`` on CUDA with
+    such a rule is an error (cuDNN has no double backward)."""
+    backend = cfg["backend"]
+    if backend == "auto":
+        backend = "loop" if (device.type == "cuda" and needs_double_backward(cfg)) else "fused"
+    if backend == "fused" and device.type == "cuda" and needs_double_backward(cfg):
+        raise DropcheckError(
+            f"rule {cfg['rule']!r} with estimator {cfg['estimator']!r} / noise_estimator "
+            f"{cfg['noise_estimator']!r} needs double backward, which cuDNN's fused LSTM lacks: "
+            "use backend=loop (or auto), or the fd estimators"
+        )
+    return backend
+
+
+def build_lm(cfg: Mapping[str, Any], vocab: int, device: torch.device, dtype: torch.dtype, backend: str) -> AWDLSTM:
+    """The run's model, initialised from the run's seed."""
+    torch.manual_seed(_seed(cfg["seed"], 0))
+    return AWDLSTM(
+        vocab,
+        cfg["emb"],
+        cfg["hidden"],
+        cfg["layers"],
+        q_embedding=cfg["q_embedding"],
+        q_hidden=cfg["q_hidden"],
+        q_output=cfg["q_output"],
+        q_weights=cfg["q_weights"],
+        q_rows=cfg["q_rows"],
+        tie=cfg["tie"],
+        backend=backend,
+    ).to(device=device, dtype=dtype)
+
+
+def make_optimizer(cfg: Mapping[str, Any], params: list) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def train_step(ddp, model: StatefulLM, rule: UpdateRule, gens: Gens, opt, params: list, x, y, hidden, clip: float, world: int):
+    """One update: the rule's objective through ``ddp`` (the ``_Objective``,
+    DDP-wrapped when ``world > 1``) and one ``backward()``, the rule's noise
+    all-reduced and added to ``.grad``, clipping, the optimizer step.
+    Returns ``(loss, reg, new_hidden)`` (detached)."""
+    model.hidden = hidden
+    opt.zero_grad(set_to_none=True)
+    obj, loss, reg, new_hidden = ddp(x, y)
+    obj.backward()
+    xi = rule.noise(model, x, y, gens)
+    if xi is not None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        noise = [xi[n].detach().clone() for n, _ in named]
+        _all_reduce_mean(noise, world)
+        for (n, p), v in zip(named, noise):
+            if p.grad is None:
+                p.grad = v
+            else:
+                p.grad.add_(v)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    model.hidden = None
+    return loss, reg, new_hidden
+
+
+# --------------------------------------------------------------------------
 # the run
 
 
@@ -373,36 +468,13 @@ def train(
     V = corpus.vocab_size
 
     # ---- model
-    backend = cfg["backend"]
-    if backend == "auto":
-        backend = "loop" if (device.type == "cuda" and needs_double_backward(cfg)) else "fused"
-    if backend == "fused" and device.type == "cuda" and needs_double_backward(cfg):
-        raise DropcheckError(
-            f"rule {cfg['rule']!r} with estimator {cfg['estimator']!r} / noise_estimator "
-            f"{cfg['noise_estimator']!r} needs double backward, which cuDNN's fused LSTM lacks: "
-            "use backend=loop (or auto), or the fd estimators"
-        )
-    torch.manual_seed(_seed(cfg["seed"], 0))
-    lm = AWDLSTM(
-        V,
-        cfg["emb"],
-        cfg["hidden"],
-        cfg["layers"],
-        q_embedding=cfg["q_embedding"],
-        q_hidden=cfg["q_hidden"],
-        q_output=cfg["q_output"],
-        q_weights=cfg["q_weights"],
-        q_rows=cfg["q_rows"],
-        tie=cfg["tie"],
-        backend=backend,
-    ).to(device=device, dtype=dtype)
+    backend = resolve_backend(cfg, device)
+    lm = build_lm(cfg, V, device, dtype, backend)
     model = StatefulLM(lm)
     rule = make_rule(cfg, model)
+    rule.check_world_size(world)
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg["optimizer"] == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    else:
-        opt = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = make_optimizer(cfg, params)
 
     data_gen = _make_gen(torch.device("cpu"), _seed(cfg["seed"], 1))
     local = _make_gen(device, _seed(cfg["seed"], 2, rank))
@@ -589,25 +661,7 @@ def train(
             x, y = get_batch(train_data, st.pos, seq_len)
             for g in opt.param_groups:
                 g["lr"] = cfg["lr"] * x.size(0) / bptt if cfg["variable_bptt"] else cfg["lr"]
-            model.hidden = hidden
-            opt.zero_grad(set_to_none=True)
-            obj, loss, reg, new_hidden = ddp(x, y)
-            obj.backward()
-            xi = rule.noise(model, x, y, gens)
-            if xi is not None:
-                named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-                noise = [xi[n].detach().clone() for n, _ in named]
-                _all_reduce_mean(noise, world)
-                for (n, p), v in zip(named, noise):
-                    if p.grad is None:
-                        p.grad = v
-                    else:
-                        p.grad.add_(v)
-            if cfg["clip"]:
-                torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
-            opt.step()
-            hidden = new_hidden
-            model.hidden = None
+            loss, reg, hidden = train_step(ddp, model, rule, gens, opt, params, x, y, hidden, cfg["clip"], world)
             acc["loss"] += loss.double()
             acc["steps"] += 1
             for k, v in reg.items():
