@@ -6,5 +6,8 @@
   implicit, combined, ablations);
 - ``training.configs``: named configs, overrides, validation;
 - ``training.trainer``: the loop, logs, checkpoints, resume, data parallelism;
-- ``training.cli``: ``dropcheck train``.
+- ``training.cli``: ``dropcheck train``;
+- ``training.bench``: ``dropcheck bench``, every update rule timed side by side;
+- ``training.fd_check``: the finite-difference estimators against the exact
+  ones in float32/TF32 (``training/gpu_check.sh`` runs both on a GPU).
 """

@@ -55,16 +55,19 @@ same order (tested).  Under data parallelism ``shared`` is seeded alike on
 every rank, which makes the whole-batch masks one mask for the global
 batch, as in a single process.
 
-Per-group coefficients through dropcheck's ``site_weights``: the exact,
-sampled and Hutchinson estimators (and ``loss_jacobian_regularizer``) give
-``R_site`` unweighted (``per_site=True, weighted=False``), multiplied here
-by ``c_g`` so that the per-group values can be logged; the finite-difference
-estimator probes all sites in one pair of passes with weights
-``λ(q_site) · w_site`` (probe scale ``sqrt(λ w)``), ``w = explicit_mult ·
-explicit_mult_<g>``; ``ξ_approx`` gets ``site_weights = m_g`` (each site's
-``η`` times its multiplier).  Where every weight of a call is the same, it
-is factored out of the call instead (so the default configs compute exactly
-what they computed before ``site_weights`` existed).
+Per-group coefficients: the exact, sampled and Hutchinson estimators (and
+``loss_jacobian_regularizer``) give ``R_site`` unweighted (``per_site=True,
+weighted=False``), multiplied here by ``c_g`` so that the per-group values
+can be logged.  Where dropcheck treats all sites in one pass, its
+``site_weights`` carry the coefficients: the finite-difference estimator
+probes every site in one pair of passes with weights ``λ(q_site) · w_site``
+(probe scale ``sqrt(λ w)``), ``w = explicit_mult · explicit_mult_<g>``;
+``ξ_approx`` gets ``site_weights = m_g`` (each site's ``η`` times its
+multiplier).  Where every weight of a call is the same, it is factored out
+of the call instead (so the default configs compute bit for bit what they
+computed before ``site_weights`` existed).  Dropout masks are drawn with
+``dc.noise_policy`` (weight sites from ``gens.shared``, the others from
+``gens.local``).
 
 A multiplier of 0 removes the group's sites from that call: their ``q`` is
 set to 0 for the duration of the call (``_sites_removed``), so they draw no

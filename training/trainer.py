@@ -67,20 +67,20 @@ Each step has two parts (``rules.py``):
    so it is the same draw on every rank, as in one process; per-sequence
    noise comes from a per-rank generator.
 
-3. The shared-probe fast path (``rule=explicit_implicit estimator=fd_shared``,
-   ``dc.analytic_dropout_objective``) has no separate noise: its implicit
-   part is the gradient of a loss term (the central difference of the
-   losses at ``h(1 ± ε√λ v)``), so it lives in the objective and goes
-   through the DDP backward with the rest, averaged over ranks like any
-   loss gradient.  The probe ``v`` is then also the noise ``η``, so it must
-   be independent per sequence at locked sites (each rank's ``local``
-   generator) and one draw for the global batch at DropConnect and row
-   sites (the ``shared`` generator, seeded alike on every rank).  One call
-   draws every site's probe from one generator, so this is guaranteed only
-   when the noise acts on sites of one kind; for the paper's setting (both
-   kinds with q > 0) ``rule.check_world_size`` refuses to start with more
-   than one process and names the alternatives (one process, or
-   ``estimator=fd noise_estimator=fd``).
+The shared-probe fast path (``rule=explicit_implicit estimator=fd_shared``,
+``dc.analytic_dropout_objective``) has no separate noise: its implicit part
+is the gradient of a loss term (the central difference of the losses at
+``h(1 ± ε√λ v)``), so it lives in the objective (part 1) and goes through
+the DDP backward with the rest, averaged over ranks like any loss
+gradient.  The probe ``v`` is then also the noise ``η``, so it must be
+independent per sequence at locked sites (each rank's ``local`` generator)
+and one draw for the global batch at DropConnect and row sites (the
+``shared`` generator, seeded alike on every rank).  One dropcheck call
+draws every site's probe from one generator, so this is guaranteed only
+when the noise acts on sites of one kind; for the paper's setting (both
+kinds with q > 0) ``rule.check_world_size`` refuses to start with more than
+one process and names the alternatives (one process, or ``estimator=fd
+noise_estimator=fd``).
 
 Gradient clipping follows the all-reduce, so every rank clips the same
 gradient and the replicas stay identical.  Evaluation runs the whole
@@ -154,6 +154,14 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def git_commit() -> Optional[str]:
+    """``HEAD`` of the checkout (``-dirty`` with uncommitted changes to tracked
+    files); where there is no git repository (a copied tree) the value of
+    ``$DROPCHECK_GIT_COMMIT``, else None."""
+    sha = _git_head()
+    return sha if sha is not None else (os.environ.get("DROPCHECK_GIT_COMMIT") or None)
+
+
+def _git_head() -> Optional[str]:
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(

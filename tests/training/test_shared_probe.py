@@ -1,0 +1,213 @@
+"""The shared-probe fast path of Algorithm 2 (``rule=explicit_implicit
+estimator=fd_shared``): its gradient is the separately computed
+finite-difference explicit term plus finite-difference ξ_approx drawn from
+the same probe, per-group coefficients included; it trains; it refuses
+multipliers that cannot share a probe and, under data parallelism, site
+mixes whose noise would need two generators."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dropcheck as dc
+from dropcheck._common import default_eps
+from dropcheck._errors import DropcheckError
+from training.configs import make_config
+from training.rules import Gens, make_rule, needs_double_backward
+
+import torch.nn.functional as F
+
+from training.model import AWDLSTM, StatefulLM
+from training.rules import sites_off
+
+# the tiny model and batch of test_rules.py
+V = 11
+Q = dict(q_embedding=0.3, q_hidden=0.2, q_output=0.4, q_weights=0.25, q_rows=0.1)
+X = torch.randint(0, V, (5, 3), generator=torch.Generator().manual_seed(1))
+Y = torch.randint(0, V, (5, 3), generator=torch.Generator().manual_seed(2))
+
+
+def _setup(rule, backend="loop", **over):
+    cfg = make_config("smoke", rule=rule, dtype="float64", **{**Q, **over})
+    torch.manual_seed(0)
+    lm = AWDLSTM(V, 5, 6, 2, backend=backend, **{k: cfg[k] for k in Q}).double()
+    model = StatefulLM(lm)
+    g = torch.Generator().manual_seed(7)
+    model.hidden = [
+        (0.2 * torch.randn(3, r.n_out, generator=g, dtype=torch.float64),
+         0.2 * torch.randn(3, r.n_out, generator=g, dtype=torch.float64))
+        for r in lm.rnns
+    ]
+    return cfg, model, make_rule(cfg, model)
+
+
+def _gens(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return Gens(g, g)
+
+
+def _clean_loss(model):
+    with sites_off(model):
+        return F.cross_entropy(model(X).reshape(-1, V), Y.reshape(-1))
+
+
+def _grad(model, scalar):
+    named = list(model.named_parameters())
+    gs = torch.autograd.grad(scalar, [p for _, p in named])
+    return {n: g for (n, _), g in zip(named, gs)}
+
+
+def _close(a, b, tol):
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=tol, atol=tol, msg=lambda m: f"{n}: {m}")
+
+
+def _add(*ds):
+    return {n: sum(d[n] for d in ds) for n in ds[0]}
+
+SITES = {
+    "lm.drop_rows": "rows",
+    "lm.drop_emb": "embedding",
+    "lm.rnns.0.wdrop": "weights",
+    "lm.drop_hidden.0": "hidden",
+    "lm.rnns.1.wdrop": "weights",
+    "lm.drop_out": "output",
+}
+
+COEFS = {
+    "default": {},
+    # (implicit)² / explicit = 2.25 for every group
+    "per-group": dict(explicit_mult_hidden=4.0, implicit_mult=1.5, implicit_mult_hidden=2.0),
+    # a global explicit multiplier: noise b = 1/sqrt(2) at probe scale sqrt(2λ)
+    "explicit-mult": dict(explicit_mult=2.0, explicit_mult_weights=0.5, implicit_mult_weights=math.sqrt(0.5)),
+    # a group switched off in both terms (its probe is drawn, scaled by 0)
+    "group-off": dict(explicit_mult_rows=0.0, implicit_mult_rows=0.0, explicit_mult_output=9.0, implicit_mult_output=3.0),
+}
+
+
+def _weights(cfg, key):
+    return {
+        n: cfg[f"{key}_mult"] * cfg[f"{key}_mult_{g}"] for n, g in SITES.items()
+    }
+
+
+@pytest.mark.parametrize("case", list(COEFS))
+def test_gradient_is_fd_explicit_plus_fd_implicit_with_the_same_probe(case):
+    cfg, model, rule = _setup("explicit_implicit", estimator="fd_shared", **COEFS[case])
+    assert rule.noise(model, X, Y, _gens()) is None  # the noise is in the objective
+    g, res = rule.gradient(model, X, Y, _gens())
+
+    e, m = _weights(cfg, "explicit"), _weights(cfg, "implicit")
+    eps = default_eps(torch.float64)
+    # the same Rademacher signs: a fresh generator with the same seed, same draw order
+    R = dc.explicit_regularizer(model, X, Y, estimator="fd", eps=eps, site_weights=e,
+                                generator=torch.Generator().manual_seed(5))
+    # the objective's probes h(1 ± ε sqrt(λ w) v) are ξ_approx's h(1 ± ε' η) with
+    # η = sqrt(2λ) m v and ε' = ε/√2
+    xi = dc.implicit_noise(model, X, Y, estimator="fd", noise="rademacher", eps=eps / math.sqrt(2.0),
+                           site_weights=m, generator=torch.Generator().manual_seed(5))
+    _close(g, _add(_grad(model, _clean_loss(model) + R), xi), 1e-7)
+    assert float(res.reg["R"]) == pytest.approx(float(R.detach()), rel=1e-9)
+    assert float(res.loss) == pytest.approx(_clean_loss(model).item(), rel=1e-12)
+    # the hidden state carried on is the clean pass's
+    _, hid = rule.clean(model, X, Y)
+    for (a, b), (c, d) in zip(res.hidden, hid):
+        assert torch.equal(a, c) and torch.equal(b, d) and not a.requires_grad
+    # the noise is really there: without it the gradient differs
+    _close(rule.gradient(model, X, Y, _gens())[0], g, 0)  # deterministic given the seed
+    cfg0, model0, rule0 = _setup("explicit_implicit", estimator="fd_shared", implicit_mult=0.0,
+                                 **{k: v for k, v in COEFS[case].items() if not k.startswith("implicit")})
+    g0, _ = rule0.gradient(model0, X, Y, _gens())
+    assert any((g0[n] - g[n]).abs().max() > 1e-6 for n in g)
+
+
+def test_incompatible_multipliers_are_refused():
+    with pytest.raises(DropcheckError, match=r"tied to the square root of its explicit weight.*hidden: implicit 2"):
+        _setup("explicit_implicit", estimator="fd_shared", implicit_mult_hidden=2.0)
+    with pytest.raises(DropcheckError, match="0 in both or neither"):
+        _setup("explicit_implicit", estimator="fd_shared", explicit_mult_rows=0.0)
+    # inactive groups do not count (q_rows = 0), and all-noise / all-explicit always fit
+    _setup("explicit_implicit", estimator="fd_shared", q_rows=0.0, explicit_mult_rows=0.0)
+    cfg, model, rule = _setup("explicit_implicit", estimator="fd_shared", explicit_mult=0.0, implicit_mult_hidden=3.0)
+    a, b, w = rule.shared_probe_weights()
+    assert (a, b) == (0.0, 1.0) and w["lm.drop_hidden.0"] == 9.0 and w["lm.drop_out"] == 1.0
+    cfg, model, rule = _setup("explicit_implicit", estimator="fd_shared", implicit_mult=0.0, explicit_mult_hidden=3.0)
+    assert rule.shared_probe_weights()[:2] == (1.0, 0.0)
+
+
+def test_only_for_explicit_implicit_and_first_order():
+    for rule in ("explicit", "identity_hessian", "loss_jacobian"):
+        with pytest.raises(DropcheckError, match="fast path of rule 'explicit_implicit' only"):
+            _setup(rule, estimator="fd_shared")
+    with pytest.raises(DropcheckError, match="samples"):
+        _setup("explicit_implicit", estimator="fd_shared", samples=2)
+    _setup("dropout", estimator="fd_shared")  # unused by rules without an explicit term
+    base = make_config("smoke")
+    assert not needs_double_backward({**base, "rule": "explicit_implicit", "estimator": "fd_shared"})
+    assert needs_double_backward({**base, "rule": "explicit_implicit", "estimator": "fd"})  # autograd noise
+
+
+def test_several_processes_need_one_kind_of_noise_site():
+    cfg, model, rule = _setup("explicit_implicit", estimator="fd_shared")
+    rule.check_world_size(1)
+    with pytest.raises(DropcheckError, match="several processes.*q_weights=q_rows=0"):
+        rule.check_world_size(2)
+    local, shared = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    with pytest.raises(DropcheckError, match="several processes"):
+        rule.objective(model, X, Y, Gens(local, shared))
+    # per-sequence sites only: each rank's own generator
+    cfg, model, rule = _setup("explicit_implicit", estimator="fd_shared", q_weights=0.0, q_rows=0.0)
+    rule.check_world_size(2)
+    assert rule._probe_generator(Gens(local, shared), *rule.shared_probe_weights()[1:]) is local
+    # whole-batch sites only: the generator seeded alike on every rank
+    cfg, model, rule = _setup("explicit_implicit", estimator="fd_shared", q_embedding=0.0, q_hidden=0.0, q_output=0.0)
+    assert rule._probe_generator(Gens(local, shared), *rule.shared_probe_weights()[1:]) is shared
+    # whole-batch sites without noise do not count
+    cfg, model, rule = _setup("explicit_implicit", estimator="fd_shared", implicit_mult_weights=0.0,
+                              implicit_mult_rows=0.0, explicit_mult_weights=0.0, explicit_mult_rows=0.0)
+    rule.check_world_size(2)
+
+
+def test_it_lowers_the_training_loss():
+    cfg, model, rule = _setup("explicit_implicit", backend="fused", estimator="fd_shared")
+    model.hidden = None
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    gens = _gens(11)
+    before = _clean_loss(model).item()
+    for _ in range(8):
+        g, _ = rule.gradient(model, X, Y, gens)
+        for n, p in model.named_parameters():
+            p.grad = g[n]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+    after = _clean_loss(model).item()
+    assert after < before - 0.05, (before, after)
+
+
+def test_trainer_runs_it_and_logs_r(tiny_cfg, tiny_corpus, tmp_path):
+    from training.trainer import train
+
+    cfg = tiny_cfg(rule="explicit_implicit", estimator="fd_shared", max_steps=4, eval_every=2)
+    res = train(cfg, out=tmp_path, corpus=tiny_corpus)
+    assert res.finished
+    evals = [r for r in res.records if r["type"] == "eval"]
+    assert len(evals) == 2 and all(r["reg"]["R"] > 0 for r in evals)
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_replicas(tiny_cfg, tiny_corpus_dir, tmp_path):
+    """The fast path through the DDP backward (locked sites only, each rank's
+    own probes): the run finishes and the replicas stay identical."""
+    from training.trainer import spawn_train
+
+    cfg = tiny_cfg(rule="explicit_implicit", estimator="fd_shared", q_weights=0.0, q_rows=0.0,
+                   dtype="float64", max_steps=3, eval_every=0)
+    spawn_train(2, [(cfg, {"out": str(tmp_path / "run"), "dump": str(tmp_path / "dump")})],
+                corpus_dir=str(tiny_corpus_dir))
+    r0, r1 = torch.load(tmp_path / "dump" / "rank0.pt"), torch.load(tmp_path / "dump" / "rank1.pt")
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k

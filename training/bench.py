@@ -1,0 +1,499 @@
+"""``dropcheck bench``: time every update rule side by side, in one process.
+
+    dropcheck bench [--config NAME_OR_FILE] [--device cpu|cuda] [--warmup N]
+                    [--repeats N] [--arms LABEL,...] [--vocab V] [--out FILE]
+                    [key=value ...]
+
+Each *arm* is one update rule with its estimators and LSTM backend (``ARMS``);
+each is timed on the step the trainer runs (``trainer.train_step``: the
+rule's objective and one ``backward()``, its noise added to ``.grad``,
+clipping, the SGD step) with the model size, batch and BPTT length of the
+config (``--config``: any named config or JSON file of ``dropcheck train``;
+default ``smoke``, a small CPU size; ``--config ptb`` is the paper's
+AWD-LSTM, meant for a GPU).  The tokens are random over ``--vocab`` words
+(10,000 by default, PTB's), since the cost of a step does not depend on
+them, so no corpus is needed.
+
+Execution mode, the same for every arm: eager PyTorch, the config's dtype
+(float32 by default), the same thread count, no ``torch.compile``, no AMP,
+fixed BPTT length, ``torch.backends.cudnn`` and TF32 left at torch's
+defaults (recorded in the JSON).  Backends: ``fused`` is one
+``torch._VF.lstm`` call per layer (cuDNN on CUDA, ATen's CPU kernel on CPU);
+``loop`` the Python-loop LSTM.  The rules that differentiate through a
+gradient (sampled-label explicit term, autograd ξ_approx) run on the loop
+LSTM on every device, because cuDNN has no double backward; the dropout
+step is timed on both backends so that the loop's own cost is visible.
+
+Protocol: every arm's model, optimizer and hidden state are built first;
+each arm runs ``--warmup`` steps; then ``--repeats`` rounds, each timing one
+step of every arm in turn (interleaved, so that drifting load on a shared
+machine affects all arms alike); then one more, untimed step per arm
+measures its peak memory (kept out of the timed steps so that the
+measurement cannot change the timings).  A step's time is wall-clock, with
+``torch.cuda.synchronize()`` before and after on CUDA.  Reported per arm:
+median and interquartile range (IQR = q75 - q25) of ms/step, tokens/s at
+the median, the ratio of its median to the baseline's (``dropout`` k=1 on
+the fused backend), and peak memory of a step above what was allocated
+before it (what every arm keeps resident is not counted):
+
+- CUDA: ``torch.cuda.max_memory_allocated()`` during the step minus
+  ``torch.cuda.memory_allocated()`` just before it;
+- CPU: peak resident set size during the step minus the resident set size
+  just before it (Linux: ``VmHWM`` after resetting it through
+  ``/proc/self/clear_refs``, and ``VmRSS``; glibc's ``malloc_trim(0)``
+  first, so that memory cached by the allocator from earlier steps is
+  given back and counted again).  It counts touched pages, so it is an
+  upper-bound-ish measure of the step's working memory, not of tensor
+  bytes; where ``/proc`` cannot be used it is reported as null.
+
+The JSON (``--out``; default ``results/bench/<device>-<config>.json``) holds
+the device and its name, torch and CUDA versions, thread count, the config,
+the git commit and every step time of every arm.  A CPU result is labelled
+``"device_type": "cpu"``: it says nothing about the GPU ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from dropcheck._errors import DropcheckError
+
+SCHEMA = "dropcheck-bench/1"
+DEFAULT_CONFIG = "smoke"
+BASELINE = "dropout"
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    overrides: dict
+    backend: str  # fused | loop
+    what: str
+
+
+ARMS: tuple[Arm, ...] = (
+    Arm("dropout", {"rule": "dropout", "k": 1}, "fused", "DROPOUT_1 (baseline)"),
+    Arm("dropout-loop", {"rule": "dropout", "k": 1}, "loop", "DROPOUT_1 on the loop LSTM"),
+    Arm("none", {"rule": "none"}, "fused", "no dropout"),
+    Arm("explicit-sampled", {"rule": "explicit", "estimator": "sampled"}, "loop",
+        "L + R_approx, sampled labels, double backward"),
+    Arm("explicit-fd", {"rule": "explicit", "estimator": "fd"}, "fused",
+        "L + R_approx, finite differences (3 forward passes)"),
+    Arm("explicit_implicit-autograd", {"rule": "explicit_implicit", "estimator": "sampled",
+                                       "noise_estimator": "autograd"}, "loop",
+        "Algorithm 2: sampled R_approx + autograd xi_approx, double backward"),
+    Arm("explicit_implicit-fd", {"rule": "explicit_implicit", "estimator": "fd", "noise_estimator": "fd"}, "fused",
+        "Algorithm 2: fd R_approx + fd xi_approx (5 forward passes, 3 backward)"),
+    Arm("explicit_implicit-fd_shared", {"rule": "explicit_implicit", "estimator": "fd_shared"}, "fused",
+        "Algorithm 2: one shared probe (3 forward passes, 1 backward)"),
+    Arm("dropout-k4", {"rule": "dropout", "k": 4}, "fused", "DROPOUT_4 (Algorithm 1)"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG,
+                        help=f"named config or JSON file of `dropcheck train` (default: {DEFAULT_CONFIG}; ptb: the paper's size)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default: cpu)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first (default: 3)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per arm (default: 10)")
+    parser.add_argument("--arms", default=None,
+                        help="comma-separated arm labels to time (default: all; the baseline is always included)")
+    parser.add_argument("--vocab", type=int, default=10_000, help="vocabulary size (default: 10000, PTB's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the config's 'threads', else torch's default)")
+    parser.add_argument("--out", default=None, help="JSON file (default: results/bench/<device>-<config>.json)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--list", action="store_true", help="list the arms, then exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (model size, bptt, ...)")
+
+
+# --------------------------------------------------------------------------
+# memory
+
+
+class _CpuPeak:
+    """Peak RSS of a step above the RSS before it (Linux /proc; else None)."""
+
+    def __init__(self):
+        self.ok = os.path.exists("/proc/self/clear_refs") and os.path.exists("/proc/self/status")
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+        if self.ok:
+            try:
+                self.start()
+            except OSError:
+                self.ok = False
+
+    @staticmethod
+    def _status_kib(key: str) -> int:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        raise OSError(f"no {key} in /proc/self/status")
+
+    def start(self) -> None:
+        if self._trim is not None:
+            self._trim(0)
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        self.base = self._status_kib("VmRSS")
+
+    def stop(self) -> Optional[int]:
+        return (self._status_kib("VmHWM") - self.base) * 1024
+
+
+# --------------------------------------------------------------------------
+# the bench
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical CPUs)"
+
+
+def _quantiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
+def _select_arms(spec: Optional[str]) -> list[Arm]:
+    if not spec:
+        return list(ARMS)
+    by = {a.label: a for a in ARMS}
+    want = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [w for w in want if w not in by]
+    if unknown:
+        raise DropcheckError(f"--arms: unknown arm(s) {unknown}; expected some of {list(by)}")
+    if BASELINE not in want:
+        want.insert(0, BASELINE)
+    return [by[w] for w in dict.fromkeys(want)]
+
+
+def bench(
+    config: str = DEFAULT_CONFIG,
+    overrides=(),
+    *,
+    device: str = "cpu",
+    warmup: int = 3,
+    repeats: int = 10,
+    arms: Optional[str] = None,
+    vocab: int = 10_000,
+    threads: Optional[int] = None,
+    progress: bool = True,
+) -> dict:
+    """Run the bench; returns the JSON-ready result (module docstring)."""
+    import torch
+
+    from . import configs
+    from .model import StatefulLM
+    from .rules import Gens, make_rule, needs_double_backward
+    from .trainer import _Objective, _make_gen, _seed, build_lm, git_commit, make_optimizer, train_step
+
+    if warmup < 0 or repeats < 1:
+        raise DropcheckError(f"--warmup must be >= 0 and --repeats >= 1, got {warmup} and {repeats}")
+    if vocab < 2:
+        raise DropcheckError(f"--vocab must be >= 2, got {vocab}")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    name, base = configs.get_config(config, list(overrides))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DropcheckError("--device cuda requested but CUDA is not available")
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+    nthreads = threads if threads is not None else (base["threads"] or None)
+    if nthreads:
+        torch.set_num_threads(int(nthreads))
+    dtype = {"float32": torch.float32, "float64": torch.float64}[base["dtype"]]
+    chosen = _select_arms(arms)
+    T, B = base["bptt"], base["batch_size"]
+
+    # every arm's state first, then warm-up, then interleaved timed rounds
+    gen = torch.Generator().manual_seed(_seed(base["seed"], 9))
+    pool = [torch.randint(0, vocab, (T + 1, B), generator=gen).to(dev) for _ in range(4)]
+    states = []
+    for arm in chosen:
+        cfg = configs.validate({**base, **arm.overrides, "backend": arm.backend})
+        s = {"arm": arm, "cfg": cfg, "model": None, "params": [], "i": 0, "ms": [], "mem": None, "error": None}
+        states.append(s)
+        try:
+            lm = build_lm(cfg, vocab, dev, dtype, arm.backend)
+            model = StatefulLM(lm)
+            rule = make_rule(cfg, model)
+        except Exception as exc:  # noqa: BLE001 - e.g. multipliers fd_shared cannot share; reported
+            s["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+            continue
+        params = [p for p in model.parameters() if p.requires_grad]
+        g = _make_gen(dev, _seed(cfg["seed"], 2, 0))
+        gens = Gens(g, g)
+        s.update(
+            model=model,
+            rule=rule,
+            obj=_Objective(model, rule, gens),
+            gens=gens,
+            opt=make_optimizer(cfg, params),
+            params=params,
+            hidden=lm.init_hidden(B),
+        )
+        model.train()
+
+    cpu_peak = _CpuPeak() if dev.type == "cpu" else None
+
+    def step(s, mode: str) -> None:
+        """``mode``: "warmup" (untimed), "time" or "memory" (untimed, peak memory)."""
+        batch = pool[s["i"] % len(pool)]
+        s["i"] += 1
+        x, y = batch[:-1], batch[1:]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if mode == "memory":
+            if dev.type == "cuda":
+                before = torch.cuda.memory_allocated(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            elif cpu_peak is not None and cpu_peak.ok:
+                cpu_peak.start()
+        t0 = time.perf_counter()
+        _loss, _reg, s["hidden"] = train_step(
+            s["obj"], s["model"], s["rule"], s["gens"], s["opt"], s["params"], x, y, s["hidden"],
+            s["cfg"]["clip"], 1,
+        )
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        dt = time.perf_counter() - t0
+        if mode == "time":
+            s["ms"].append(1e3 * dt)
+        elif mode == "memory":
+            if dev.type == "cuda":
+                s["mem"] = torch.cuda.max_memory_allocated(dev) - before
+            elif cpu_peak is not None and cpu_peak.ok:
+                s["mem"] = cpu_peak.stop()
+
+    def safe_step(s, mode: str) -> None:
+        """An arm that fails (e.g. out of memory, diverged) is reported with its
+        error and skipped from then on; the other arms go on."""
+        if s["error"] is not None:
+            return
+        try:
+            step(s, mode)
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON and the table
+            s["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+            s["model"].hidden = None
+            s["hidden"] = None
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(states) * (warmup + repeats + 1), desc=f"bench {name} on {dev.type}", unit="step",
+                   file=sys.stderr, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    try:
+        for s in states:
+            if bar is not None:
+                bar.set_postfix_str(f"warm-up {s['arm'].label}")
+            for _ in range(warmup):
+                safe_step(s, "warmup")
+                if bar is not None:
+                    bar.update(1)
+        for r in range(repeats):
+            if bar is not None:
+                bar.set_postfix_str(f"round {r + 1}/{repeats}")
+            for s in states:
+                safe_step(s, "time")
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.set_postfix_str("memory")
+        for s in states:
+            safe_step(s, "memory")
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - t_start
+
+    base_med = None
+    results = []
+    for s in states:
+        q25, med, q75 = _quantiles(s["ms"]) if s["ms"] and s["error"] is None else (None, None, None)
+        if s["arm"].label == BASELINE:
+            base_med = med
+        results.append((s, q25, med, q75))
+    out_arms = []
+    for s, q25, med, q75 in results:
+        arm, cfg = s["arm"], s["cfg"]
+        if arm.backend == "fused":
+            impl = "cuDNN" if (dev.type == "cuda" and torch.backends.cudnn.enabled) else f"ATen LSTM ({dev.type})"
+        else:
+            impl = "Python-loop LSTM"
+        ok = med is not None
+        out_arms.append(
+            {
+                "label": arm.label,
+                "what": arm.what,
+                "rule": cfg["rule"],
+                "k": cfg["k"],
+                "estimator": cfg["estimator"] if cfg["rule"] in ("explicit", "explicit_implicit") else None,
+                "noise_estimator": cfg["noise_estimator"] if cfg["rule"] == "explicit_implicit"
+                and cfg["estimator"] != "fd_shared" else None,
+                "backend": arm.backend,
+                "backend_impl": impl,
+                "double_backward": needs_double_backward(cfg),
+                "error": s["error"],
+                "ms": s["ms"],
+                "median_ms": med,
+                "q25_ms": q25,
+                "q75_ms": q75,
+                "iqr_ms": q75 - q25 if ok else None,
+                "mean_ms": statistics.fmean(s["ms"]) if ok else None,
+                "min_ms": min(s["ms"]) if ok else None,
+                "tokens_per_s": (T * B / (med / 1e3) if med > 0 else math.inf) if ok else None,
+                "ratio_to_baseline": med / base_med if (ok and base_med) else None,
+                "peak_mem_bytes": s["mem"],
+                "param_bytes": sum(p.numel() * p.element_size() for p in s["params"]),
+            }
+        )
+    if dev.type == "cuda":
+        mem_metric = ("torch.cuda.max_memory_allocated() during one extra untimed step after the timed rounds "
+                      "minus memory_allocated() before it")
+    elif cpu_peak is not None and cpu_peak.ok:
+        mem_metric = ("peak RSS during one extra untimed step after the timed rounds minus RSS before it "
+                      "(Linux VmHWM reset via /proc/self/clear_refs, VmRSS; glibc malloc_trim(0) first)")
+    else:
+        mem_metric = "unavailable (no /proc/self/clear_refs)"
+    import dropcheck
+
+    return {
+        "schema": SCHEMA,
+        "device_type": dev.type,
+        "device": str(dev),
+        "device_name": _device_name(dev),
+        "label": ("CPU timing (not a GPU result)" if dev.type == "cpu" else "GPU timing"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None,
+        "tf32": {
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn": torch.backends.cudnn.allow_tf32,
+        } if dev.type == "cuda" else None,
+        "python": platform.python_version(),
+        "dropcheck": dropcheck.__version__,
+        "threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "config_name": name,
+        "config": base,
+        "vocab": vocab,
+        "bptt": T,
+        "batch_size": B,
+        "tokens_per_step": T * B,
+        "dtype": base["dtype"],
+        "warmup": warmup,
+        "repeats": repeats,
+        "protocol": ("all arms built first; warm-up steps per arm; then interleaved rounds, one timed step per arm "
+                     "per round; then one untimed step per arm for peak memory"),
+        "memory_metric": mem_metric,
+        "baseline": BASELINE,
+        "arms": out_arms,
+        "wall_s": wall,
+        "started": started,
+    }
+
+
+def _fmt_bytes(b: Optional[int]) -> str:
+    if b is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(b) < 1024 or unit == "GiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return "-"
+
+
+def format_table(res: dict) -> str:
+    head = ("arm", "backend", "ms/step", "IQR", "tokens/s", "peak mem", "x dropout")
+    rows = []
+    for a in res["arms"]:
+        ratio = a["ratio_to_baseline"]
+        if a["median_ms"] is None:
+            rows.append((a["label"], a["backend_impl"], "error", "-", "-", "-", "-"))
+            continue
+        rows.append(
+            (
+                a["label"],
+                a["backend_impl"],
+                f"{a['median_ms']:.2f}",
+                f"{a['iqr_ms']:.2f}",
+                f"{a['tokens_per_s']:,.0f}",
+                _fmt_bytes(a["peak_mem_bytes"]),
+                f"{ratio:.2f}" if ratio is not None else "-",
+            )
+        )
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    title = (
+        f"{res['label']}: {res['device_name']}, torch {res['torch']}, config {res['config_name']} "
+        f"(emb {res['config']['emb']}, {res['config']['layers']} x {res['config']['hidden']}, vocab {res['vocab']}, "
+        f"bptt {res['bptt']}, batch {res['batch_size']}, {res['dtype']}, {res['threads']} thread(s)); "
+        f"median of {res['repeats']} steps after {res['warmup']} warm-up"
+    )
+    errors = [f"{a['label']}: {a['error']}" for a in res["arms"] if a["error"]]
+    return "\n".join([title, line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows] + errors)
+
+
+def default_out(res: dict) -> Path:
+    return Path("results") / "bench" / f"{res['device_type']}-{res['config_name']}.json"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        for a in ARMS:
+            over = " ".join(f"{k}={v}" for k, v in a.overrides.items())
+            print(f"{a.label:30s} backend={a.backend:5s} {over}  # {a.what}")
+        return 0
+    res = bench(
+        args.config,
+        args.overrides,
+        device=args.device,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        arms=args.arms,
+        vocab=args.vocab,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out) if args.out else default_out(res)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(res, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    print(format_table(res))
+    print(f"wrote {out}")
+    return 1 if any(a["error"] for a in res["arms"]) else 0
