@@ -5,7 +5,6 @@ current dropcheck code (a regression in the torch route shows), plus the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -20,17 +19,9 @@ import derivations as D
 from derivations.emit import SCHEMA_VERSION, main as emit_main
 
 
-def _load():
-    name = "derivations_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("torch_helpers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
-T = _load()
+import torch_helpers as T  # noqa: E402  (tests/derivations is on pytest's pythonpath)
 
 REFS = Path(D.__file__).with_name("refs.json")
 REGEN = "regenerate with: python -m derivations emit --out derivations/refs.json"

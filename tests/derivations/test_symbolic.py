@@ -5,9 +5,7 @@ spec validation."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,17 +16,9 @@ import derivations as D
 from derivations.cases import _Example, _theta, exact_gap
 
 
-def _load():
-    name = "derivations_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("torch_helpers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
-T = _load()
+import torch_helpers as T  # noqa: E402  (tests/derivations is on pytest's pythonpath)
 
 
 # ---------------------------------------------------------------------------

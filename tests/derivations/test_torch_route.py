@@ -9,9 +9,6 @@ dropcheck: the only common ground is the spec's numbers and the
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +17,9 @@ from hypothesis import example, given, settings
 import derivations as D
 
 
-def _load():
-    name = "derivations_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("torch_helpers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
-T = _load()
+import torch_helpers as T  # noqa: E402  (tests/derivations is on pytest's pythonpath)
 
 
 @settings(deadline=None)

@@ -1,9 +1,8 @@
 """Shared pieces of the derivations tests: spec strategies, the torch model
 of a spec, and tolerant comparison.
 
-Load with ``T = load_torch_helpers()`` (registered as
-``derivations_test_helpers`` so it cannot clash with another helpers module
-under ``tests/``).  Importing this module does not import dropcheck; only
+Test modules ``import torch_helpers as T`` (``tests/derivations`` is on
+pytest's ``pythonpath``, see pyproject.toml).  Importing this module does not import dropcheck; only
 the cross-route tests do.
 """
 

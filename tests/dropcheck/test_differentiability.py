@@ -12,9 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,17 +20,9 @@ from hypothesis import example, given
 import dropcheck as dc
 
 
-def _load_helpers():
-    name = "dropcheck_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("helpers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
-H = _load_helpers()
+import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
 STEP = 1e-5
 FD_TOL = 1e-6
 

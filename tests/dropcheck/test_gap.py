@@ -15,10 +15,7 @@ True properties (MATH.md, "When the second-order picture holds"):
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import assume, example, given, settings
@@ -26,17 +23,9 @@ from hypothesis import assume, example, given, settings
 import dropcheck as dc
 
 
-def _load_helpers():
-    name = "dropcheck_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("helpers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
-H = _load_helpers()
+import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
 
 
 def with_q(model, q):

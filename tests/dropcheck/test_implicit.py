@@ -14,10 +14,7 @@ false-alarm rate per assertion for a Gaussian statistic.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,17 +23,9 @@ from hypothesis import example, given, settings
 import dropcheck as dc
 
 
-def _load_helpers():
-    name = "dropcheck_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("helpers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
-H = _load_helpers()
+import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
 
 # 8 noise units (256 masks): dropout's gradient moments exactly by enumeration
 TINY = dict(sizes=[2, 2, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n=2, seed=2)

@@ -19,9 +19,6 @@ constant at all, must still pass (so the table is verified, not assumed).
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,17 +29,9 @@ import dropcheck._explicit
 import dropcheck._sites
 
 
-def _load_helpers():
-    name = "dropcheck_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("helpers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
-H = _load_helpers()
+import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
 TOL = 1e-9
 
 MLP = dict(sizes=[3, 4, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=1.5, n=3, seed=1)

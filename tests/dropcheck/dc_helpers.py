@@ -1,8 +1,7 @@
 """Brute-force float64 references and the core comparison checks.
 
-Load from a test module with ``H = load_helpers()`` (see the bottom of any
-test file); the module is registered as ``dropcheck_test_helpers`` so it
-cannot clash with another ``helpers`` module under ``tests/``.
+Test modules ``import dc_helpers as H`` (``tests/dropcheck`` is on pytest's
+``pythonpath``, see pyproject.toml).
 
 Two layers:
 
