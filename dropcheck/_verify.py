@@ -106,31 +106,24 @@ def run_case(case: Case, *, draws: int = 300, seed: int = 0, symbolic: Optional[
     biggest = max(o.h.numel() for o in occs)
     bernoulli = all(o.site.noise == BERNOULLI for o in occs)
 
-    # 1. exact estimator vs dense Jacobian route
-    t0 = time.perf_counter()
-    exact_sites = {k: _f(v) for k, v in explicit_regularizer(model, X, y, per_site=True).items()}
-    exact = sum(exact_sites.values())
-    if biggest <= DENSE_LIMIT:
-        dense = ref.dense_explicit(model, X, y)
-        worst = max(rel_err(exact_sites[k], dense[k], 1e-15) for k in dense)
-        R.rows.append(Check(case.name, "R_approx (weighted, per site)", "exact (batched VJPs)",
-                            "dense J^T H J with C (torch.func)", exact, sum(dense.values()), worst, "rel",
-                            1e-9, "pass" if worst <= 1e-9 else "FAIL", time.perf_counter() - t0))
-    else:
-        R.skip("R_approx (weighted, per site)", "exact", "dense torch.func", f"numel(h)={biggest} > {DENSE_LIMIT}")
+    def per_site_vs_dense(quantity, a_name, b_name, ours_fn, dense_fn) -> float:
+        """Per-site values against a dense torch.func route; returns our total."""
+        t0 = time.perf_counter()
+        ours = {k: _f(v) for k, v in ours_fn(model, X, y, per_site=True).items()}
+        if biggest > DENSE_LIMIT:
+            R.skip(quantity, a_name, b_name, f"numel(h)={biggest} > {DENSE_LIMIT}")
+        else:
+            dense = dense_fn(model, X, y)
+            worst = max(rel_err(ours[k], dense[k], 1e-15) for k in dense)
+            R.rows.append(Check(case.name, quantity, a_name, b_name, sum(ours.values()), sum(dense.values()),
+                                worst, "rel", 1e-9, "pass" if worst <= 1e-9 else "FAIL", time.perf_counter() - t0))
+        return sum(ours.values())
 
-    # 2. Taylor term vs dense Hessian
-    t0 = time.perf_counter()
-    taylor_sites = {k: _f(v) for k, v in taylor_regularizer(model, X, y, per_site=True).items()}
-    taylor = sum(taylor_sites.values())
-    if biggest <= DENSE_LIMIT:
-        dense = ref.dense_taylor(model, X, y)
-        worst = max(rel_err(taylor_sites[k], dense[k], 1e-15) for k in dense)
-        R.rows.append(Check(case.name, "R_taylor (weighted, per site)", "exact (batched HVPs)",
-                            "dense Hessian with C (torch.func)", taylor, sum(dense.values()), worst, "rel",
-                            1e-9, "pass" if worst <= 1e-9 else "FAIL", time.perf_counter() - t0))
-    else:
-        R.skip("R_taylor (weighted, per site)", "exact", "dense torch.func", f"numel(h)={biggest} > {DENSE_LIMIT}")
+    # 1-2. exact estimator vs dense Jacobian route; Taylor term vs dense Hessian
+    exact = per_site_vs_dense("R_approx (weighted, per site)", "exact (batched VJPs)",
+                              "dense J^T H J with C (torch.func)", explicit_regularizer, ref.dense_explicit)
+    taylor = per_site_vs_dense("R_taylor (weighted, per site)", "exact (batched HVPs)",
+                               "dense Hessian with C (torch.func)", taylor_regularizer, ref.dense_taylor)
 
     if case.linear_after_sites:
         t0 = time.perf_counter()
