@@ -31,7 +31,7 @@ def test_gradient_is_explicit_plus_implicit(case, seed, a, b):
     # route B: the same probe v through the separately tested estimators
     R = dc.explicit_regularizer(model, X, y, estimator="fd", generator=seed, eps=eps)
     if a or b:  # with both terms off no probe pass runs
-        assert float(R) == pytest.approx(float(obj.explicit), rel=1e-12, abs=1e-15)
+        assert float(R.detach()) == pytest.approx(float(obj.explicit.detach()), rel=1e-12, abs=1e-15)
     g_lr = torch.autograd.grad(obj.loss + a * R, params, allow_unused=True, materialize_grads=True)
     xi = dc.implicit_noise(model, X, y, estimator="fd", noise="rademacher", generator=seed, eps=eps / math.sqrt(2))
     want = torch.cat([g.reshape(-1) for g in g_lr]) + b * _flat({n: xi[n] for n in names})
