@@ -24,6 +24,7 @@ from ._analytic import (
     sample_eta,
     zero_probe,
 )
+from ._common import value_checks
 from ._errors import DataError, DropcheckError, NoDropoutSiteError
 from ._explicit import explicit_regularizer, loss_jacobian_regularizer, taylor_regularizer
 from ._gap import GapEstimate, dropout_gap, first_order_gap
@@ -79,6 +80,7 @@ __all__ = [
     "DropConnect",
     "GaussianDropout",
     "WeightDrop",
+    "value_checks",
     "DropcheckError",
     "NoDropoutSiteError",
     "DataError",

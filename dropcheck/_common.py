@@ -26,7 +26,30 @@ def call_model(model: nn.Module, inputs) -> torch.Tensor:
     return out
 
 
+_VALUE_CHECKS = contextvars.ContextVar("dropcheck_value_checks", default=True)
+
+
+class value_checks:
+    """``with dropcheck.value_checks(False):`` skips the checks that read
+    tensor *values* (non-finite inputs/logits, target range).  Each of them
+    is a device-to-host sync on a GPU; a training loop that has validated
+    its data may turn them off.  Shape and name checks always run."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = bool(enabled)
+
+    def __enter__(self):
+        self._token = _VALUE_CHECKS.set(self.enabled)
+        return self
+
+    def __exit__(self, *exc):
+        _VALUE_CHECKS.reset(self._token)
+        return False
+
+
 def check_inputs(inputs) -> None:
+    if not _VALUE_CHECKS.get():
+        return
     items = inputs if isinstance(inputs, tuple) else (inputs,)
     for t in items:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
@@ -45,6 +68,8 @@ def flatten_logits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     if targets.is_floating_point() or targets.dtype == torch.bool:
         raise DropcheckError(f"targets must be integer class indices, got dtype {targets.dtype}")
     c = logits.shape[-1]
+    if not _VALUE_CHECKS.get():
+        return logits.reshape(-1, c), targets.reshape(-1)
     if targets.numel() and (targets.min() < 0 or targets.max() >= c):
         raise DropcheckError(f"targets must lie in [0, {c}), got range [{int(targets.min())}, {int(targets.max())}]")
     if not torch.isfinite(logits).all():

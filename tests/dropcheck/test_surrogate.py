@@ -78,3 +78,19 @@ def test_implicit_noise_site_weights_are_linear():
     b = dc.implicit_noise(model, X, y, generator=9, site_weights={"3": 0.0})
     full = dc.implicit_noise(model, X, y, generator=9)
     assert torch.allclose(_flat(a) + _flat(b), _flat(full), rtol=1e-10, atol=1e-12)
+
+
+def test_value_checks_can_be_switched_off_and_shape_checks_stay():
+    c = CASES["mlp-tanh"]()
+    model, X, y = c.model, c.inputs, c.targets
+    bad = X.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(dc.DropcheckError, match="non-finite"):
+        dc.explicit_regularizer(model, bad, y)
+    with dc.value_checks(False):
+        r = dc.explicit_regularizer(model, X, y)  # same value without the checks
+        with pytest.raises(dc.DropcheckError, match="do not match"):
+            dc.explicit_regularizer(model, X, y[:1])
+    assert float(r.detach()) == pytest.approx(float(dc.explicit_regularizer(model, X, y).detach()), rel=1e-15)
+    with pytest.raises(dc.DropcheckError, match="non-finite"):  # restored after the block
+        dc.explicit_regularizer(model, bad, y)
