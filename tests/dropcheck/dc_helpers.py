@@ -821,3 +821,11 @@ def check_two_draw(model, X, y, *, n=150, seed=0) -> float:
     g = gen(seed)
     vals = [float(flat(dc.two_draw_noise(model, X, y, generator=g), model) @ r) ** 2 for _ in range(n)]
     return zscore(vals, 2 * float(r @ cov @ r))
+
+
+def gaussian_net(q):
+    """3 hidden tanh units with multiplicative Gaussian noise, one example:
+    3 noise units (quadrature-friendly)."""
+    model = mlp([3, 3, 3], ["tanh"], {1: q}, seed=4, scale=2.0, out_scale=3.0, site_cls=dc.GaussianDropout)
+    X, y = data(1, 3, 3, seed=4)
+    return model, X, y

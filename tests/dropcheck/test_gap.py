@@ -209,13 +209,6 @@ def test_limit_ratio_width_trend_heavy():
 # Gaussian multiplicative noise: the ratio does tend to 1 as q → 0
 
 
-def gaussian_net(q):
-    """3 hidden tanh units, one example: 3 noise units (quadrature-friendly)."""
-    model = H.mlp([3, 3, 3], ["tanh"], {1: q}, seed=4, scale=2.0, out_scale=3.0, site_cls=dc.GaussianDropout)
-    X, y = H.data(1, 3, 3, seed=4)
-    return model, X, y
-
-
 def test_gaussian_gap_over_taylor_tends_to_one_quadrature():
     """Deterministic (Gauss-Hermite, 14 nodes per unit): |R_gauss/R_taylor − 1|
     falls at least like q (here faster) as q goes 0.2 → 0.05 → 0.0125; each
@@ -223,12 +216,12 @@ def test_gaussian_gap_over_taylor_tends_to_one_quadrature():
     Bernoulli net with the same weights stays far from 1."""
     devs = []
     for q in (0.2, 0.05, 0.0125):
-        model, X, y = gaussian_net(q)
+        model, X, y = H.gaussian_net(q)
         devs.append(abs(H.bf_gaussian_gap(model, X, y, q) / taylor(model, X, y) - 1))
     assert all(b < 0.5 * a for a, b in zip(devs, devs[1:])), devs
     assert devs[-1] < 2e-3, devs
     bern = with_q(H.mlp([3, 3, 3], ["tanh"], {1: 0.0125}, seed=4, scale=2.0, out_scale=3.0), 0.0125)
-    _, X, y = gaussian_net(0.0125)
+    _, X, y = H.gaussian_net(0.0125)
     rb = dc.dropout_gap(bern, X, y, exact=True).value / taylor(bern, X, y)
     assert abs(rb - 1) > 0.1, rb
 
@@ -237,7 +230,7 @@ def test_gaussian_gap_over_taylor_tends_to_one_quadrature():
 def test_gaussian_monte_carlo_gap_matches_quadrature_light(q):
     """``dropout_gap(antithetic=True)`` on a GaussianDropout site vs quadrature:
     |z| < 4.5 (6.8e-6), 4000 antithetic pairs."""
-    model, X, y = gaussian_net(q)
+    model, X, y = H.gaussian_net(q)
     ref = H.bf_gaussian_gap(model, X, y, q)
     est = dc.dropout_gap(model, X, y, samples=4000, antithetic=True, generator=5)
     assert abs(est.value - ref) < H.Z_MAX * est.stderr, (est, ref)

@@ -149,26 +149,20 @@ def test_noise_covariance_width_trend_heavy():
     assert d[-1] < 0.05, d
 
 
-def gaussian_net(q):
-    model = H.mlp([3, 3, 3], ["tanh"], {1: q}, seed=4, scale=2.0, out_scale=3.0, site_cls=dc.GaussianDropout)
-    X, y = H.data(1, 3, 3, seed=4)
-    return model, X, y
-
-
 def test_noise_covariance_approaches_gaussian_dropout_as_q_to_0():
     """Gaussian noise: Cov(∇L(h(1+η))) = Cov(ξ_approx) + O(q²), so the relative
     Frobenius distance is O(q): each quarter of q at least halves it (measured
     ≈ 0.42, 0.145, 0.041 at q = 0.2, 0.05, 0.0125), < 0.06 at q = 0.0125."""
     d = []
     for q in (0.2, 0.05, 0.0125):
-        model, X, y = gaussian_net(q)
+        model, X, y = H.gaussian_net(q)
         d.append(rel_fro(H.bf_gaussian_grad_cov(model, X, y, q), dc.implicit_noise_covariance(model, X, y)))
     assert all(b < 0.5 * a for a, b in zip(d, d[1:])), d
     assert d[-1] < 0.06, d
 
 
 def _gaussian_gradient_z(q, n, seed):
-    model, X, y = gaussian_net(q)
+    model, X, y = H.gaussian_net(q)
     w = H.Wired(model)
     nodes, wts = H.gauss_hermite(3, 14)
     s = math.sqrt(q / (1 - q))
