@@ -64,7 +64,7 @@ def test_site_weights_scale_each_site(est):
     got = dc.explicit_regularizer(model, X, y, estimator=est, generator=5, per_site=True, site_weights=w)
     for k in base:
         # fd per site probes with sqrt(λw) v: same probe, rescaled, so equal up to O(ε²)
-        assert float(got[k]) == pytest.approx(w[k] * float(base[k]), rel=1e-5 if est == "fd" else 1e-12)
+        assert float(got[k].detach()) == pytest.approx(w[k] * float(base[k].detach()), rel=1e-5 if est == "fd" else 1e-12)
     with pytest.raises(dc.DropcheckError, match="unknown site"):
         dc.explicit_regularizer(model, X, y, site_weights={"nope": 1.0})
     with pytest.raises(dc.DropcheckError, match=">= 0"):
