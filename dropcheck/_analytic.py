@@ -67,6 +67,16 @@ class Occurrence:
 Policy = Callable[[Occurrence], Optional[torch.Tensor]]
 
 
+def unlock_positions(occs: list[Occurrence]) -> list[Occurrence]:
+    """Treat locked sites as if their noise were independent per position
+    (mask shape = ``h.shape``): the official code's approximation for the
+    analytic terms of locked dropout (MATH.md, open points)."""
+    for o in occs:
+        if o.site.structure == "locked":
+            o.mask_shape = tuple(o.h.shape)
+    return occs
+
+
 class AnalyticSession:
     """State of one ``analytic_mode`` context: the sites, the policy, and the
     occurrences recorded since the last ``reset()``."""

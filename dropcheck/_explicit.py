@@ -31,6 +31,7 @@ from ._analytic import (
     as_generator,
     fixed_eta_policy,
     rademacher,
+    unlock_positions,
     zero_probe,
 )
 from ._common import (
@@ -127,6 +128,7 @@ def explicit_regularizer(
     eps: Optional[float] = None,
     per_site: bool = False,
     site_weights: Optional[Mapping[str, float]] = None,
+    independent_positions: bool = False,
 ) -> Value:
     """Explicit regularizer ``R_approx`` of dropout, eqs. (4.3)-(4.4).
 
@@ -153,7 +155,9 @@ def explicit_regularizer(
     ``samples`` averages that many draws (ignored by ``"exact"``).
     ``hessian="identity"`` is the Section 5.2 ablation (``H_out`` replaced by
     ``I/c``).  ``site_weights`` multiplies sites' terms (keys: site keys or
-    module names; default 1), e.g. per-group coefficients.  Returns a scalar tensor, differentiable in the parameters so it
+    module names; default 1), e.g. per-group coefficients.
+    ``independent_positions=True`` treats locked sites as per-position
+    (dropping their cross-time terms), as the official code does.  Returns a scalar tensor, differentiable in the parameters so it
     can be added to a loss; ``per_site=True`` returns ``{site key: value}``.
     """
     check_estimator(estimator, ESTIMATORS)
@@ -165,9 +169,12 @@ def explicit_regularizer(
     cg = needs_graph(model)
 
     if estimator == "fd":
-        return _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site, site_weights)
+        return _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site, site_weights,
+                   independent_positions)
 
     Z, y, occs = probe_forward(model, inputs, targets)
+    if independent_positions:
+        unlock_positions(occs)
     N, c = Z.shape
     p = torch.softmax(Z, -1)
     per: dict[str, torch.Tensor] = {}
@@ -210,8 +217,11 @@ def explicit_regularizer(
     return _finish(per, occs, weighted, per_site, site_weights)
 
 
-def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site, site_weights):
+def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site, site_weights,
+        independent_positions=False):
     Z, y, occs = clean_forward(model, inputs, targets)
+    if independent_positions:
+        unlock_positions(occs)
     ws = site_weight_list(occs, site_weights)
     p = torch.softmax(Z, -1)
     eps = default_eps(Z.dtype) if eps is None else float(eps)

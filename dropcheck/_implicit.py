@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._analytic import analytic_mode, as_generator, fixed_eta_policy, noise_policy, sample_eta
+from ._analytic import analytic_mode, as_generator, fixed_eta_policy, noise_policy, sample_eta, unlock_positions
 from ._common import (
     call_model,
     check_estimator,
@@ -56,6 +56,7 @@ def implicit_noise(
     noise: str = "rademacher",
     params: Optional[Sequence[str]] = None,
     site_weights: Optional[Mapping[str, float]] = None,
+    independent_positions: bool = False,
 ) -> Grads:
     """One sample of the analytic update noise ``ξ_approx``, eqs. (4.5)-(4.6).
 
@@ -72,6 +73,8 @@ def implicit_noise(
     error ``O(ε²)``.  The same ``generator`` state gives the same ``η`` in both.
     ``site_weights`` multiplies each site's ``η`` (keys: site keys or module
     names; default 1), e.g. per-group noise coefficients.
+    ``independent_positions=True`` draws one ``η`` per position and unit at
+    locked sites (the official code's choice) instead of one per sequence.
     """
     check_estimator(estimator, ("autograd", "fd"))
     _check_noise(noise)
@@ -79,6 +82,8 @@ def implicit_noise(
     gen = as_generator(generator)
     if estimator == "autograd":
         Z, y, occs = probe_forward(model, inputs, targets)
+        if independent_positions:
+            unlock_positions(occs)
         L = mean_loss(Z, y)
         gs = torch.autograd.grad(
             L, [o.delta for o in occs], create_graph=True, allow_unused=True, materialize_grads=True
@@ -90,6 +95,8 @@ def implicit_noise(
             s = s + (g * o.expand(eta) * o.h).sum()
         return _grads(s, named)
     Z, y, occs = clean_forward(model, inputs, targets)
+    if independent_positions:
+        unlock_positions(occs)
     eps = default_eps(Z.dtype) if eps is None else float(eps)
     ws = site_weight_list(occs, site_weights)
     etas = [w * sample_eta(o, gen, noise) for o, w in zip(occs, ws)]

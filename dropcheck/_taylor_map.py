@@ -70,6 +70,9 @@ class MapRow:
     ratio_taylor: float  # R_drop / R_taylor
     ratio_taylor_stderr: float
     limit_ratio: Optional[float]  # Bernoulli: lim_{q→0} R_drop/R_taylor = ΣΔ / (½ Σ h² ∂²ℓ)
+    estimator: str = "exact"  # of R_approx and R_taylor; stderr of the ratios includes theirs if not exact
+    R_approx_stderr: float = 0.0  # of λR_approx (0 when exact)
+    R_taylor_stderr: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +90,8 @@ def map_model(
     seed: int = 0,
     noises=("bernoulli", "gaussian"),
     limit: bool = True,
+    estimator: str = "exact",
+    estimator_samples: int = 200,
     progress: Optional[Callable[[], None]] = None,
 ) -> list[MapRow]:
     """Rows for one model over ``qs`` (every site gets the same ``q``).
@@ -95,11 +100,26 @@ def map_model(
     ``R_drop`` is Monte Carlo with a control variate (Bernoulli) or antithetic
     pairs (Gaussian), ``samples`` draws each, standard errors propagated to
     the ratios.  ``limit=True`` adds the Bernoulli q → 0 limit ratio (one
-    forward pass per noise unit).
+    forward pass per noise unit).  ``estimator="hutchinson"`` estimates
+    ``R_approx`` and ``R_taylor`` from ``estimator_samples`` probes each (for
+    models too large for the exact Jacobian); their standard errors, from 10
+    batches of probes, enter the ratios' standard errors.
     """
     # unweighted values do not depend on q; ΣΔ neither (deletions)
-    approx_u = float(explicit_regularizer(model, inputs, targets, weighted=False).detach())
-    taylor_u = float(taylor_regularizer(model, inputs, targets, weighted=False).detach())
+    rel_se_a = rel_se_t = 0.0
+    if estimator == "exact":
+        approx_u = float(explicit_regularizer(model, inputs, targets, weighted=False).detach())
+        taylor_u = float(taylor_regularizer(model, inputs, targets, weighted=False).detach())
+    else:
+        per = max(1, estimator_samples // 10)
+        gen = torch.Generator().manual_seed(seed + 1)
+        a = torch.tensor([float(explicit_regularizer(model, inputs, targets, weighted=False, estimator=estimator,
+                                                     samples=per, generator=gen).detach()) for _ in range(10)])
+        t = torch.tensor([float(taylor_regularizer(model, inputs, targets, weighted=False, estimator=estimator,
+                                                   samples=per, generator=gen).detach()) for _ in range(10)])
+        approx_u, taylor_u = float(a.mean()), float(t.mean())
+        rel_se_a = float(a.std() / math.sqrt(10)) / abs(approx_u)
+        rel_se_t = float(t.std() / math.sqrt(10)) / abs(taylor_u)
     lim = None
     if limit and "bernoulli" in noises:
         lim = float(first_order_gap(model, inputs, targets)) / (0.5 * taylor_u)
@@ -111,10 +131,13 @@ def map_model(
                 kw = dict(control_variate=True) if noise == "bernoulli" else dict(antithetic=True)
                 gap = dropout_gap(model, inputs, targets, samples=samples, generator=seed, noise=noise, **kw)
                 ra, rt = lam * approx_u, lam * taylor_u
+                rg = gap.stderr / abs(gap.value) if gap.value else 0.0
+                sa = abs(gap.value / ra) * math.hypot(rg, rel_se_a) if rel_se_a else gap.stderr / abs(ra)
+                st = abs(gap.value / rt) * math.hypot(rg, rel_se_t) if rel_se_t else gap.stderr / abs(rt)
                 rows.append(MapRow(
                     name, width, q, noise, gap.value, gap.stderr, ra, rt,
-                    gap.value / ra, gap.stderr / abs(ra), gap.value / rt, gap.stderr / abs(rt),
-                    lim if noise == "bernoulli" else None,
+                    gap.value / ra, sa, gap.value / rt, st,
+                    lim if noise == "bernoulli" else None, estimator, rel_se_a * abs(ra), rel_se_t * abs(rt),
                 ))
                 if progress:
                     progress()

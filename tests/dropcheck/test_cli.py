@@ -74,3 +74,21 @@ def test_taylor_map_writes_table_data_and_figure(tmp_path, capsys):
 def test_taylor_map_rejects_bad_q(tmp_path, capsys):
     assert main(["taylor-map", "--qs", "1.5", "--out", str(tmp_path)]) == 2
     assert "--qs" in capsys.readouterr().err
+
+
+def test_taylor_map_hutchinson_agrees_with_exact():
+    # the scalable path estimates λR_approx and R_taylor by probes; it must agree
+    # with the exact path within its (propagated) standard error (|z| < 4.5)
+    from dropcheck._taylor_map import map_model, tanh_family
+
+    model, X, y = tanh_family(8, seed=1)
+    ex = map_model("t", model, X, y, [0.2], samples=50, noises=("gaussian",), limit=False)[0]
+    hu = map_model("t", model, X, y, [0.2], samples=50, noises=("gaussian",), limit=False,
+                   estimator="hutchinson", estimator_samples=400)[0]
+    assert hu.R_drop == ex.R_drop  # same seed, same Monte Carlo draws
+    assert ex.R_approx_stderr == ex.R_taylor_stderr == 0.0
+    assert hu.R_approx_stderr > 0 and hu.R_taylor_stderr > 0
+    assert abs(hu.R_approx_weighted - ex.R_approx_weighted) <= 4.5 * hu.R_approx_stderr
+    assert abs(hu.R_taylor - ex.R_taylor) <= 4.5 * hu.R_taylor_stderr
+    # probe noise is propagated into the ratio's relative standard error
+    assert hu.ratio_approx_stderr / hu.ratio_approx > ex.ratio_approx_stderr / ex.ratio_approx

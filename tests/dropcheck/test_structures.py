@@ -229,3 +229,42 @@ def test_implicit_noise_empirical_covariance_locked_light():
     model, X, y = locked_rnn()
     z = H.check_noise_cov_empirical(model, X, y, n=300, seed=6)
     assert all(abs(v) < H.Z_MAX for v in z.values()), z
+
+
+def test_independent_positions_option_drops_exactly_the_cross_time_terms():
+    """`independent_positions=True` (the official code's treatment of locked
+    sites) equals the brute-force per-position form; the default keeps the
+    locked form; every estimator follows the option."""
+    from dropcheck._cases import TinyLockedRNN
+    from dropcheck._reference import dense_explicit
+
+    model = TinyLockedRNN(seed=3)
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(5, 2, 2, generator=g, dtype=torch.float64).cumsum(0)  # time-correlated inputs
+    y = torch.randint(0, 3, (5, 2), generator=g)
+    locked = dc.explicit_regularizer(model, X, y, per_site=True)
+    perpos = dc.explicit_regularizer(model, X, y, per_site=True, independent_positions=True)
+    # the input site feeds the recurrence: its cross-time terms are not zero
+    assert abs(float(locked["drop_in"]) / float(perpos["drop_in"]) - 1) > 1e-3
+    # the output site feeds only the per-position decoder: no cross-time terms
+    assert float(locked["drop_out"]) == pytest.approx(float(perpos["drop_out"]), rel=1e-12)
+    # route B: the same net with its locked sites swapped for per-position nn.Dropout
+    import copy
+
+    swapped = copy.deepcopy(model)
+    swapped.drop_in, swapped.drop_out = torch.nn.Dropout(model.drop_in.p), torch.nn.Dropout(model.drop_out.p)
+    dense = dense_explicit(swapped, X, y)
+    for k in perpos:
+        assert float(perpos[k].detach()) == pytest.approx(dense[k], rel=1e-10)
+    # the fd estimator with the same probe follows the option (O(eps^2))
+    fd = dc.explicit_regularizer(model, X, y, estimator="fd", per_site=True, independent_positions=True,
+                                 generator=4, eps=1e-5)
+    hu = dc.explicit_regularizer(model, X, y, estimator="hutchinson", per_site=True, independent_positions=True,
+                                 generator=4)
+    for k in fd:
+        assert float(fd[k].detach()) == pytest.approx(float(hu[k].detach()), rel=1e-6)
+    # implicit noise: per-position η has the per-position covariance; both routes agree
+    a = dc.implicit_noise(model, X, y, generator=2, independent_positions=True)
+    b = dc.implicit_noise(model, X, y, generator=2, independent_positions=True, estimator="fd", eps=1e-5)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-9)
