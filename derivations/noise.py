@@ -124,17 +124,8 @@ def enumerated_gap(L: sp.Function, qs: Sequence[sp.Expr], scale: sp.Expr = sp.In
     abstract ``L`` of ``M = len(qs)`` noise arguments, by enumerating all
     ``2^M`` drop patterns of independent units (unit u dropped w.p. ``qs[u]``).
     ``scale`` multiplies the perturbation (``t`` in the tests' expansion)."""
-    M = len(qs)
-    laws = [eta_law(q) for q in qs]
-    total = sp.Integer(0)
-    for pattern in itertools.product(*laws):
-        prob = sp.Integer(1)
-        args = []
-        for value, p in pattern:
-            prob *= p
-            args.append(scale * value)
-        total += prob * L(*args)
-    return total - L(*([sp.Integer(0)] * M))
+    total = sp.Add(*enumerated_gap_terms(L, qs, scale))
+    return total - L(*([sp.Integer(0)] * len(qs)))
 
 
 def enumerated_gap_terms(L: sp.Function, qs: Sequence[sp.Expr], scale: sp.Expr = sp.Integer(1)):

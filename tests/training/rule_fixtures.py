@@ -44,3 +44,19 @@ def _grad(model, scalar):
     named = list(model.named_parameters())
     gs = torch.autograd.grad(scalar, [p for _, p in named])
     return {n: g for (n, _), g in zip(named, gs)}
+
+
+def _train_briefly(model, rule, steps: int = 8, seed: int = 11):
+    """``steps`` clipped SGD steps with ``rule`` from a zero state: the clean
+    loss ``(before, after)``."""
+    model.hidden = None
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    gens = _gens(seed)
+    before = _clean_loss(model).item()
+    for _ in range(steps):
+        g, _ = rule.gradient(model, X, Y, gens)
+        for n, p in model.named_parameters():
+            p.grad = g[n]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+    return before, _clean_loss(model).item()

@@ -16,7 +16,7 @@ from training.configs import RULES, make_config
 from training.model import AWDLSTM, StatefulLM
 from training.rules import Gens, lam, make_rule, needs_double_backward, sites_off
 
-from rule_fixtures import Q, V, X, Y, _clean_loss, _gens, _grad, _setup  # noqa: F401
+from rule_fixtures import Q, V, X, Y, _clean_loss, _gens, _grad, _setup, _train_briefly  # noqa: F401
 
 def _named(model):
     return [(n, p) for n, p in model.named_parameters()]
@@ -196,17 +196,7 @@ def test_identity_hessian_and_loss_jacobian_ablations():
 def test_every_rule_lowers_the_training_loss(rule_name):
     over = {"k": 2} if rule_name.startswith("dropout") else {}
     cfg, model, rule = _setup(rule_name, backend="fused", **over)
-    model.hidden = None
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    gens = _gens(11)
-    before = _clean_loss(model).item()
-    for _ in range(8):
-        g, _ = rule.gradient(model, X, Y, gens)
-        for n, p in model.named_parameters():
-            p.grad = g[n]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        opt.step()
-    after = _clean_loss(model).item()
+    before, after = _train_briefly(model, rule)
     assert after < before - 0.05, (before, after)
 
 

@@ -18,7 +18,7 @@ from dropcheck._errors import DropcheckError
 from training.configs import make_config
 from training.rules import Gens, make_rule, needs_double_backward
 
-from rule_fixtures import Q, V, X, Y, _clean_loss, _gens, _grad, _setup  # noqa: F401
+from rule_fixtures import Q, V, X, Y, _clean_loss, _gens, _grad, _setup, _train_briefly  # noqa: F401
 
 
 def _close(a, b, tol):
@@ -135,17 +135,7 @@ def test_several_processes_need_one_kind_of_noise_site():
 
 def test_it_lowers_the_training_loss():
     cfg, model, rule = _setup("explicit_implicit", backend="fused", estimator="fd_shared")
-    model.hidden = None
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    gens = _gens(11)
-    before = _clean_loss(model).item()
-    for _ in range(8):
-        g, _ = rule.gradient(model, X, Y, gens)
-        for n, p in model.named_parameters():
-            p.grad = g[n]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        opt.step()
-    after = _clean_loss(model).item()
+    before, after = _train_briefly(model, rule)
     assert after < before - 0.05, (before, after)
 
 
