@@ -157,8 +157,10 @@ def explicit_regularizer(
     ``I/c``).  ``site_weights`` multiplies sites' terms (keys: site keys or
     module names; default 1), e.g. per-group coefficients.
     ``independent_positions=True`` treats locked sites as per-position
-    (dropping their cross-time terms), as the official code does.  Returns a scalar tensor, differentiable in the parameters so it
-    can be added to a loss; ``per_site=True`` returns ``{site key: value}``.
+    (dropping their cross-time terms), as the official code does.
+
+    Returns a scalar tensor, differentiable in the parameters so it can be
+    added to a loss; ``per_site=True`` returns ``{site key: value}``.
     """
     check_estimator(estimator, ESTIMATORS)
     if hessian not in ("output", "identity"):
