@@ -20,7 +20,6 @@ import torch
 from . import _reference as ref
 from ._analytic import as_generator
 from ._cases import Case
-from ._common import named_params
 from ._explicit import clean_forward, explicit_regularizer, taylor_regularizer
 from ._gap import dropout_gap, first_order_gap
 from ._implicit import implicit_noise, implicit_noise_jacobian

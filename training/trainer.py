@@ -648,16 +648,13 @@ def train(
 
     records: list = []
     last_ckpt_step = st.step
-    finished = False
     stopped = False
     model.train()
     try:
         while True:
             if cfg["max_steps"] and st.step >= cfg["max_steps"]:
-                finished = True
                 break
             if cfg["epochs"] and st.epoch >= cfg["epochs"]:
-                finished = True
                 break
             if stop_after is not None and st.step >= stop_after:
                 stopped = True

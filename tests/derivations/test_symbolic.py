@@ -5,7 +5,6 @@ spec validation."""
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest

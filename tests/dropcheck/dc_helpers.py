@@ -617,7 +617,6 @@ def rel(a, b) -> float:
 
 def max_rel(d1: dict, d2: dict) -> float:
     assert set(d1) == set(d2), (sorted(d1), sorted(d2))
-    scale = max(abs(v) for v in d2.values())
     return max(abs(float(d1[k]) - d2[k]) / max(abs(d2[k]), 1e-300) for k in d2)
 
 

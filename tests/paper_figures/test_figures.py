@@ -4,7 +4,6 @@ with file and line, and the rest is still drawn."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 

@@ -8,13 +8,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dropcheck as dc
 from dropcheck._errors import DropcheckError
 from training.configs import RULES, make_config
-from training.model import AWDLSTM, StatefulLM
-from training.rules import Gens, lam, make_rule, needs_double_backward, sites_off
+from training.rules import lam, needs_double_backward
 
 from rule_fixtures import Q, V, X, Y, _clean_loss, _gens, _grad, _setup, _train_briefly  # noqa: F401
 

@@ -16,7 +16,7 @@ import dropcheck as dc
 from dropcheck._common import default_eps
 from dropcheck._errors import DropcheckError
 from training.configs import make_config
-from training.rules import Gens, make_rule, needs_double_backward
+from training.rules import Gens, needs_double_backward
 
 from rule_fixtures import Q, V, X, Y, _clean_loss, _gens, _grad, _setup, _train_briefly  # noqa: F401
 
