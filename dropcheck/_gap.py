@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -16,13 +16,29 @@ from ._explicit import clean_forward, probe_forward
 from ._sites import BERNOULLI
 
 
-class GapEstimate(NamedTuple):
-    """``value`` ± ``stderr`` (0 when exact), from ``samples`` noise draws
-    (the number of masks enumerated when exact)."""
+class GapEstimate(tuple):
+    """``(value, stderr)``, so ``r, se = dc.dropout_gap(...)`` unpacks as
+    DESIGN.md promises; ``stderr`` is 0 when exact.  ``.samples``: the noise
+    draws (the number of masks enumerated when exact)."""
 
-    value: float
-    stderr: float
-    samples: int
+    def __new__(cls, value: float, stderr: float, samples: int):
+        obj = super().__new__(cls, (float(value), float(stderr)))
+        obj.samples = int(samples)
+        return obj
+
+    @property
+    def value(self) -> float:
+        return self[0]
+
+    @property
+    def stderr(self) -> float:
+        return self[1]
+
+    def __repr__(self) -> str:
+        return f"GapEstimate(value={self[0]!r}, stderr={self[1]!r}, samples={self.samples})"
+
+    def __reduce__(self):
+        return (GapEstimate, (self[0], self[1], self.samples))
 
 
 @torch.no_grad()

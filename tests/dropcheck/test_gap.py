@@ -265,3 +265,18 @@ def test_gaussian_gap_over_taylor_near_one_heavy(case):
     assume(t > 1e-8)
     est = dc.dropout_gap(model, X, y, samples=20000, antithetic=True, generator=case["seed"] % 997)
     assert abs(est.value / t - 1) < H.Z_MAX * est.stderr / t + 5e-3, (est, t)
+
+
+def test_gap_estimate_unpacks_as_value_and_stderr():
+    import pickle
+
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Dropout(0.3), torch.nn.Linear(2, 2)).double()
+    X = torch.ones(1, 2, dtype=torch.float64)
+    y = torch.tensor([1])
+    est = dc.dropout_gap(model, X, y, exact=True)
+    r, se = est  # DESIGN.md: R_drop, stderr
+    assert (r, se) == (est.value, est.stderr) and se == 0.0 and est.samples == 4
+    assert pickle.loads(pickle.dumps(est)).samples == 4
+    assert "samples=4" in repr(est)
