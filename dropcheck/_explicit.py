@@ -69,6 +69,20 @@ def probe_forward(model: nn.Module, inputs, targets):
     return Z, y, session.occurrences
 
 
+def perturbed_logits(model: nn.Module, inputs, policy) -> torch.Tensor:
+    """``model(inputs)`` with every site the identity plus ``policy``'s perturbation."""
+    with analytic_mode(model, policy):
+        return call_model(model, inputs)
+
+
+def fd_pair(model: nn.Module, inputs, etas, eps: float, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at ``h(1 + εη)`` and ``h(1 - εη)`` (reshaped to ``shape``): the two
+    passes of a central difference along the multiplicative probes ``etas``."""
+    return tuple(
+        perturbed_logits(model, inputs, fixed_eta_policy(etas, s * eps)).reshape(shape) for s in (1.0, -1.0)
+    )
+
+
 def clean_forward(model: nn.Module, inputs, targets):
     """Forward pass with every site the identity (no probes): ``(Z, y, occurrences)``."""
     check_inputs(inputs)
@@ -239,11 +253,8 @@ def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_
             for j in group:
                 scale = math.sqrt((occs[j].site.lam if weighted else 1.0) * ws[j])
                 etas[j] = scale * vs[j]
-            zs = []
-            for sign in (1.0, -1.0):
-                with analytic_mode(model, fixed_eta_policy(etas, sign * eps)):
-                    zs.append(call_model(model, inputs).reshape(Z.shape))
-            u = (zs[0] - zs[1]) / (2.0 * eps)
+            zp, zm = fd_pair(model, inputs, etas, eps, Z.shape)
+            u = (zp - zm) / (2.0 * eps)
             acc[gi] = acc[gi] + quad_form(p, u, hessian).mean()
     acc = [a / samples for a in acc]
     if per_site:

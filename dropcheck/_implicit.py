@@ -12,9 +12,8 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._analytic import analytic_mode, as_generator, fixed_eta_policy, noise_policy, sample_eta, unlock_positions
+from ._analytic import as_generator, fixed_eta_policy, noise_policy, sample_eta, unlock_positions
 from ._common import (
-    call_model,
     check_estimator,
     check_inputs,
     default_eps,
@@ -25,7 +24,7 @@ from ._common import (
     site_weight_list,
 )
 from ._errors import DropcheckError
-from ._explicit import clean_forward, probe_forward
+from ._explicit import clean_forward, perturbed_logits, probe_forward
 
 Grads = dict
 
@@ -107,9 +106,7 @@ def implicit_noise(
 
 
 def _loss(model, inputs, targets, policy) -> torch.Tensor:
-    with analytic_mode(model, policy):
-        logits = call_model(model, inputs)
-    return mean_loss(*flatten_logits(logits, targets))
+    return mean_loss(*flatten_logits(perturbed_logits(model, inputs, policy), targets))
 
 
 @grad_aware

@@ -23,10 +23,10 @@ from typing import Mapping, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from ._analytic import analytic_mode, as_generator, fixed_eta_policy, rademacher
-from ._common import call_model, default_eps, mean_loss, quad_form, site_weight_list
+from ._analytic import as_generator, rademacher
+from ._common import default_eps, mean_loss, quad_form, site_weight_list
 from ._errors import DropcheckError
-from ._explicit import clean_forward
+from ._explicit import clean_forward, fd_pair
 
 
 class AnalyticObjective(NamedTuple):
@@ -75,10 +75,7 @@ def analytic_dropout_objective(
     gen = as_generator(generator)
     ws = site_weight_list(occs, site_weights)
     etas = [math.sqrt(o.site.lam * w) * rademacher(o.mask_shape, o.h, gen) for o, w in zip(occs, ws)]
-    zs = []
-    for sign in (1.0, -1.0):
-        with analytic_mode(model, fixed_eta_policy(etas, sign * eps)):
-            zs.append(call_model(model, inputs).reshape(Z0.shape))
+    zs = fd_pair(model, inputs, etas, eps, Z0.shape)
     u = (zs[0] - zs[1]) / (2.0 * eps)
     explicit = quad_form(torch.softmax(Z0, -1), u, hessian).mean()
     # the probes are h(1 ± ε' η) with η = sqrt(2λ) v and ε' = ε/√2

@@ -828,3 +828,12 @@ def gaussian_net(q):
     model = mlp([3, 3, 3], ["tanh"], {1: q}, seed=4, scale=2.0, out_scale=3.0, site_cls=dc.GaussianDropout)
     X, y = data(1, 3, 3, seed=4)
     return model, X, y
+
+
+def with_q(model, q):
+    """A copy of ``model`` with every dropout site (q > 0) at drop probability ``q``."""
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if classify(mod) is not None and mod.p > 0:
+            mod.p = q
+    return m

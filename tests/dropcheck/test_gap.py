@@ -14,7 +14,6 @@ True properties (MATH.md, "When the second-order picture holds"):
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -27,13 +26,7 @@ import dropcheck as dc
 
 import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
 
-
-def with_q(model, q):
-    m = copy.deepcopy(model)
-    for mod in m.modules():
-        if H.classify(mod) is not None and mod.p > 0:
-            mod.p = q
-    return m
+with_q = H.with_q
 
 
 def n_units(case):

@@ -13,7 +13,6 @@ false-alarm rate per assertion for a Gaussian statistic.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -27,17 +26,11 @@ import dropcheck as dc
 
 import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
 
+with_q = H.with_q
+
 # 8 noise units (256 masks): dropout's gradient moments exactly by enumeration
 TINY = dict(sizes=[2, 2, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n=2, seed=2)
 SMALL = dict(sizes=[3, 4, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=1.5, n=4, seed=1)
-
-
-def with_q(model, q):
-    m = copy.deepcopy(model)
-    for mod in m.modules():
-        if H.classify(mod) is not None and mod.p > 0:
-            mod.p = q
-    return m
 
 
 # ---------------------------------------------------------------------------
