@@ -23,7 +23,7 @@ from typing import Mapping, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from ._analytic import as_generator, rademacher
+from ._analytic import as_generator, rademacher, unlock_positions
 from ._common import default_eps, mean_loss, quad_form, site_weight_list
 from ._errors import DropcheckError
 from ._explicit import clean_forward, fd_pair
@@ -52,6 +52,7 @@ def analytic_dropout_objective(
     generator: Union[torch.Generator, int, None] = None,
     eps: Optional[float] = None,
     site_weights: Optional[Mapping[str, float]] = None,
+    independent_positions: bool = False,
 ) -> AnalyticObjective:
     """Surrogate of Algorithm 2 (``L + λ₁R_approx`` plus ``λ₂ξ_approx``) by
     finite differences; see the module docstring.  ``explicit_weight`` and
@@ -61,10 +62,14 @@ def analytic_dropout_objective(
     the sites' explicit terms (probe scale ``sqrt(λ_i w_i)``); since both
     terms share the probe, site ``i``'s noise is then scaled by ``sqrt(w_i)``
     (use ``explicit_regularizer`` + ``implicit_noise`` for independent
-    per-site coefficients).  Bias ``O(ε²)``."""
+    per-site coefficients).  ``independent_positions=True`` draws one probe
+    per position and unit at locked sites (the official code's per-position
+    treatment of locked dropout) instead of one per sequence.  Bias ``O(ε²)``."""
     if hessian not in ("output", "identity"):
         raise DropcheckError(f"unknown hessian {hessian!r}; expected 'output' or 'identity'")
     Z0, y, occs = clean_forward(model, inputs, targets)
+    if independent_positions:
+        unlock_positions(occs)
     loss = mean_loss(Z0, y)
     eps = default_eps(Z0.dtype) if eps is None else float(eps)
     if not eps > 0:

@@ -18,22 +18,25 @@ def _flat(d):
 
 
 @pytest.mark.parametrize("case", ["mlp-tanh", "locked-rnn", "dropconnect"])
-@given(seed=st.integers(0, 2**31 - 1), a=st.sampled_from([0.0, 1.0, 2.0]), b=st.sampled_from([0.0, 1.0, 0.5]))
-def test_gradient_is_explicit_plus_implicit(case, seed, a, b):
+@given(seed=st.integers(0, 2**31 - 1), a=st.sampled_from([0.0, 1.0, 2.0]), b=st.sampled_from([0.0, 1.0, 0.5]),
+       indep=st.booleans())
+def test_gradient_is_explicit_plus_implicit(case, seed, a, b, indep):
     c = CASES[case]()
     model, X, y = c.model, c.inputs, c.targets
     names = [n for n, p in model.named_parameters()]
     params = [p for p in model.parameters()]
     eps = 1e-4
-    obj = dc.analytic_dropout_objective(model, X, y, explicit_weight=a, implicit_weight=b, generator=seed, eps=eps)
+    obj = dc.analytic_dropout_objective(model, X, y, explicit_weight=a, implicit_weight=b, generator=seed, eps=eps,
+                                        independent_positions=indep)
     got = torch.cat([g.reshape(-1) for g in torch.autograd.grad(obj.objective, params, allow_unused=True,
                                                                  materialize_grads=True, retain_graph=True)])
     # route B: the same probe v through the separately tested estimators
-    R = dc.explicit_regularizer(model, X, y, estimator="fd", generator=seed, eps=eps)
+    R = dc.explicit_regularizer(model, X, y, estimator="fd", generator=seed, eps=eps, independent_positions=indep)
     if a or b:  # with both terms off no probe pass runs
         assert float(R.detach()) == pytest.approx(float(obj.explicit.detach()), rel=1e-12, abs=1e-15)
     g_lr = torch.autograd.grad(obj.loss + a * R, params, allow_unused=True, materialize_grads=True)
-    xi = dc.implicit_noise(model, X, y, estimator="fd", noise="rademacher", generator=seed, eps=eps / math.sqrt(2))
+    xi = dc.implicit_noise(model, X, y, estimator="fd", noise="rademacher", generator=seed, eps=eps / math.sqrt(2),
+                           independent_positions=indep)
     want = torch.cat([g.reshape(-1) for g in g_lr]) + b * _flat({n: xi[n] for n in names})
     assert torch.allclose(got, want, rtol=1e-8, atol=1e-10)
 
