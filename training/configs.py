@@ -70,12 +70,15 @@ DEFAULTS: dict[str, Any] = {
     "q_weights": 0.4,
     "q_rows": 0.0,
     "backend": "auto",  # auto | loop | fused
+    "lstm_init": "uniform",  # uniform (nn.LSTM's) | xavier (the official code's: Xavier weights, zero biases)
     # update rule
     "rule": "dropout",
     "k": 1,
     "estimator": "sampled",  # exact | sampled | hutchinson | fd   (R_approx); fd_shared: explicit_implicit
     # only, one probe shared by R_approx and ξ_approx (dc.analytic_dropout_objective; rules.py)
     "samples": 1,
+    "noise_structure": "locked",  # locked: the analytic terms keep locked sites' cross-time terms;
+    # positions: every position independent (the official code's treatment), for R_approx and ξ_approx
     "noise_estimator": "autograd",  # autograd | fd   (ξ_approx)
     "eps": 0.0,  # finite-difference step; 0: dropcheck's default for the dtype
     "explicit_mult": 1.0,  # explicit coefficient = λ_g · explicit_mult · explicit_mult_<g>
@@ -96,8 +99,10 @@ DEFAULTS: dict[str, Any] = {
     "test_batch_size": 1,
     "epochs": 50,
     "max_steps": 0,  # 0: no limit
+    "patience": 0,  # stop after this many evaluations without a new best validation perplexity; 0: never
     # bookkeeping
     "eval_every": 0,  # steps; 0: at the end of every epoch
+    "train_eval_tokens": 20_000,  # clean (dropout-off) perplexity on the first N training tokens at each eval; 0: off
     "checkpoint_every": 200,  # steps (also after every evaluation)
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "dtype": "float32",  # float32 | float64
@@ -111,6 +116,8 @@ DEFAULTS: dict[str, Any] = {
 CHOICES: dict[str, tuple] = {
     "corpus": ("ptb", "wikitext-2"),
     "backend": ("auto", "loop", "fused"),
+    "lstm_init": ("uniform", "xavier"),
+    "noise_structure": ("locked", "positions"),
     "rule": RULES,
     "estimator": ("exact", "sampled", "hutchinson", "fd", "fd_shared"),
     "noise_estimator": ("autograd", "fd"),
@@ -119,7 +126,7 @@ CHOICES: dict[str, tuple] = {
 }
 
 POSITIVE_INT = ("emb", "hidden", "layers", "k", "samples", "bptt", "batch_size", "eval_batch_size", "test_batch_size")
-NONNEG_INT = ("train_tokens", "valid_tokens", "test_tokens", "epochs", "max_steps", "eval_every", "checkpoint_every", "threads", "seed")
+NONNEG_INT = ("train_tokens", "valid_tokens", "test_tokens", "train_eval_tokens", "epochs", "patience", "max_steps", "eval_every", "checkpoint_every", "threads", "seed")
 NONNEG_FLOAT = (
     "eps", "explicit_mult", "implicit_mult", "l2", "lr", "clip", "weight_decay",
     *(f"explicit_mult_{g}" for g in GROUP_NAMES),
@@ -188,6 +195,37 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 100,
         "device": "cpu",
         "estimator": "sampled",
+        "threads": 1,
+    },
+    # The CPU study (issue: claims C1-C6 at CPU scale): the full 10k PTB
+    # vocabulary, a 100k-token slice of the training text (so that an
+    # unregularized run overfits within a few epochs), a 2 x 200 LSTM (tied,
+    # emb 200), a 30k-token validation slice, the whole test text; one thread
+    # per run so two runs go side by side on a 2-core machine; stop after 3
+    # evaluations without a new best (CPU_PILOT: a fixed short budget measures
+    # speed of convergence, not the regularizer).  Analytic terms by the
+    # first-order finite-difference estimators (fused LSTM).
+    "cpu-ptb": {
+        "corpus": "ptb",
+        "train_tokens": 100_000,
+        "valid_tokens": 30_000,
+        "test_tokens": 0,
+        "train_eval_tokens": 30_000,
+        "emb": 200,
+        "hidden": 200,
+        "layers": 2,
+        "lr": 20.0,
+        "clip": 0.25,
+        "bptt": 35,
+        "batch_size": 20,
+        "eval_batch_size": 10,
+        "test_batch_size": 10,
+        "epochs": 25,
+        "patience": 3,
+        "checkpoint_every": 100,
+        "device": "cpu",
+        "estimator": "fd",
+        "noise_estimator": "fd",
         "threads": 1,
     },
     "mini-ptb": {**_PAPER, **_MINI},
@@ -307,6 +345,9 @@ def validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise _err("device", f"expected auto, cpu, cuda or cuda:N, got {dev!r}")
     if out["epochs"] == 0 and out["max_steps"] == 0:
         raise _err("epochs", "epochs and max_steps are both 0: the run would never stop")
+    if out["noise_structure"] == "positions" and out["rule"] == "loss_jacobian":
+        raise _err("noise_structure", "'positions' is not available for rule 'loss_jacobian' (R̃_approx keeps "
+                   "the sites' own structure); use noise_structure=locked")
     if out["run_name"] and any(c in out["run_name"] for c in "/\\\0"):
         raise _err("run_name", f"must be a plain file name, got {out['run_name']!r}")
     return out

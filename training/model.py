@@ -55,6 +55,7 @@ from dropcheck._errors import DropcheckError
 from dropcheck._sites import DropConnect, LockedDropout
 
 BACKENDS = ("loop", "fused")
+INITS = ("uniform", "xavier")
 GROUPS = ("embedding", "hidden", "output", "weights", "rows")
 
 # cuDNN warns when the weights it gets are not one flat buffer; ours never are
@@ -65,6 +66,7 @@ Hidden = list  # [(h, c)] per layer, each (B, H_l)
 
 __all__ = [
     "BACKENDS",
+    "INITS",
     "GROUPS",
     "EmbeddingRowDropout",
     "LSTMLayer",
@@ -100,9 +102,12 @@ class LSTMLayer(nn.Module):
     returns ``(output (T, B, n_out), (h_T, c_T))``.
     """
 
-    def __init__(self, n_in: int, n_out: int, q_weights: float = 0.0):
+    def __init__(self, n_in: int, n_out: int, q_weights: float = 0.0, init: str = "uniform"):
         super().__init__()
+        if init not in INITS:
+            raise DropcheckError(f"unknown LSTM initialisation {init!r}; expected one of {list(INITS)}")
         self.n_in, self.n_out = int(n_in), int(n_out)
+        self.init = init
         self.w_ih = nn.Parameter(torch.empty(4 * n_out, n_in))
         self.w_hh = nn.Parameter(torch.empty(4 * n_out, n_out))
         self.b_ih = nn.Parameter(torch.empty(4 * n_out))
@@ -111,6 +116,16 @@ class LSTMLayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """``"uniform"``: nn.LSTM's U(±1/sqrt(H)) for every parameter;
+        ``"xavier"``: Xavier-uniform weights and zero biases, as the official
+        code's analytic LSTM layer (its weights are stored transposed, which
+        Xavier's symmetric bound does not see)."""
+        if self.init == "xavier":
+            for w in (self.w_ih, self.w_hh):
+                nn.init.xavier_uniform_(w)
+            for b in (self.b_ih, self.b_hh):
+                nn.init.zeros_(b)
+            return
         bound = 1.0 / math.sqrt(self.n_out)  # nn.LSTM's initialisation
         for p in (self.w_ih, self.w_hh, self.b_ih, self.b_hh):
             nn.init.uniform_(p, -bound, bound)
@@ -152,7 +167,9 @@ class AWDLSTM(nn.Module):
     ``(logits (T, B, V), new_hidden)``; ``hidden=None`` starts from zeros.
 
     ``q``: drop probabilities per group (module docstring); ``backend``:
-    ``"loop"`` or ``"fused"`` (can be changed later through ``.backend``).
+    ``"loop"`` or ``"fused"`` (can be changed later through ``.backend``);
+    ``lstm_init``: ``"uniform"`` (nn.LSTM's) or ``"xavier"`` (the official
+    code's: Xavier weights, zero biases; ``LSTMLayer.reset_parameters``).
     """
 
     def __init__(
@@ -169,6 +186,7 @@ class AWDLSTM(nn.Module):
         q_rows: float = 0.0,
         tie: bool = True,
         backend: str = "loop",
+        lstm_init: str = "uniform",
     ):
         super().__init__()
         if layers < 1:
@@ -181,7 +199,7 @@ class AWDLSTM(nn.Module):
         self.drop_rows = EmbeddingRowDropout(q_rows)
         self.drop_emb = LockedDropout(q_embedding, time_dim=0)
         sizes = [emb] + [hidden] * (layers - 1) + [emb if tie else hidden]
-        self.rnns = nn.ModuleList(LSTMLayer(sizes[l], sizes[l + 1], q_weights) for l in range(layers))
+        self.rnns = nn.ModuleList(LSTMLayer(sizes[l], sizes[l + 1], q_weights, lstm_init) for l in range(layers))
         self.drop_hidden = nn.ModuleList(LockedDropout(q_hidden, time_dim=0) for _ in range(layers - 1))
         self.drop_out = LockedDropout(q_output, time_dim=0)
         self.decoder = nn.Linear(sizes[-1], vocab)

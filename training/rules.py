@@ -38,11 +38,21 @@ Coefficients per site group ``g`` (``embedding``, ``hidden``, ``output``,
 ``weights``, ``rows``; see ``model.py``):
 
 - explicit: ``c_g = λ(q_g) · explicit_mult · explicit_mult_<g>`` with the
-  derived ``λ = q/(2(1-q))`` (1/3 at q = 0.4).  The official code and a
-  third-party rerun use ``q/(1-q)`` (0.66 at q = 0.4): ``explicit_mult=2``.
+  derived ``λ = q/(2(1-q))`` (1/3 at q = 0.4).  The official code has no
+  built-in multiplier: its explicit and implicit coefficients are command-line
+  flags that default to 0, and the paper's 0.66 at q = 0.4 (``q/(1-q)``,
+  ``explicit_mult=2``) is a tuned value, not a derived one; the CPU study
+  runs 1, 1.5 and 2 times λ and lets the data decide.
 - noise: ``m_g = implicit_mult · implicit_mult_<g>`` scales that group's
   ``η`` (so its share of ``Cov(ξ_approx)`` by ``m_g²``); 1 is the paper's
   untuned choice.
+
+Noise structure of the analytic terms (``noise_structure``): ``locked``
+(default) keeps the locked sites' one-mask-per-sequence structure, so
+``R_approx`` has the cross-time terms and ``ξ_approx`` one ``η`` per
+sequence and unit; ``positions`` treats every position as independent
+(``independent_positions=True`` in dropcheck), as the official code does.
+DropConnect and row sites are unaffected.
 
 Noise draws come from explicit generators (``Gens``): ``local`` for noise
 that is independent per sequence or position (locked and per-position
@@ -257,6 +267,7 @@ class UpdateRule:
         self.groups = site_groups(model)
         self.modules = dict(all_sites(model))  # name -> site module
         self.eps = float(cfg["eps"]) or None
+        self.positions = cfg.get("noise_structure", "locked") == "positions"
         self.shared_probe = self.name in EXPLICIT_RULES and cfg["estimator"] == "fd_shared"
         if self.shared_probe and self.name != "explicit_implicit":
             raise DropcheckError(
@@ -399,6 +410,7 @@ class UpdateRule:
             hessian=hessian,
             generator=gens.local,
             eps=self.eps,
+            independent_positions=self.positions,
         )
         if cfg["estimator"] != "fd":
             per = dc.explicit_regularizer(model, x, y, weighted=False, per_site=True, **common)
@@ -436,7 +448,8 @@ class UpdateRule:
         cfg = self.cfg
         active = self._active()
         mults = {n: scale * self.implicit_mult(n) for n in active}
-        kw = dict(estimator=cfg["noise_estimator"], eps=self.eps, noise="rademacher")
+        kw = dict(estimator=cfg["noise_estimator"], eps=self.eps, noise="rademacher",
+                  independent_positions=self.positions)
         if gens.shared is gens.local:
             parts = [(active, gens.local)]
         else:  # whole-batch sites from the generator seeded alike on every rank
@@ -477,7 +490,7 @@ class UpdateRule:
         with _record_hidden(model) as hiddens:
             res = dc.analytic_dropout_objective(
                 model, x, y, explicit_weight=a, implicit_weight=b, generator=gen, eps=self.eps,
-                site_weights=site_weights,
+                site_weights=site_weights, independent_positions=self.positions,
             )
         # the first of its passes is the clean one (dc's docstring; tested)
         hid = detach_hidden(hiddens[0])

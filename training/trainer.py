@@ -4,14 +4,18 @@ data parallelism.
 One run writes, in its output folder, ``<run>.jsonl`` (first line the
 header: config, seed, device, git commit, torch version; then one line per
 evaluation and a final line with the test perplexity of the
-best-validation model), ``<run>.ckpt.pt`` (the last checkpoint) and
+best-validation model and ``stop``: ``"budget"`` (epochs / max_steps) or
+``"patience"`` (``patience`` evaluations without a new best)), ``<run>.ckpt.pt`` (the last checkpoint) and
 ``<run>.best.pt`` (the model with the best validation perplexity so far).
 Eval records: ``step``, ``epoch`` (fractional), ``tokens_seen``,
 ``train_loss``/``train_ppl`` (mean over the interval's steps of the loss
 the rule optimises, without its regularizer: the mean over the k dropout
-draws for the dropout rules, the clean loss otherwise), ``valid_loss``/
-``valid_ppl`` (no dropout, the whole validation slice, hidden state
-carried), ``best_valid_ppl``, ``reg`` (interval means of the regularizer
+draws for the dropout rules, the clean loss otherwise),
+``clean_train_loss``/``clean_train_ppl`` (no dropout, the first
+``train_eval_tokens`` tokens of the training text scored like the
+validation text: the training perplexity of the paper's Figure 1),
+``valid_loss``/``valid_ppl`` (no dropout, the whole validation slice,
+hidden state carried), ``best_valid_ppl``, ``reg`` (interval means of the regularizer
 values, e.g. ``R`` and ``R/<group>``), ``wall_time`` (training seconds so
 far, evaluation excluded) and ``tokens_per_s`` (training tokens per
 second over the interval, all ranks together).
@@ -116,7 +120,7 @@ from .rules import Gens, UpdateRule, make_rule, needs_double_backward
 
 CKPT_VERSION = 1
 # Keys that may differ between a checkpoint and a resumed run (they change no number).
-RESUME_MAY_DIFFER = ("progress", "threads", "checkpoint_every", "max_steps", "epochs", "device")
+RESUME_MAY_DIFFER = ("progress", "threads", "checkpoint_every", "max_steps", "epochs", "patience", "device")
 
 __all__ = [
     "train",
@@ -238,6 +242,7 @@ class LoopState:
     pos: int = 0
     best_valid: float = math.inf
     best_step: int = -1
+    best_eval: int = 0  # ``evals`` when the best validation perplexity was reached (patience)
     evals: int = 0
     log_lines: int = 0
     train_time: float = 0.0
@@ -370,6 +375,7 @@ def build_lm(cfg: Mapping[str, Any], vocab: int, device: torch.device, dtype: to
         q_rows=cfg["q_rows"],
         tie=cfg["tie"],
         backend=backend,
+        lstm_init=cfg["lstm_init"],
     ).to(device=device, dtype=dtype)
 
 
@@ -471,6 +477,11 @@ def train(
     per = cfg["batch_size"] // world
     train_data = train_all[:, rank * per : (rank + 1) * per]
     valid_data = batchify(_slice(corpus.valid, cfg["valid_tokens"]), cfg["eval_batch_size"]).to(device)
+    # a fixed slice of the training text, scored without dropout (the paper's training perplexity)
+    train_eval = (
+        batchify(corpus.train[: cfg["train_eval_tokens"]], cfg["eval_batch_size"]).to(device)
+        if cfg["train_eval_tokens"] else None
+    )
     test_data = batchify(_slice(corpus.test, cfg["test_tokens"]), cfg["test_batch_size"]).to(device)
     nrows = train_data.size(0)
     V = corpus.vocab_size
@@ -605,10 +616,11 @@ def train(
                 "(lower lr or check the config)"
             )
         vppl = _ppl(vloss)
+        clean_loss = evaluate(lm, train_eval, cfg["bptt"])[0] if train_eval is not None else math.nan
         st.evals += 1
         improved = vppl < st.best_valid
         if improved:
-            st.best_valid, st.best_step = vppl, st.step
+            st.best_valid, st.best_step, st.best_eval = vppl, st.step, st.evals
             if is_main:
                 atomic_torch_save({"model": lm.state_dict(), "step": st.step, "valid_ppl": vppl, "config": cfg}, best_path)
         tps = st.interval_tokens / st.interval_time if st.interval_time > 0 else math.nan
@@ -619,6 +631,8 @@ def train(
             "tokens_seen": st.tokens_seen,
             "train_loss": train_loss,
             "train_ppl": _ppl(train_loss) if acc["steps"] else math.nan,
+            "clean_train_loss": clean_loss,
+            "clean_train_ppl": _ppl(clean_loss) if train_eval is not None else math.nan,
             "valid_loss": vloss,
             "valid_ppl": vppl,
             "best_valid_ppl": st.best_valid,
@@ -649,6 +663,7 @@ def train(
     records: list = []
     last_ckpt_step = st.step
     stopped = False
+    stopped_early = False  # patience: no new best validation perplexity for ``patience`` evaluations
     model.train()
     try:
         while True:
@@ -699,6 +714,9 @@ def train(
             if did_eval or (cfg["checkpoint_every"] and st.step % cfg["checkpoint_every"] == 0):
                 save_checkpoint()
                 last_ckpt_step = st.step
+            if did_eval and cfg["patience"] and st.evals - st.best_eval >= cfg["patience"]:
+                stopped_early = True
+                break
     finally:
         if bar is not None:
             bar.close()
@@ -724,6 +742,7 @@ def train(
         "step": st.step,
         "best_step": st.best_step,
         "best_valid_ppl": st.best_valid,
+        "stop": "patience" if stopped_early else "budget",
         "valid_ppl": _ppl(vloss),
         "test_loss": tloss,
         "test_ppl": _ppl(tloss),
