@@ -12,21 +12,28 @@ noise).  Policies decide what is added:
 - multiplicative noise ``η ⊙ h`` drawn from a ``torch.Generator`` with the
   site's mask structure (Monte Carlo dropout with explicit randomness).
 
-Everything is restored on exit, also when an exception is raised.
+Functional dropout (``F.dropout``), attention dropout and stochastic depth
+become sites too (``_functional.py``, ``_sites.py``); the model runs in
+training mode inside the context, so the results do not depend on the mode
+the caller left it in.  Everything is restored on exit, also when an
+exception is raised.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
+import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ._errors import DropcheckError
-from ._sites import BERNOULLI, GAUSSIAN, SiteSpec, find_sites
+from ._errors import DropcheckError, NoDropoutSiteError
+from ._sites import BERNOULLI, GAUSSIAN, SiteSpec, _check_q, find_sites
 
 
 @dataclass
@@ -70,11 +77,27 @@ Policy = Callable[[Occurrence], Optional[torch.Tensor]]
 def unlock_positions(occs: list[Occurrence]) -> list[Occurrence]:
     """Treat locked sites as if their noise were independent per position
     (mask shape = ``h.shape``): the official code's approximation for the
-    analytic terms of locked dropout (MATH.md, open points)."""
+    analytic terms of locked dropout (docs/math.md, open points)."""
     for o in occs:
         if o.site.structure == "locked":
             o.mask_shape = tuple(o.h.shape)
     return occs
+
+
+_DISCOVERED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _rng_state() -> tuple:
+    """The default generators' states (CPU; CUDA's current device when CUDA
+    is in use): any random draw in a pass changes them."""
+    cpu = torch.random.default_generator.get_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return cpu, torch.cuda.get_rng_state()
+    return (cpu,)
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 class AnalyticSession:
@@ -86,7 +109,15 @@ class AnalyticSession:
         self.sites = list(sites)
         self.policy = policy
         self.occurrences: list[Occurrence] = []
-        self._calls: dict[int, int] = {}
+        self._calls: dict[str, int] = {}
+        self._names: Optional[dict[int, str]] = None
+        self._fspecs: dict[tuple, SiteSpec] = {}
+        self.bypass = False  # dropcheck's own calls (policies) pass the mode untouched
+        self.detect_only = False  # a pass run only to name a random module
+        self.attention_depth = 0
+        self.functional_seen = False  # the mode had work: it is needed in every pass
+        self.saw_forward = False
+        self.mode_on = False
 
     def reset(self, policy: Optional[Policy] = ..., ) -> "AnalyticSession":
         if policy is not ...:
@@ -95,18 +126,116 @@ class AnalyticSession:
         self._calls = {}
         return self
 
+    # -- recording ----------------------------------------------------------
+    def record(self, site: SiteSpec, h: torch.Tensor) -> torch.Tensor:
+        """One call of ``site`` on input ``h``: record it, return ``h + δ``."""
+        self.saw_forward = True
+        idx = self._calls.get(site.name, 0)
+        self._calls[site.name] = idx + 1
+        occ = Occurrence(site, idx, h, site.mask_shape(h))
+        self.occurrences.append(occ)
+        if self.policy is None or self.detect_only:
+            return h
+        self.bypass = True
+        try:
+            delta = self.policy(occ)
+        finally:
+            self.bypass = False
+        occ.delta = delta
+        return h if delta is None else h + delta
+
     def _hook(self, site: SiteSpec):
         def hook(module, args, output):
-            h = args[0]
-            idx = self._calls.get(id(module), 0)
-            self._calls[id(module)] = idx + 1
-            occ = Occurrence(site, idx, h, site.mask_shape(h))
-            self.occurrences.append(occ)
-            delta = self.policy(occ) if self.policy is not None else None
-            occ.delta = delta
-            return h if delta is None else h + delta
+            return self.record(site, args[0])
 
         return hook
+
+    def module_names(self) -> dict[int, str]:
+        if self._names is None:
+            self._names = {id(m): (n or "<root>") for n, m in self.model.named_modules()}
+        return self._names
+
+    def caller(self):
+        """``(name, module)`` of the innermost module of the model on the
+        Python stack (a frame whose ``self`` or ``module`` local is one), or
+        ``(None, None)`` outside the model's forward pass."""
+        names = self.module_names()
+        f = sys._getframe(1)
+        while f is not None:
+            loc = f.f_locals
+            for k in ("self", "module"):
+                m = loc.get(k)
+                if m is not None and id(m) in names:
+                    return names[id(m)], m
+            f = f.f_back
+        return None, None
+
+    def functional_site(self, h: torch.Tensor, q, structure: str, label: str) -> torch.Tensor:
+        """A dropout call without a module of its own (``_functional.py``)."""
+        self.functional_seen = True
+        name, module = self.caller()
+        key = f"{name or '<root>'}:{label}"
+        q = _check_q(q, f"{label} call in module {name or '<root>'!r}")
+        spec = self._fspecs.get((key, q, structure))
+        if spec is None:
+            spec = SiteSpec(key, module if module is not None else self.model, q, BERNOULLI, structure,
+                            functional=True)
+            self._fspecs[(key, q, structure)] = spec
+        return self.record(spec, h)
+
+    # -- passes ------------------------------------------------------------
+    def run_pass(self, fn: Callable[[], object]):
+        """Run one forward pass (``fn``) of the model: refuse a pass that drew
+        random numbers dropcheck did not model, or that met no site."""
+        before = len(self.occurrences)
+        state = _rng_state()
+        out = fn()
+        if not _same_state(state, _rng_state()):
+            self._random_pass(fn)
+        if len(self.occurrences) == before and not self.detect_only:
+            raise NoDropoutSiteError(
+                f"{type(self.model).__name__} has no dropout site with q > 0: a forward pass called none "
+                "(looked for dropout modules, functional and attention dropout, stochastic depth)"
+            )
+        return out
+
+    def _random_pass(self, fn) -> None:
+        from ._functional import FunctionalMode
+
+        _DISCOVERED.pop(self.model, None)  # the next context runs with the mode again
+        if not self.mode_on:  # run once more under the mode, which names the module
+            self.detect_only = True
+            try:
+                with torch.no_grad(), FunctionalMode(self):
+                    fn()
+            finally:
+                self.detect_only = False
+        raise DropcheckError(
+            f"a forward pass of {type(self.model).__name__} drew random numbers through an operation "
+            "dropcheck does not see (e.g. the dropout inside a fused nn.LSTM/GRU, or a random C++ op); "
+            "dropcheck would leave that noise in its analytic results, so it refuses the model"
+        )
+
+
+_PASS: contextvars.ContextVar = contextvars.ContextVar("dropcheck_session", default=None)
+
+
+def current_session(model: nn.Module) -> Optional[AnalyticSession]:
+    """The innermost active session of ``model`` (``None`` outside ``analytic_mode``)."""
+    s = _PASS.get()
+    while s is not None and s.model is not model:
+        s = getattr(s, "_parent", None)
+    return s
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    return tuple(id(m) for m in model.modules())
+
+
+def _keeps_eval(m: nn.Module) -> bool:
+    """Modules that stay in eval mode in analytic passes: normalisation with
+    running statistics (the deterministic network uses them)."""
+    return isinstance(m, nn.modules.batchnorm._NormBase)
 
 
 @contextlib.contextmanager
@@ -116,23 +245,80 @@ def analytic_mode(
     """Switch every dropout site of ``model`` to identity + ``policy``.
 
     Yields an ``AnalyticSession`` whose ``occurrences`` list is filled during
-    each forward pass (call ``session.reset()`` between passes).  The sites'
-    training flags and hooks are restored on exit, even on error.
+    each forward pass (call ``session.reset()`` between passes).
+
+    The network analysed is the same in train and eval mode: inside the
+    context every module is in training mode (so that functional and
+    attention dropout, which most libraries switch off with
+    ``self.training``, show themselves) except the dropout modules, which are
+    the identity plus the policy, and normalisation layers with running
+    statistics (BatchNorm), which use them as in eval mode.  Functional and
+    attention dropout become sites through ``_functional.FunctionalMode``
+    (run on the first context of a model and, if it found work, in every
+    later one); any other random draw in a forward pass is refused naming the
+    module.  Training flags, hooks and buffers are restored exactly on
+    exit, even on error.
     """
-    sites = find_sites(model) if sites is None else list(sites)
+    sites = find_sites(model, require=False) if sites is None else list(sites)
     session = AnalyticSession(model, sites, policy)
-    saved = [(s.module, s.module.training) for s in sites]
+    site_ids = {id(s.module) for s in sites}
+    flags = [(m, m.training) for m in model.modules()]
+    buffers = [(m, n, b, b._version, b.detach().clone()) for m in model.modules()
+               for n, b in m._buffers.items() if b is not None]
+    fp = _fingerprint(model)
+    known = _DISCOVERED.get(model)
+    need_mode = known is None or known[0] != fp or known[1]
     handles = []
+    mode = None
+    token = None
     try:
+        for m, _ in flags:
+            m.training = not (id(m) in site_ids or _keeps_eval(m))
         for s in sites:
-            s.module.training = False
             handles.append(s.module.register_forward_hook(session._hook(s)))
+        session._parent = _PASS.get()
+        token = _PASS.set(session)
+        if need_mode:
+            from ._functional import FunctionalMode
+
+            mode = FunctionalMode(session)
+            mode.__enter__()
+            session.mode_on = True
         yield session
     finally:
+        if mode is not None:
+            mode.__exit__(None, None, None)
+        if token is not None:
+            _PASS.reset(token)
         for hnd in handles:
             hnd.remove()
-        for m, flag in saved:
+        for m, flag in flags:
             m.training = flag
+        with torch.no_grad():
+            for m, n, b, version, copy in buffers:
+                if m._buffers.get(n) is not b:
+                    m._buffers[n] = b
+                if b._version != version:
+                    b.copy_(copy)
+        if session.saw_forward and (known is None or known[0] != fp):
+            _DISCOVERED[model] = (fp, session.functional_seen)
+
+
+def fired_sites(model: nn.Module, inputs) -> list[SiteSpec]:
+    """The sites that one analytic forward pass on ``inputs`` calls, in call
+    order, one entry per site (``find_sites(model, inputs)``)."""
+    from ._common import call_model
+
+    with torch.no_grad(), analytic_mode(model, None) as session:
+        session.detect_only = False
+        try:
+            call_model(model, inputs)
+        except NoDropoutSiteError:
+            return []
+        seen: dict[str, SiteSpec] = {}
+        for o in session.occurrences:
+            seen.setdefault(o.site.name, o.site)
+    return list(seen.values())
 
 
 # --------------------------------------------------------------------------
@@ -176,7 +362,7 @@ def sample_eta(
     ``noise``: ``None`` (the site's own: Bernoulli or Gaussian), ``"bernoulli"``
     (η = -1 w.p. q, q/(1-q) otherwise), ``"gaussian"`` (N(0, q/(1-q))) or
     ``"rademacher"`` (sqrt(q/(1-q)) · ±1, the paper's choice for ξ_approx).
-    All have mean 0 and variance q/(1-q) (MATH.md, Notation).
+    All have mean 0 and variance q/(1-q) (docs/math.md, Notation).
     """
     q = occ.site.q
     kind = noise or occ.site.noise

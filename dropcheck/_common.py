@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,15 +15,66 @@ from ._errors import DropcheckError
 ESTIMATORS = ("exact", "sampled", "hutchinson", "fd")
 
 
+def _invoke(model: nn.Module, inputs):
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def extract_logits(out) -> torch.Tensor:
+    """The logits in a model's output: a tensor; a Hugging Face ``ModelOutput``
+    (its ``.logits``); a dict with ``"logits"``; or the first element of a
+    tuple/list (e.g. an RNN's ``(logits, hidden)``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    if logits is None and isinstance(out, (tuple, list)) and len(out):
+        logits = out[0]
+    if not isinstance(logits, torch.Tensor):
+        raise DropcheckError(
+            f"the model must return logits: a tensor, an object with .logits (Hugging Face ModelOutput), a dict "
+            f"with 'logits' or a tuple starting with them; got {type(out).__name__}"
+        )
+    return logits
+
+
+def _input_tensors(inputs):
+    if isinstance(inputs, Mapping):
+        return list(inputs.values())
+    return list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+
+
+def check_input_dtypes(model: nn.Module, inputs) -> None:
+    """Floating-point inputs must have the dtype of the model's floating-point
+    parameters (a float32 batch into a float64 model is an error here, not a
+    silent cast or a torch error deep inside the model)."""
+    want = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if want is None:
+        return
+    for t in _input_tensors(inputs):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != want:
+            raise DropcheckError(
+                f"inputs have dtype {t.dtype} but the model's parameters are {want}; convert one of them "
+                f"(model.to({want}) or inputs.to({want}))"
+            )
+
+
 def call_model(model: nn.Module, inputs) -> torch.Tensor:
-    """``model(inputs)`` (``model(*inputs)`` for a tuple); a tuple/list output
-    gives its first element (e.g. an RNN's ``(logits, hidden)``)."""
-    out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise DropcheckError(f"the model must return logits as a tensor, got {type(out).__name__}")
-    return out
+    """The logits of ``model(inputs)``: ``model(**inputs)`` for a dict (e.g.
+    ``input_ids`` and ``attention_mask``), ``model(*inputs)`` for a tuple,
+    ``model(inputs)`` otherwise; the output as ``extract_logits`` reads it.
+    Inside ``analytic_mode`` the pass is checked for unmodelled randomness."""
+    check_input_dtypes(model, inputs)
+    from ._analytic import current_session  # the session machinery builds on this module
+
+    session = current_session(model)
+    if session is None:
+        return extract_logits(_invoke(model, inputs))
+    return extract_logits(session.run_pass(lambda: _invoke(model, inputs)))
 
 
 _VALUE_CHECKS = contextvars.ContextVar("dropcheck_value_checks", default=True)
@@ -50,14 +101,34 @@ class value_checks:
 def check_inputs(inputs) -> None:
     if not _VALUE_CHECKS.get():
         return
-    items = inputs if isinstance(inputs, tuple) else (inputs,)
-    for t in items:
+    for t in _input_tensors(inputs):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
             raise DropcheckError("inputs contain non-finite values (NaN or inf)")
 
 
+IGNORE_INDEX = -100  # PyTorch's and Hugging Face's default
+
+
+class _Selection:
+    """Rows kept by the last ``flatten_logits`` (``ignore_index`` dropped)."""
+
+    def __init__(self, total: int, index: torch.Tensor):
+        self.total = total
+        self.index = index
+
+
+_SELECTION: contextvars.ContextVar = contextvars.ContextVar("dropcheck_selection", default=None)
+
+
 def flatten_logits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(..., c)`` logits and ``(...)`` class indices -> ``(N, c)``, ``(N,)``."""
+    """``(..., c)`` logits and ``(...)`` class indices -> ``(N, c)``, ``(N,)``.
+
+    Positions whose target is ``ignore_index`` (-100, as in PyTorch and
+    Hugging Face) are dropped, so every mean of dropcheck (loss, regularizer,
+    noise) is over the remaining ``N`` positions.  (With
+    ``value_checks(False)`` on a GPU the targets are not read, to avoid a
+    sync: there they must not contain -100.)
+    """
     if not isinstance(targets, torch.Tensor):
         raise DropcheckError(f"targets must be a tensor of class indices, got {type(targets).__name__}")
     if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(targets.shape):
@@ -67,14 +138,44 @@ def flatten_logits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
         )
     if targets.is_floating_point() or targets.dtype == torch.bool:
         raise DropcheckError(f"targets must be integer class indices, got dtype {targets.dtype}")
+    if targets.numel() == 0:
+        raise DropcheckError(f"empty batch: targets of shape {tuple(targets.shape)} hold no position")
     c = logits.shape[-1]
-    if not _VALUE_CHECKS.get():
-        return logits.reshape(-1, c), targets.reshape(-1)
-    if targets.numel() and (targets.min() < 0 or targets.max() >= c):
-        raise DropcheckError(f"targets must lie in [0, {c}), got range [{int(targets.min())}, {int(targets.max())}]")
-    if not torch.isfinite(logits).all():
+    Z, y = logits.reshape(-1, c), targets.reshape(-1)
+    _SELECTION.set(None)
+    checks = _VALUE_CHECKS.get()
+    if checks or y.device.type == "cpu":
+        ignored = y == IGNORE_INDEX
+        if bool(ignored.any()):
+            keep = (~ignored).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                raise DropcheckError(f"empty batch: every target is ignore_index={IGNORE_INDEX}")
+            _SELECTION.set(_Selection(y.shape[0], keep))
+            Z, y = Z[keep], y[keep]
+    if not checks:
+        return Z, y
+    if y.min() < 0 or y.max() >= c:
+        raise DropcheckError(
+            f"targets must lie in [0, {c}) (or be ignore_index={IGNORE_INDEX}), got range "
+            f"[{int(y.min())}, {int(y.max())}]"
+        )
+    if not torch.isfinite(Z).all():
         raise DropcheckError("the model produced non-finite logits (NaN or inf)")
-    return logits.reshape(-1, c), targets.reshape(-1)
+    return Z, y
+
+
+def select_rows(logits: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(N_all, c)`` logits of a later pass on the same batch -> the ``rows``
+    rows that the last ``flatten_logits`` kept (``ignore_index`` dropped)."""
+    Z = logits.reshape(-1, logits.shape[-1])
+    if Z.shape[0] == rows:
+        return Z
+    sel = _SELECTION.get()
+    if sel is None or sel.total != Z.shape[0] or sel.index.numel() != rows:
+        raise DropcheckError(
+            f"a perturbed pass gave {Z.shape[0]} positions where the clean pass kept {rows}"
+        )
+    return Z[sel.index]
 
 
 def mean_loss(Z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The explicit regularizer of dropout and its second-order references.
 
-Notation (MATH.md): logits ``Z`` of shape ``(N, c)`` over all positions,
+Notation (docs/math.md): logits ``Z`` of shape ``(N, c)`` over all positions,
 ``p = softmax(Z)``, ``H_out = diag(p) - ppᵀ``; a site occurrence has input
 ``h`` and noise units ``u`` (``mask_shape``); ``a_u = h ⊙ 1[positions of u]``
 is the perturbation direction of unit ``u``, so dropout's perturbation is
@@ -45,6 +45,7 @@ from ._common import (
     mean_loss,
     needs_graph,
     quad_form,
+    select_rows,
     site_weight_list,
 )
 from ._errors import DropcheckError
@@ -79,7 +80,8 @@ def fd_pair(model: nn.Module, inputs, etas, eps: float, shape) -> tuple[torch.Te
     """Logits at ``h(1 + εη)`` and ``h(1 - εη)`` (reshaped to ``shape``): the two
     passes of a central difference along the multiplicative probes ``etas``."""
     return tuple(
-        perturbed_logits(model, inputs, fixed_eta_policy(etas, s * eps)).reshape(shape) for s in (1.0, -1.0)
+        select_rows(perturbed_logits(model, inputs, fixed_eta_policy(etas, s * eps)), shape[0]).reshape(shape)
+        for s in (1.0, -1.0)
     )
 
 
@@ -152,7 +154,7 @@ def explicit_regularizer(
     (the constant that matches dropout to second order, (4.2)); ``False``
     gives the bare inner products.
 
-    Estimators (all unbiased for the same value; MATH.md "Estimators"):
+    Estimators (all unbiased for the same value; docs/math.md "Estimators"):
 
     - ``"exact"``: from the full Jacobian ``∂Z/∂h_i``; cost grows with
       ``N·c`` backward passes, for small models and verification.

@@ -2,7 +2,7 @@
 
 A *site* is a module that multiplies its input ``h`` by ``(1 + η)``, with
 ``η`` drawn independently per *unit* of a site-specific *mask shape* and
-broadcast over the rest of ``h`` (MATH.md, "Structure of the noise"):
+broadcast over the rest of ``h`` (docs/math.md, "Structure of the noise"):
 
 =====================  ==============================  ==========================
 site                   mask shape for input ``h``      structure
@@ -12,7 +12,17 @@ site                   mask shape for input ``h``      structure
 ``LockedDropout``      ``h.shape`` with time axis = 1  locked over time
 ``DropConnect``        ``W.shape`` (input is a weight) one mask per forward pass
 ``nn.Dropout1d/2d/3d`` ``h.shape[:2] + (1, ...)``      per channel
+timm ``DropPath``      ``(N, 1, ..., 1)``              per example (stochastic depth)
+torchvision            ``(N, 1, ..., 1)`` ("row") or   per example / one draw for
+``StochasticDepth``    ``(1, ..., 1)`` ("batch")       the whole batch
 =====================  ==============================  ==========================
+
+Functional dropout (``F.dropout``, ``F.dropout1d/2d/3d``, ``torch.dropout``,
+``torch.feature_dropout``) and attention dropout (``scaled_dot_product_attention``
+with ``dropout_p > 0``, ``nn.MultiheadAttention``) have no module of their own:
+they become sites while a forward pass runs (``_functional.py``), named after
+the module that made the call.  timm and torchvision are not imported: their
+stochastic-depth modules are recognised by class name and attributes.
 
 Bernoulli noise: ``η = -1`` with probability ``q`` and ``q/(1-q)`` otherwise
 (the usual ``mask/(1-q)``); Gaussian noise: ``η ~ N(0, q/(1-q))``.  Both have
@@ -27,7 +37,7 @@ no change.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -66,7 +76,7 @@ class LockedDropout(nn.Module):
 
     Input ``h`` of shape ``(T, B, D)`` (``time_dim=0``, the AWD-LSTM layout) or
     ``(B, T, D)`` (``time_dim=1``); the mask has shape ``h.shape`` with the
-    time axis set to 1, so ``E[δ_t δ_sᵀ] = q/(1-q) diag(h_t ⊙ h_s)`` (MATH.md).
+    time axis set to 1, so ``E[δ_t δ_sᵀ] = q/(1-q) diag(h_t ⊙ h_s)`` (docs/math.md).
     """
 
     def __init__(self, p: float = 0.5, time_dim: int = 0):
@@ -97,7 +107,7 @@ class DropConnect(nn.Module):
 
     One mask per call (per forward pass), shared by every example of the
     batch.  The explicit penalty is ``λ ⟨D²_W L_batch, diag(W²)⟩`` in its
-    Gauss-Newton form on the batch-mean loss (MATH.md, DropConnect).
+    Gauss-Newton form on the batch-mean loss (docs/math.md, DropConnect).
     """
 
     def __init__(self, p: float = 0.5):
@@ -120,7 +130,7 @@ class GaussianDropout(nn.Module):
     """Multiplicative Gaussian noise ``h ⊙ (1 + η)``, ``η ~ N(0, q/(1-q))``.
 
     Same mean and variance as Bernoulli dropout with drop probability ``q``;
-    its dropout gap is ``R_taylor + O(q²)`` (MATH.md), unlike Bernoulli's.
+    its dropout gap is ``R_taylor + O(q²)`` (docs/math.md), unlike Bernoulli's.
     """
 
     def __init__(self, p: float = 0.5):
@@ -178,9 +188,14 @@ class WeightDrop(nn.Module):
 class SiteSpec:
     """A dropout site found in a model.
 
-    ``name`` is the module's qualified name in the model, ``q`` its drop
+    ``name`` is the module's qualified name in the model (for a functional
+    site: the name of the module that made the call, then ``:`` and the kind
+    of call, e.g. ``"transformer.h.0.attn:attention"``), ``q`` its drop
     probability, ``noise`` ``"bernoulli"`` or ``"gaussian"`` and ``structure``
-    one of ``"position"``, ``"locked"``, ``"weight"``, ``"channel"``.
+    one of ``"position"``, ``"locked"``, ``"weight"``, ``"channel"``,
+    ``"example"`` (one draw per example: stochastic depth) or ``"batch"``
+    (one draw for the whole batch).  ``functional`` is true for sites made by
+    a function call rather than by a dropout module.
     """
 
     name: str
@@ -188,6 +203,7 @@ class SiteSpec:
     q: float
     noise: str
     structure: str
+    functional: bool = False
 
     @property
     def variance(self) -> float:
@@ -201,38 +217,119 @@ class SiteSpec:
 
     def mask_shape(self, h: torch.Tensor) -> tuple[int, ...]:
         m = self.module
-        if hasattr(m, "mask_shape"):
+        st = self.structure
+        if not self.functional and st in ("locked", "weight") and hasattr(m, "mask_shape"):
             return tuple(m.mask_shape(h))
-        if self.structure == "channel":
+        if st == "channel":
             if h.dim() < 3:
                 raise DropcheckError(
                     f"site {self.name!r} ({type(m).__name__}) needs batched input (N, C, ...), "
                     f"got shape {tuple(h.shape)}"
                 )
             return tuple(h.shape[:2]) + (1,) * (h.dim() - 2)
+        if st == "channel-unbatched":  # (C, ...) input of F.dropout1d/2d/3d
+            return (h.shape[0],) + (1,) * (h.dim() - 1)
+        if st == "example":
+            if h.dim() < 1:
+                raise DropcheckError(f"site {self.name!r} (stochastic depth) needs a batch axis, got a scalar")
+            return (h.shape[0],) + (1,) * (h.dim() - 1)
+        if st == "batch":
+            return (1,) * h.dim()
         return tuple(h.shape)
 
 
 _CHANNEL = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _UNSUPPORTED = (nn.AlphaDropout, nn.FeatureAlphaDropout)
+_SUPPORTED_TEXT = (
+    "dropcheck supports nn.Dropout, nn.Dropout1d/2d/3d, F.dropout/dropout1d/2d/3d, torch.dropout, "
+    "attention dropout (scaled_dot_product_attention, nn.MultiheadAttention), LockedDropout, DropConnect, "
+    "GaussianDropout, timm DropPath and torchvision StochasticDepth"
+)
 
 
-def find_sites(model: nn.Module, *, require: bool = True) -> list[SiteSpec]:
-    """All dropout sites of ``model`` with ``q > 0``, in module order.
+def stochastic_depth_kind(m: nn.Module, name: str = "") -> Optional[tuple[float, str]]:
+    """``(q, structure)`` if ``m`` is timm's ``DropPath`` or torchvision's
+    ``StochasticDepth`` (recognised by class name and attributes, without
+    importing either package), else ``None``.  Raises for a module of one of
+    those names whose attributes say it is not mean-preserving dropout.
+
+    - timm ``DropPath(drop_prob, scale_by_keep=True)``: ``x · m/(1-q)`` with
+      one ``m ~ Bernoulli(1-q)`` per example: structure ``"example"``.
+      ``scale_by_keep=False`` multiplies by ``m`` alone, whose mean is
+      ``1-q``, not 1: refused.
+    - torchvision ``StochasticDepth(p, mode)``: ``mode="row"`` one draw per
+      example (``"example"``), ``mode="batch"`` one draw for the whole batch
+      (``"batch"``).
+    """
+    cls = type(m).__name__
+    where = f"module {name or '<root>'!r} ({cls})"
+    if cls == "DropPath" and hasattr(m, "drop_prob"):
+        if not getattr(m, "scale_by_keep", True):
+            raise DropcheckError(
+                f"{where} has scale_by_keep=False: its noise m ~ Bernoulli(1-q) has mean 1-q, not 1, so it is "
+                "not dropout's mean-preserving multiplicative noise; use scale_by_keep=True"
+            )
+        return float(m.drop_prob), "example"
+    if cls == "StochasticDepth" and hasattr(m, "p") and hasattr(m, "mode"):
+        if m.mode == "row":
+            return float(m.p), "example"
+        if m.mode == "batch":
+            return float(m.p), "batch"
+        raise DropcheckError(f"{where} has mode {m.mode!r}; expected 'row' or 'batch'")
+    if cls in ("DropPath", "StochasticDepth", "DropBlock2d", "DropBlock", "DropPathBlock"):
+        raise DropcheckError(
+            f"{where} is a random module dropcheck does not understand (its attributes are not those of "
+            f"timm's DropPath or torchvision's StochasticDepth); {_SUPPORTED_TEXT}"
+        )
+    return None
+
+
+def find_sites(model: nn.Module, inputs=None, *, require: bool = True) -> list[SiteSpec]:
+    """The dropout sites of ``model`` with ``q > 0``.
+
+    Without ``inputs``: the dropout *modules*, in module order (a static
+    list: it cannot see functional dropout calls, and it lists modules that
+    a given forward pass may never call, such as Hugging Face's
+    ``attn_dropout`` when attention runs through
+    ``scaled_dot_product_attention``).  With ``inputs`` (what ``model``
+    takes; a dict is passed as keywords): one analytic forward pass is run
+    and the sites that actually fired are returned in call order, functional
+    ones included (one entry per site, however often it was called).
 
     Raises ``NoDropoutSiteError`` when there are none (and ``require``), and
-    a ``DropcheckError`` for dropout modules whose noise is not
-    multiplicative (``AlphaDropout``): silently skipping one would give a
-    wrong regularizer.
+    a ``DropcheckError`` naming the module for dropout whose noise is not
+    multiplicative (``AlphaDropout``) or that runs where dropcheck cannot
+    see it (``nn.LSTM/GRU/RNN`` with ``dropout > 0`` between stacked
+    layers): silently skipping one would give a wrong regularizer.
     """
+    if inputs is not None:
+        from ._analytic import fired_sites  # analytic mode builds on this module
+
+        sites = fired_sites(model, inputs)
+        if require and not sites:
+            raise NoDropoutSiteError(
+                f"{type(model).__name__} has no dropout site with q > 0 in a forward pass; " + _SUPPORTED_TEXT
+            )
+        return sites
     sites: list[SiteSpec] = []
     for name, m in model.named_modules():
         if isinstance(m, _UNSUPPORTED) and m.p > 0:
             raise DropcheckError(
-                f"module {name!r} is {type(m).__name__}, whose noise is not multiplicative; "
-                "dropcheck supports nn.Dropout, nn.Dropout1d/2d/3d, LockedDropout, DropConnect, "
-                "GaussianDropout"
+                f"module {name!r} is {type(m).__name__}, whose noise is not multiplicative; " + _SUPPORTED_TEXT
             )
+        if isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1:
+            raise DropcheckError(
+                f"module {name!r} is {type(m).__name__}(num_layers={m.num_layers}, dropout={m.dropout}): its "
+                "dropout between stacked layers runs inside the fused kernel, where dropcheck cannot see it; "
+                "stack single-layer modules with dropout modules (e.g. dropcheck.LockedDropout) between them"
+            )
+        sd = stochastic_depth_kind(m, name)
+        if sd is not None:
+            kind = (BERNOULLI, sd[1])
+            q = _check_q(sd[0], f"stochastic depth module {name!r}")
+            if q > 0:
+                sites.append(SiteSpec(name or "<root>", m, q, kind[0], kind[1]))
+            continue
         if isinstance(m, LockedDropout):
             kind = (BERNOULLI, "locked")
         elif isinstance(m, DropConnect):
@@ -251,8 +348,9 @@ def find_sites(model: nn.Module, *, require: bool = True) -> list[SiteSpec]:
         sites.append(SiteSpec(name or "<root>", m, q, kind[0], kind[1]))
     if require and not sites:
         raise NoDropoutSiteError(
-            f"{type(model).__name__} has no dropout site with q > 0 (looked for nn.Dropout, "
-            "nn.Dropout1d/2d/3d, dropcheck.LockedDropout, DropConnect, GaussianDropout); "
-            "functional F.dropout calls cannot be seen"
+            f"{type(model).__name__} has no dropout site with q > 0 among its modules (looked for nn.Dropout, "
+            "nn.Dropout1d/2d/3d, dropcheck.LockedDropout, DropConnect, GaussianDropout, timm DropPath, "
+            "torchvision StochasticDepth); functional dropout and attention dropout are found in a forward "
+            "pass: find_sites(model, inputs)"
         )
     return sites
