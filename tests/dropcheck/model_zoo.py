@@ -1,0 +1,262 @@
+"""Small float64 models that drop out the way real libraries do.
+
+Each builder returns a ``Zoo`` entry: the model, its inputs (a dict of
+keyword inputs for the Hugging Face models), targets aligned with the
+logits (``-100`` where there is no target), and ``own_loss(model)``: the
+mean cross-entropy the way a user computes it from the model's own output,
+used for the ground truth ``E[train-mode loss] - eval-mode loss`` with the
+model's own random draws.  Nothing here calls dropcheck.
+
+The Hugging Face models are built from tiny configs (no weights are ever
+downloaded; ``HF_HUB_OFFLINE=1``) with the default attention implementation
+(``sdpa``).  timm and torchvision are not importable beside this torch
+build, so ``DropPath`` and ``StochasticDepth`` below are written here with
+the class names, attributes and forward semantics of timm's
+``timm.layers.DropPath`` and torchvision's ``torchvision.ops.StochasticDepth``
+(read from their sources; dropcheck recognises them by name and attributes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+DT = torch.float64
+
+
+@dataclass
+class Zoo:
+    name: str
+    model: nn.Module
+    inputs: object
+    targets: torch.Tensor
+    # central-difference step and the agreement it reaches with the JVP route
+    # (float64 throughout: 1e-5 and 1e-6; T5 below computes in float32 inside)
+    fd_eps: float = 1e-5
+    fd_rtol: float = 1e-6
+
+    def own_loss(self) -> torch.Tensor:
+        """Mean cross-entropy over the positions with a target, from the
+        model's own forward pass in whatever mode it is in."""
+        out = self.model(**self.inputs) if isinstance(self.inputs, dict) else self.model(self.inputs)
+        logits = out.logits if hasattr(out, "logits") else out
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.targets.reshape(-1), ignore_index=-100)
+
+    def own_gap(self, draws: int, seed: int, eval_modules: Callable[[nn.Module], bool] = None):
+        """``(mean, stderr)`` of ``loss(train mode, the model's own dropout) -
+        loss(eval mode)`` by plain Monte Carlo; the model's mode is restored.
+        ``eval_modules(m)``: modules kept in eval mode during the train-mode
+        draws (BatchNorm, whose running statistics define the network)."""
+        m = self.model
+        was = m.training
+        try:
+            with torch.no_grad():
+                m.eval()
+                base = self.own_loss()
+                m.train()
+                if eval_modules is not None:
+                    for mod in m.modules():
+                        if eval_modules(mod):
+                            mod.eval()
+                torch.manual_seed(seed)
+                vals = torch.stack([self.own_loss() for _ in range(draws)]) - base
+        finally:
+            m.train(was)
+        return float(vals.mean()), float(vals.std() / draws**0.5)
+
+
+def _scale_(model: nn.Module, std: float, seed: int) -> None:
+    """Re-draw every weight matrix N(0, std²) (biases, norms untouched): a
+    tiny model at its default initialisation is nearly linear and its dropout
+    gap too small to test against Monte Carlo."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _lm_targets(ids: torch.Tensor) -> torch.Tensor:
+    """Next-token targets, -100 at the last position (as HF shifts labels)."""
+    y = torch.full_like(ids, -100)
+    y[:, :-1] = ids[:, 1:]
+    return y
+
+
+def gpt2(seed: int = 0, p: float = 0.3, std: float = 0.5, attn_only: bool = False) -> Zoo:
+    """``attn_only``: dropout only inside attention (through SDPA's
+    ``dropout_p``): a dropcheck that missed it would find no site at all."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    po = 0.0 if attn_only else p
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=11, n_positions=8, resid_pdrop=po,
+                     embd_pdrop=po, attn_pdrop=p, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = GPT2LMHeadModel(cfg).to(DT)
+    _scale_(model, std, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, 11, (2, 6), generator=g)
+    return Zoo("gpt2_attn_only" if attn_only else "gpt2", model, {"input_ids": ids}, _lm_targets(ids))
+
+
+def bert(seed: int = 0, p: float = 0.3, std: float = 0.5) -> Zoo:
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=11, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=20, max_position_embeddings=8, hidden_dropout_prob=p,
+                     attention_probs_dropout_prob=p, pad_token_id=0)
+    model = BertForMaskedLM(cfg).to(DT)
+    _scale_(model, std, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(1, 11, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # padding: attention masked, no target there
+    y = torch.randint(0, 11, ids.shape, generator=g)
+    y[:, ::3] = -100  # masked-LM style: only some positions have targets
+    y[1, -2:] = -100
+    return Zoo("bert", model, {"input_ids": ids, "attention_mask": mask}, y)
+
+
+def t5(seed: int = 0, p: float = 0.3, std: float = 0.5) -> Zoo:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=11, d_model=16, d_kv=8, d_ff=20, num_layers=1, num_decoder_layers=1,
+                   num_heads=2, dropout_rate=p, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = T5ForConditionalGeneration(cfg).to(DT)
+    _scale_(model, std, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(1, 11, (2, 5), generator=g)
+    dec = torch.randint(1, 11, (2, 4), generator=g)
+    # T5LayerNorm computes its variance in float32 even in a float64 model, so
+    # finite differences see float32 rounding (~6e-8 / eps): measured relative
+    # error of fd against the JVP 4.9e-3 at eps = 1e-5, 1.3e-3 at 1e-4, 8.7e-6
+    # at 1e-3 (ξ: 6.9e-3, 7.1e-4, 7.9e-5); at 3e-3 the ReLU kinks take over.
+    return Zoo("t5", model, {"input_ids": ids, "decoder_input_ids": dec}, _lm_targets(dec),
+               fd_eps=1e-3, fd_rtol=1e-3)
+
+
+class EncoderLM(nn.Module):
+    """Token model on ``nn.TransformerEncoderLayer`` (attention dropout inside
+    ``nn.MultiheadAttention``, three ``nn.Dropout`` modules) and a separate
+    ``nn.MultiheadAttention`` called with ``need_weights=False`` (its dropout
+    then goes through ``scaled_dot_product_attention``)."""
+
+    def __init__(self, vocab=7, d=8, p=0.3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.enc = nn.TransformerEncoderLayer(d, 2, dim_feedforward=12, dropout=p, batch_first=True)
+        self.mha = nn.MultiheadAttention(d, 2, dropout=p, batch_first=True)
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, x):
+        h = self.enc(self.emb(x))
+        a, _ = self.mha(h, h, h, need_weights=False)
+        return self.out(h + a)
+
+
+def encoder_layer(seed: int = 0, p: float = 0.3, std: float = 0.6, attn_only: bool = False) -> Zoo:
+    """``attn_only``: only the two attention dropouts (the ``nn.Dropout``
+    modules at p = 0)."""
+    torch.manual_seed(seed)
+    model = EncoderLM(p=p).to(DT)
+    if attn_only:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+    _scale_(model, std, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randint(0, 7, (2, 4), generator=g)
+    return Zoo("encoder_layer_attn_only" if attn_only else "encoder_layer", model, x,
+               torch.randint(0, 7, (2, 4), generator=g))
+
+
+# -- stochastic depth, with timm's and torchvision's names and semantics -------
+
+
+class DropPath(nn.Module):
+    """timm's ``DropPath(drop_prob, scale_by_keep)``: per example, the input is
+    multiplied by ``m/(1-q)`` (``m ~ Bernoulli(1-q)``) in training mode."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        m = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        if keep > 0 and self.scale_by_keep:
+            m = m / keep
+        return x * m
+
+
+class StochasticDepth(nn.Module):
+    """torchvision's ``StochasticDepth(p, mode)``: ``"row"`` one draw per
+    example, ``"batch"`` one draw for the whole batch, kept values / (1-p)."""
+
+    def __init__(self, p: float, mode: str):
+        super().__init__()
+        self.p = p
+        self.mode = mode
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        size = [x.shape[0]] + [1] * (x.dim() - 1) if self.mode == "row" else [1] * x.dim()
+        noise = torch.empty(size, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.p)
+        return x * noise / (1.0 - self.p)
+
+
+class ResidualSD(nn.Module):
+    """Residual MLP: stem, BatchNorm, three residual blocks whose branches end
+    in timm ``DropPath``, torchvision ``StochasticDepth("row")`` and
+    ``StochasticDepth("batch")``, one ``nn.Dropout`` before the head."""
+
+    def __init__(self, d_in=5, d=8, c=4, q=(0.3, 0.3, 0.2), p=0.2):
+        super().__init__()
+        self.stem = nn.Linear(d_in, d)
+        self.bn = nn.BatchNorm1d(d)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.Tanh()) for _ in q)
+        self.drops = nn.ModuleList([DropPath(q[0]), StochasticDepth(q[1], "row"), StochasticDepth(q[2], "batch")])
+        self.drop = nn.Dropout(p)
+        self.head = nn.Linear(d, c)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.stem(x)))
+        for blk, dp in zip(self.blocks, self.drops):
+            h = h + dp(blk(h))
+        return self.head(self.drop(h))
+
+
+def residual_sd(seed: int = 0, std: float = 1.0) -> Zoo:
+    torch.manual_seed(seed)
+    model = ResidualSD().to(DT)
+    _scale_(model, std, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(6, 5, generator=g, dtype=DT)
+    with torch.no_grad():  # running statistics that are not the batch's own
+        model.bn.running_mean.copy_(0.3 * torch.randn(8, generator=g, dtype=DT))
+        model.bn.running_var.copy_(0.5 + torch.rand(8, generator=g, dtype=DT))
+    return Zoo("residual_sd", model, x, torch.randint(0, 4, (6,), generator=g))
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+BUILDERS = {"gpt2": gpt2, "bert": bert, "t5": t5, "encoder_layer": encoder_layer, "residual_sd": residual_sd}
+ATTN_ONLY = {"gpt2_attn_only": lambda: gpt2(attn_only=True),
+             "encoder_layer_attn_only": lambda: encoder_layer(attn_only=True)}
+HF = {"gpt2", "bert", "t5", "gpt2_attn_only"}

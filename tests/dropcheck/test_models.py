@@ -1,0 +1,138 @@
+"""dropcheck on models built the way libraries build them (model_zoo.py).
+
+Ground truth for every model is its *own* dropout: ``E[loss in train mode] -
+loss in eval mode`` by plain Monte Carlo with the model's own random draws
+(torch's global RNG), float64.  dropcheck's ``R_drop`` (its own noise, drawn
+at the sites it found) must agree within Monte Carlo error; a site dropcheck
+missed (attention dropout, stochastic depth) or invented would show as a
+difference.  The explicit-regularizer estimators must agree with each other,
+and every analytic result must be the same whether the caller left the model
+in train or in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import dropcheck as dc
+import model_zoo as Z
+from dc_helpers import Z_MAX
+
+MODELS = list(Z.BUILDERS)
+DRAWS = 600
+
+
+def build(name: str, make):
+    """The Hugging Face models need ``transformers`` (the ``test`` extra); CI
+    installs it, so there a missing package fails instead of skipping."""
+    if name in Z.HF and not os.environ.get("CI"):
+        pytest.importorskip("transformers")
+    return make()
+
+
+def _f(t) -> float:
+    return float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
+
+
+def _flat(g: dict) -> torch.Tensor:
+    return torch.cat([v.detach().reshape(-1) for v in g.values()])
+
+
+def _mean_se(vals) -> tuple[float, float]:
+    v = torch.tensor(vals, dtype=torch.float64)
+    return float(v.mean()), float(v.std() / math.sqrt(len(v)))
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def zoo(request):
+    return build(request.param, Z.BUILDERS[request.param])
+
+
+def test_gap_matches_the_models_own_dropout(zoo):
+    own, own_se = zoo.own_gap(DRAWS, seed=1, eval_modules=Z.is_batchnorm)
+    ours = dc.dropout_gap(zoo.model, zoo.inputs, zoo.targets, samples=DRAWS, generator=2)
+    z = (ours.value - own) / math.hypot(ours.stderr, own_se)
+    print(f"{zoo.name}: own {own:.4f} ± {own_se:.4f}, dropcheck {ours.value:.4f} ± {ours.stderr:.4f}, z = {z:.2f}")
+    assert own > 4 * own_se, "the gap must be resolved, else agreement says nothing"
+    assert abs(z) < Z_MAX
+
+
+def test_sites_fire_and_are_named_by_module(zoo):
+    sites = dc.find_sites(zoo.model, zoo.inputs)
+    names = [s.name for s in sites]
+    assert len(set(names)) == len(names)
+    modules = dict(zoo.model.named_modules())
+    for s in sites:
+        assert s.name.split(":")[0] in modules or s.name == "<root>"
+    if zoo.name in Z.HF or zoo.name == "encoder_layer":
+        assert any(n.endswith(":attention") for n in names), names
+    if zoo.name == "gpt2":  # SDPA path: the attn_dropout module never fires, its p reaches SDPA
+        assert "transformer.h.0.attn.attn_dropout" not in names
+    if zoo.name == "residual_sd":
+        assert {s.name: s.structure for s in sites} == {
+            "drops.0": "example", "drops.1": "example", "drops.2": "batch", "drop": "position"}
+
+
+def test_estimators_agree_and_do_not_depend_on_the_mode(zoo):
+    m, X, y = zoo.model, zoo.inputs, zoo.targets
+    buffers = {k: v.clone() for k, v in m.state_dict().items()}
+    results = {}
+    for mode in ("eval", "train"):
+        m.train(mode == "train")
+        flags = [mm.training for mm in m.modules()]
+        r = {
+            "exact": _f(dc.explicit_regularizer(m, X, y)),
+            "fd": sum(_f(v) for v in dc.explicit_regularizer(
+                m, X, y, estimator="fd", generator=3, eps=zoo.fd_eps, per_site=True).values()),
+            "hutchinson1": _f(dc.explicit_regularizer(m, X, y, estimator="hutchinson", generator=3)),
+            "taylor": _f(dc.taylor_regularizer(m, X, y)),
+            "xi": _flat(dc.implicit_noise(m, X, y, generator=4)),
+            "xi_fd": _flat(dc.implicit_noise(m, X, y, generator=4, estimator="fd", eps=zoo.fd_eps)),
+            "objective": _f(dc.analytic_dropout_objective(m, X, y, generator=5).objective),
+        }
+        assert [mm.training for mm in m.modules()] == flags, "training flags not restored"
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, buffers[k]), f"{k} changed"
+        results[mode] = r
+        # same probe: the finite difference of two forward passes against the JVP
+        assert abs(r["fd"] - r["hutchinson1"]) <= zoo.fd_rtol * abs(r["hutchinson1"])
+        err = float((r["xi"] - r["xi_fd"]).norm() / r["xi"].norm())
+        assert err < zoo.fd_rtol, err
+    for k in results["eval"]:
+        a, b = results["eval"][k], results["train"][k]
+        if isinstance(a, torch.Tensor):
+            assert torch.allclose(a, b, rtol=1e-12, atol=0), k
+        else:
+            assert a == pytest.approx(b, rel=1e-12, abs=0), k
+
+    # unbiased estimators against the exact value (train mode: the harder case)
+    m.train()
+    exact = results["train"]["exact"]
+    gen = torch.Generator().manual_seed(6)
+    for est in ("hutchinson", "sampled"):
+        mean, se = _mean_se([_f(dc.explicit_regularizer(m, X, y, estimator=est, generator=gen)) for _ in range(40)])
+        assert abs(mean - exact) < Z_MAX * se, (est, mean, se, exact)
+    mean, se = _mean_se([_f(dc.taylor_regularizer(m, X, y, estimator="hutchinson", generator=gen))
+                         for _ in range(30)])
+    assert abs(mean - results["train"]["taylor"]) < Z_MAX * se
+
+
+@pytest.mark.parametrize("name", list(Z.ATTN_ONLY))
+def test_attention_dropout_alone_matches_the_models_own(name):
+    """All of the model's dropout is attention dropout (SDPA's ``dropout_p``;
+    ``nn.MultiheadAttention`` with and without ``need_weights``): had
+    dropcheck missed it, it would find no site; had it put the noise in the
+    wrong place (scores instead of probabilities), the gaps would differ."""
+    zoo = build(name, Z.ATTN_ONLY[name])
+    sites = dc.find_sites(zoo.model, zoo.inputs)
+    assert sites and all(s.name.endswith(":attention") for s in sites), [s.name for s in sites]
+    own, own_se = zoo.own_gap(DRAWS, seed=1)
+    ours = dc.dropout_gap(zoo.model, zoo.inputs, zoo.targets, samples=DRAWS, generator=2)
+    z = (ours.value - own) / math.hypot(ours.stderr, own_se)
+    print(f"{name}: own {own:.4f} ± {own_se:.4f}, dropcheck {ours.value:.4f} ± {ours.stderr:.4f}, z = {z:.2f}")
+    assert own > 4 * own_se
+    assert abs(z) < Z_MAX
