@@ -13,6 +13,57 @@ Rademacher law).  Only first-order autograd is needed, so it runs through
 fused kernels (cuDNN RNNs) that have no double backward.  Sharing the probe
 costs no bias: ``R̂`` is quadratic and ``ξ̂`` linear in ``v``, so their
 fluctuations are uncorrelated for symmetric ``v``.
+
+What the perturbed passes contribute.  Write ``z(t)`` for the logits with
+every site's input ``h_i`` replaced by ``h_i(1 + t ε^{-1}·ε√(λ_i w_i) v_i)``
+(so ``z(±ε)`` are the two probe passes), ``N`` positions, ``p_n =
+softmax(z_n(0))``.  Algorithm 2 needs from them only the logit perturbation
+
+    u_n = [z_n(ε) - z_n(-ε)] / (2ε) = J_n(δ) + O(ε²),     δ_i = √(λ_i w_i) v_i ⊙ h_i,   (S1)
+
+(``J_n`` the Jacobian of the logits in the sites' inputs).  Then, with
+``ū_n = Σ_c p_nc u_nc`` and ``e_y`` the one-hot target,
+
+    R̂ = (1/N) Σ_n Σ_c p_nc (u_nc - ū_n)² = (1/N) Σ_n u_nᵀ H_out,n u_n          (S2)
+
+is the Hutchinson/finite-difference form of (4.4) (``E_v`` of it is the
+λ-weighted ``R_approx``), and
+
+    I = √2 (1/N) Σ_n (p_n - e_{y_n})·u_n = √2 (1/N) Σ_n (ū_n - u_{n,y_n})        (S3)
+
+is ``Σ_i J_loss,i (η_i ⊙ h_i)`` of (4.5)-(4.6) for ``η_i = √(2λ_i w_i) v_i``
+(``p - e_y = ∂ℓ/∂z`` is the loss Jacobian in the logits; ``η`` has the
+variance ``2λ_i w_i = w_i q_i/(1-q_i)``), so ``ξ̂_approx = ∇_W I`` with the
+gradient taken through ``p`` and ``u``, as (4.6) takes it through ``J_loss``
+and ``h``.  (S3) is the first-order form of the difference of the perturbed
+losses: ``g(t) = L(z(t))`` has ``g'(0) = (1/N) Σ_n (p_n - e_{y_n})·z_n'(0)``,
+and both ``[g(ε) - g(-ε)]/(2ε)`` and ``(1/N) Σ_n (p_n - e_{y_n})·u_n`` equal
+``g'(0) + O(ε²)``; both are smooth in the parameters, so their gradients
+agree to ``O(ε²)`` as well, and either is ``ξ̂_approx + O(ε²)``.  (S3) needs
+no softmax on the perturbed logits.
+
+Linear decoder.  When the logits are ``z = W f + b`` of a trailing
+``nn.Linear`` (features ``f``), (S1) is
+
+    u_n = W (f_n(ε) - f_n(-ε)) / (2ε)                                             (S4)
+
+exactly (the bias cancels): the perturbed passes stop at the decoder's input,
+and one matmul ``(N×d)(d×c)`` replaces two decoders and two softmaxes.
+``decoder="auto"`` finds such a decoder in the clean pass and otherwise uses
+the full perturbed logits (module docstring of ``analytic_dropout_objective``).
+
+Gradients of (S2)-(S3) and of ``L = (1/N) Σ_n ℓ(z_n, y_n)`` in ``Z = z(0)``
+and ``u`` (``w_n = u_n - ū_n``, ``R_n = Σ_c p_nc w_nc²``; the outputs' upstream
+gradients ``g_L, g_R, g_I``, ``g_I`` for ``I/√2``):
+
+    ∂/∂Z_nk = (1/N) [g_L (p_nk - e_{y_n,k}) + g_R p_nk (w_nk² - R_n) + g_I p_nk w_nk]      (S5)
+    ∂/∂u_nk = (1/N) [2 g_R p_nk w_nk + g_I (p_nk - e_{y_n,k})]                            (S6)
+
+(from ``∂R_n/∂u = 2 p ⊙ w``, ``∂R_n/∂p_c = w_c² - ū²`` through the softmax
+Jacobian ``diag(p) - ppᵀ``, ``∂(p·u)/∂Z = p ⊙ w``).  ``_LogitHead`` computes
+(S2), (S3), ``L`` and (S5)-(S6) in a few fused elementwise passes over the
+``N × c`` logits, the cost that dominates a large-vocabulary step.
+``hessian="identity"``: ``R_n = ‖u_n‖²/c``, ``∂R_n/∂u = 2u_n/c``, no ``Z`` term.
 """
 
 from __future__ import annotations
@@ -23,10 +74,11 @@ from typing import Mapping, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from ._analytic import as_generator, rademacher, unlock_positions
-from ._common import default_eps, mean_loss, quad_form, site_weight_list
+from . import _common
+from ._analytic import analytic_mode, as_generator, fixed_eta_policy, rademacher, unlock_positions
+from ._common import call_model, check_inputs, default_eps, mean_loss, site_weight_list
 from ._errors import DropcheckError
-from ._explicit import clean_forward, fd_pair
+from ._explicit import fd_pair
 
 
 class AnalyticObjective(NamedTuple):
@@ -41,6 +93,216 @@ class AnalyticObjective(NamedTuple):
     implicit_probe: torch.Tensor
 
 
+# --------------------------------------------------------------------------
+# the logit-space part: L, R̂ (S2), I/√2 (S3) and their gradients (S5)-(S6)
+
+
+class _LogitHead(torch.autograd.Function):
+    """``(L, R̂, I/√2)`` from clean logits ``Z (N, c)``, targets ``y (N,)`` and
+    the logit perturbation: ``u (N, c)`` itself (``W`` None), or ``u = Δ Wᵀ``
+    from the decoder-input difference ``Δ (N, d)`` and the decoder weight
+    ``W (c, d)`` (S4), computed here so that its buffer is reused for ``w``.
+    Backward by (S5)-(S6) (module docstring), with ``∂/∂Δ = (∂/∂u) W`` and
+    ``∂/∂W = (∂/∂u)ᵀ Δ`` for (S4).  Saved: ``p``, ``w = u - ū`` and
+    ``p ⊙ w`` (three ``N × c`` tensors; ``log p`` becomes ``p`` in place)."""
+
+    @staticmethod
+    def forward(ctx, Z, u, W, y, hessian):
+        N, c = Z.shape
+        logp = torch.log_softmax(Z, -1)
+        loss = -logp.gather(1, y[:, None]).sum() / N
+        p = logp.exp_()  # in place: log p is not needed any more
+        del logp
+        delta = None
+        if W is not None:
+            delta = u
+            u = delta @ W.t()  # (S4), owned here
+        ubar = torch.einsum("nc,nc->n", p, u)
+        if hessian == "identity":  # ‖u‖²/c; (S6) needs u itself
+            R_n = torch.einsum("nc,nc->n", u, u) / c
+            w = u - ubar[:, None]
+            third = u
+        else:
+            w = u.sub_(ubar[:, None]) if W is not None else u - ubar[:, None]
+            third = p * w
+            R_n = torch.einsum("nc,nc->n", third, w)  # Σ p (u - ū)², the centred form (_common.quad_form)
+        del u
+        I_n = -w.gather(1, y[:, None]).squeeze(1)  # (p - e_y)·u = ū - u_y = -w_y
+        ctx.save_for_backward(p, w, third, R_n, y, delta, W)
+        ctx.hessian = hessian
+        ctx.set_materialize_grads(False)
+        return loss, R_n.sum() / N, I_n.sum() / N
+
+    @staticmethod
+    def backward(ctx, gL, gR, gI):
+        p, w, third, R_n, y, delta, W = ctx.saved_tensors
+        N, c = p.shape
+        rows = y[:, None]
+        identity = ctx.hessian == "identity"
+        # upstream gradients over N, kept as 0-dim tensors (no host sync on a GPU)
+        sL = None if gL is None else gL / N
+        sR = None if gR is None else gR / N
+        sI = None if gI is None else gI / N
+        need_Z = ctx.needs_input_grad[0]
+        need_u = ctx.needs_input_grad[1] or (W is not None and ctx.needs_input_grad[2])
+        GZ = Gu = dU = dW = None
+        if need_Z and (sL is not None or sI is not None or (sR is not None and not identity)):
+            # (S5): (p ⊙ w) ⊙ (g_R w + g_I) + p ⊙ (g_L - g_R R_n) - g_L e_y   (identity: no g_R term)
+            if sR is not None and not identity:
+                GZ = w * sR
+                if sI is not None:
+                    GZ.add_(sI)
+                GZ.mul_(third)
+                base = -sR * R_n
+                if sL is not None:
+                    base = base + sL
+                GZ.addcmul_(p, base[:, None])
+            elif sI is not None:
+                GZ = w * sI
+                if sL is not None:
+                    GZ.add_(sL)
+                GZ.mul_(p)
+            else:
+                GZ = p * sL
+            if sL is not None:
+                GZ.scatter_add_(1, rows, (-sL).to(GZ.dtype).expand(N, 1))
+        if need_u and (sR is not None or sI is not None):
+            # (S6): 2 g_R p ⊙ w + g_I (p - e_y)   (identity: 2 g_R u / c + g_I (p - e_y))
+            if sR is not None:
+                Gu = third * (2.0 * sR / c if identity else 2.0 * sR)
+                if sI is not None:
+                    Gu.addcmul_(p, sI)
+            else:
+                Gu = p * sI
+            if sI is not None:
+                Gu.scatter_add_(1, rows, (-sI).to(Gu.dtype).expand(N, 1))
+            if W is None:
+                dU = Gu
+            else:
+                dU = Gu @ W if ctx.needs_input_grad[1] else None
+                dW = Gu.t() @ delta if ctx.needs_input_grad[2] else None
+        return GZ, dU, dW, None, None
+
+
+def logit_head(Z: torch.Tensor, u: torch.Tensor, y: torch.Tensor, hessian: str = "output",
+               W: Optional[torch.Tensor] = None):
+    """``(L, R̂, I/√2)`` of the module docstring ((S2), (S3); ``L`` the mean
+    cross-entropy), differentiable by (S5)-(S6).  ``W`` given: ``u`` is the
+    decoder-input difference ``Δ`` and the perturbation is ``Δ Wᵀ`` (S4)."""
+    return _LogitHead.apply(Z, u, W, y, hessian)
+
+
+# --------------------------------------------------------------------------
+# the trailing linear decoder
+
+
+class _StopAtDecoder(BaseException):
+    """Ends a perturbed pass at the decoder's input (a ``BaseException``, so a
+    model's own ``except Exception`` does not swallow it)."""
+
+
+def _is_plain_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+
+class _DecoderWatch:
+    """Hooks on candidate ``nn.Linear`` modules during the clean pass: records
+    each one's calls, its last input and output, and how many site
+    occurrences had been recorded when it started."""
+
+    def __init__(self, session, modules):
+        self.session = session
+        self.calls: dict[int, int] = {}
+        self.last = None  # (module, input, output, occurrences before the call)
+        self._start: dict[int, int] = {}
+        self.handles = []
+        for m in modules:
+            self.handles.append(m.register_forward_pre_hook(self._pre))
+            self.handles.append(m.register_forward_hook(self._post))
+
+    def _pre(self, m, args):
+        self._start[id(m)] = (len(self.session.occurrences), m.weight, m.bias)
+
+    def _post(self, m, args, out):
+        self.calls[id(m)] = self.calls.get(id(m), 0) + 1
+        self.last = (m, args[0] if args else None, out, self._start.get(id(m), (-1, None, None)))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def decoder(self, logits: torch.Tensor, n_occ: int) -> tuple[Optional[nn.Module], str]:
+        """``(module, "")`` when the last watched module produced ``logits``
+        (the very tensor the model returned), ran once, and every site ran
+        before it; else ``(None, why)``."""
+        if self.last is None:
+            return None, "no nn.Linear ran in the forward pass"
+        m, f, out, (start, weight, bias) = self.last
+        if out is not logits:
+            return None, "the model's logits are not the output of its last nn.Linear call"
+        if self.calls.get(id(m), 0) != 1:
+            return None, "the decoder nn.Linear is called more than once per forward pass"
+        if start != n_occ:
+            return None, "a dropout site runs inside or after the decoder"
+        if not isinstance(f, torch.Tensor) or f.shape[-1] != m.in_features:
+            return None, "the decoder's input is not one tensor of its in_features"
+        if not isinstance(weight, nn.Parameter) or not (bias is None or isinstance(bias, nn.Parameter)):
+            # e.g. WeightDrop/DropConnect on the decoder: its weight differs between the passes
+            return None, "the decoder's weight or bias in the forward pass is not its own parameter"
+        return m, ""
+
+
+def _decoder_features(model: nn.Module, inputs, decoder: nn.Module, policy, n_occ: int) -> Optional[torch.Tensor]:
+    """The decoder's input in a pass with ``policy`` at the sites; the pass
+    ends there (nothing after the decoder is computed).  ``None`` if the
+    decoder's parameters are not the ones it used in the clean pass."""
+    captured = []
+    weight, bias = decoder.weight, decoder.bias
+    calls = [0]
+
+    def counted(occ):
+        calls[0] += 1
+        return policy(occ)
+
+    def pre(m, args):
+        captured.append(args[0] if (m.weight is weight and m.bias is bias) else None)
+        raise _StopAtDecoder
+
+    handle = decoder.register_forward_pre_hook(pre)
+    try:
+        with analytic_mode(model, counted):
+            try:
+                call_model(model, inputs)
+            except _StopAtDecoder:
+                pass
+    finally:
+        handle.remove()
+    if not captured or calls[0] != n_occ:
+        raise DropcheckError(
+            "a perturbed pass did not call the same dropout sites before the decoder as the clean pass; "
+            "dropcheck needs the same sites to be called in every forward pass"
+        )
+    return captured[0]
+
+
+def _rows(t: torch.Tensor, N: int) -> Optional[torch.Tensor]:
+    """``(..., d)`` per-position features -> the ``N`` rows the clean logits
+    kept (``None`` if that selection is not known)."""
+    t = t.reshape(-1, t.shape[-1])
+    if t.shape[0] == N:
+        return t
+    select = getattr(_common, "select_rows", None)  # positions dropped by flatten_logits (ignore_index)
+    if select is None:
+        return None
+    try:
+        return select(t, N)
+    except DropcheckError:
+        return None
+
+
+# --------------------------------------------------------------------------
+
+
 def analytic_dropout_objective(
     model: nn.Module,
     inputs,
@@ -53,37 +315,90 @@ def analytic_dropout_objective(
     eps: Optional[float] = None,
     site_weights: Optional[Mapping[str, float]] = None,
     independent_positions: bool = False,
+    decoder: Union[str, nn.Module, None] = "auto",
 ) -> AnalyticObjective:
     """Surrogate of Algorithm 2 (``L + λ₁R_approx`` plus ``λ₂ξ_approx``) by
     finite differences; see the module docstring.  ``explicit_weight`` and
     ``implicit_weight`` multiply the derived defaults (λ_i per site, and the
     noise with variance ``q/(1-q)``); 0 switches a term off (its passes are
-    still run when the other needs them).  ``site_weights`` ``w_i`` multiply
+    still run when the other needs them; ``implicit_weight=0`` is the
+    explicit-only rule ``L + λR_approx``).  ``site_weights`` ``w_i`` multiply
     the sites' explicit terms (probe scale ``sqrt(λ_i w_i)``); since both
     terms share the probe, site ``i``'s noise is then scaled by ``sqrt(w_i)``
     (use ``explicit_regularizer`` + ``implicit_noise`` for independent
     per-site coefficients).  ``independent_positions=True`` draws one probe
     per position and unit at locked sites (the official code's per-position
-    treatment of locked dropout) instead of one per sequence.  Bias ``O(ε²)``."""
+    treatment of locked dropout) instead of one per sequence.  Bias ``O(ε²)``.
+
+    ``decoder``: ``"auto"`` (default) uses (S4) when the logits the model
+    returns are the output of its last ``nn.Linear`` call (a plain
+    ``nn.Linear``, called once per pass, after every dropout site), else
+    silently the full perturbed logits (S1); ``None`` always uses (S1);
+    an ``nn.Linear`` module requires (S4) with that module and raises
+    ``DropcheckError`` saying why when it does not apply.  Both give the
+    same ``u`` up to rounding.  The first pass is always the complete clean
+    forward pass (a stateful model's hidden state can be read from it); the
+    perturbed passes stop at the decoder's input under (S4).
+    """
     if hessian not in ("output", "identity"):
         raise DropcheckError(f"unknown hessian {hessian!r}; expected 'output' or 'identity'")
-    Z0, y, occs = clean_forward(model, inputs, targets)
+    if not (decoder is None or decoder == "auto" or isinstance(decoder, nn.Module)):
+        raise DropcheckError(f"decoder must be 'auto', None or an nn.Linear module, got {decoder!r}")
+    if isinstance(decoder, nn.Module) and not _is_plain_linear(decoder):
+        raise DropcheckError(f"decoder must be a plain nn.Linear, got {type(decoder).__name__}")
+    if decoder is not None and decoder != "auto" and not any(m is decoder for m in model.modules()):
+        raise DropcheckError("decoder is not a module of the model")
+
+    check_inputs(inputs)
+    watched = []
+    if decoder == "auto":
+        watched = [m for m in model.modules() if _is_plain_linear(m)]
+    elif decoder is not None:
+        watched = [decoder]
+    with analytic_mode(model, None) as session:
+        watch = _DecoderWatch(session, watched) if watched else None
+        try:
+            logits = call_model(model, inputs)
+        finally:
+            if watch is not None:
+                watch.remove()
+    Z0, y = _common.flatten_logits(logits, targets)
+    occs = session.occurrences
+    n_occ = len(occs)
+    head, why = (None, "decoder=None") if watch is None else watch.decoder(logits, n_occ)
+    if watch is not None:
+        watch.last = None  # do not keep the clean pass's tensors alive
     if independent_positions:
         unlock_positions(occs)
-    loss = mean_loss(Z0, y)
     eps = default_eps(Z0.dtype) if eps is None else float(eps)
     if not eps > 0:
         raise DropcheckError(f"eps must be > 0, got {eps!r}")
+    if head is None and isinstance(decoder, nn.Module):
+        raise DropcheckError(f"decoder: the linear-decoder route does not apply: {why}")
     if explicit_weight == 0 and implicit_weight == 0:
+        loss = mean_loss(Z0, y)
         zero = loss.new_zeros(())
         return AnalyticObjective(loss, loss, zero, zero)
     gen = as_generator(generator)
     ws = site_weight_list(occs, site_weights)
     etas = [math.sqrt(o.site.lam * w) * rademacher(o.mask_shape, o.h, gen) for o, w in zip(occs, ws)]
-    zs = fd_pair(model, inputs, etas, eps, Z0.shape)
-    u = (zs[0] - zs[1]) / (2.0 * eps)
-    explicit = quad_form(torch.softmax(Z0, -1), u, hessian).mean()
-    # the probes are h(1 ± ε' η) with η = sqrt(2λ) v and ε' = ε/√2
-    implicit = math.sqrt(2.0) * (mean_loss(zs[0], y) - mean_loss(zs[1], y)) / (2.0 * eps)
-    objective = loss + explicit_weight * explicit + implicit_weight * implicit
+    delta = None
+    if head is not None:  # (S4): stop at the decoder's input
+        fs = [_decoder_features(model, inputs, head, fixed_eta_policy(etas, s * eps), n_occ) for s in (1.0, -1.0)]
+        delta = None if fs[0] is None or fs[1] is None else _rows((fs[0] - fs[1]) / (2.0 * eps), Z0.shape[0])
+        del fs
+        if delta is None and isinstance(decoder, nn.Module):
+            raise DropcheckError("decoder: the decoder's parameters or input rows differ between the passes")
+        if delta is not None:
+            loss, explicit, implicit = logit_head(Z0, delta, y, hessian, W=head.weight)
+    if delta is None:  # (S1) from the full perturbed logits
+        zp, zm = fd_pair(model, inputs, etas, eps, Z0.shape)
+        loss, explicit, implicit = logit_head(Z0, (zp - zm) / (2.0 * eps), y, hessian)
+        del zp, zm
+    implicit = math.sqrt(2.0) * implicit  # η = sqrt(2λw) v: the probe's u times √2 (S3)
+    objective = loss
+    if explicit_weight != 0:
+        objective = objective + explicit_weight * explicit
+    if implicit_weight != 0:
+        objective = objective + implicit_weight * implicit
     return AnalyticObjective(objective, loss, explicit, implicit)

@@ -22,7 +22,8 @@ rule                   objective                                     noise
 ``l2``                 ``L + (l2/2) Σ‖W‖²``                          -
 ``dropout``            ``(1/k) Σ_j L_{η_j}``  (Algorithm 1)          -
 ``dropout_inject``     ``(1/k) Σ_j L_{η_j}``                         ``sqrt((1-1/k)/2) · ξ̃_drop`` (Sec. 3.1)
-``explicit``           ``L + Σ_g c_g R_g``  ((4.3)-(4.4))            -
+``explicit``           ``L + Σ_g c_g R_g``  ((4.3)-(4.4))            - (``estimator=fd_shared``: the
+                                                                    same fast path, noise weight 0)
 ``dropout_implicit``   ``(1/k) Σ_j L_{η_j}``                         ``sqrt(1-1/k) · ξ_approx`` (Algorithm 4)
 ``explicit_implicit``  ``L + Σ_g c_g R_g``                           ``ξ_approx`` (Algorithm 2; with
                                                                     ``estimator=fd_shared`` both in the
@@ -90,11 +91,18 @@ the others: one dropcheck call per generator, each with the other part's
 sites removed).  dropcheck has no way yet to leave a site out of a call or
 to give sites different generators, so that one workaround stays.
 
-The shared-probe fast path (``estimator="fd_shared"``, rule
-``explicit_implicit`` only) is ``dc.analytic_dropout_objective``: three
-forward passes (clean and ``h(1 ± ε√(λ_i w_i) v_i)``) with one Rademacher
-probe ``v`` shared by the explicit and the implicit term, and one
-first-order backward (``noise_estimator`` is ignored).  Its objective's
+The shared-probe fast path (``estimator="fd_shared"``, rules
+``explicit_implicit`` and ``explicit``) is ``dc.analytic_dropout_objective``:
+three forward passes (clean and ``h(1 ± ε√(λ_i w_i) v_i)``) with one
+Rademacher probe ``v`` shared by the explicit and the implicit term, and one
+first-order backward (``noise_estimator`` is ignored).  When the model ends
+in its tied ``nn.Linear`` decoder (the AWD-LSTM here) the perturbed passes
+stop at the decoder's input and one decoder matmul on the difference of the
+features gives the logit perturbation, with no softmax on the perturbed
+passes (dropcheck's ``decoder="auto"``).  For rule ``explicit`` the noise
+weight is 0 (``implicit_weight=0``): the objective is ``L + Σ_i c_i R̂_i``
+with the same ``R̂`` as ``estimator=fd`` (same probe law, one pass fewer:
+the clean pass serves both ``L`` and ``p``).  Its objective's
 gradient is ``∇[L + a Σ_i λ_i w_i R̂_i] + b Σ_i sqrt(w_i) ξ̂_i``: since one
 probe serves both terms, site ``i``'s noise coefficient is tied to the
 square root of its explicit weight.  The rule maps its coefficients onto
@@ -141,6 +149,7 @@ __all__ = [
 
 DROPOUT_RULES = ("dropout", "dropout_inject", "dropout_implicit")
 EXPLICIT_RULES = ("explicit", "explicit_implicit", "identity_hessian", "loss_jacobian")
+SHARED_PROBE_RULES = ("explicit", "explicit_implicit")  # estimator="fd_shared"
 
 
 def lam(q: float) -> float:
@@ -174,7 +183,7 @@ class StepResult(NamedTuple):
 def needs_double_backward(cfg: Mapping[str, Any]) -> bool:
     """Whether the rule differentiates through a gradient (no cuDNN then)."""
     rule = cfg["rule"]
-    if rule == "explicit_implicit" and cfg["estimator"] == "fd_shared":
+    if rule in SHARED_PROBE_RULES and cfg["estimator"] == "fd_shared":
         return False  # three forward passes, one first-order backward
     noise = rule in ("dropout_implicit", "explicit_implicit") or (
         rule in ("identity_hessian", "loss_jacobian") and cfg["ablation_noise"]
@@ -269,10 +278,11 @@ class UpdateRule:
         self.eps = float(cfg["eps"]) or None
         self.positions = cfg.get("noise_structure", "locked") == "positions"
         self.shared_probe = self.name in EXPLICIT_RULES and cfg["estimator"] == "fd_shared"
-        if self.shared_probe and self.name != "explicit_implicit":
+        if self.shared_probe and self.name not in SHARED_PROBE_RULES:
             raise DropcheckError(
                 f"config key 'estimator': 'fd_shared' (one probe shared by the explicit and the implicit "
-                f"term) is the fast path of rule 'explicit_implicit' only, not of {self.name!r}; use 'fd'"
+                f"term) is the fast path of rules 'explicit' and 'explicit_implicit' only, not of "
+                f"{self.name!r}; use 'fd'"
             )
         if self.shared_probe and int(cfg["samples"]) != 1:
             raise DropcheckError(
@@ -309,6 +319,8 @@ class UpdateRule:
         Raises ``DropcheckError`` when no such triple exists."""
         active = self._active()
         e = {n: self.explicit_weight(n) for n in active}
+        if self.name == "explicit":  # no noise: the probe serves R̂ only
+            return 1.0, 0.0, e
         m = {n: self.implicit_mult(n) for n in active}
         if all(v == 0 for v in e.values()):  # noise only: the probe is the noise
             return 0.0, 1.0, {n: m[n] * m[n] for n in active}
@@ -487,7 +499,10 @@ class UpdateRule:
         a, b, w = self.shared_probe_weights()
         gen = self._probe_generator(gens, b, w)
         site_weights = None if all(v == 1.0 for v in w.values()) else w
-        with _record_hidden(model) as hiddens:
+        # value checks off: the batches are token ids from the corpus, and the
+        # finiteness check of the N × V logits would cost a few passes over them
+        # (the dropout rules check nothing either; the trainer stops on a non-finite loss)
+        with _record_hidden(model) as hiddens, dc.value_checks(False):
             res = dc.analytic_dropout_objective(
                 model, x, y, explicit_weight=a, implicit_weight=b, generator=gen, eps=self.eps,
                 site_weights=site_weights, independent_positions=self.positions,

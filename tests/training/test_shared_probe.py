@@ -86,6 +86,51 @@ def test_gradient_is_fd_explicit_plus_fd_implicit_with_the_same_probe(case):
     assert any((g0[n] - g[n]).abs().max() > 1e-6 for n in g)
 
 
+@pytest.mark.parametrize("case", list(COEFS))
+def test_explicit_rule_gradient_is_the_fd_explicit_term(case):
+    """``rule=explicit estimator=fd_shared``: ``∇(L + Σ_i c_i R̂_i)`` with the
+    probe of ``estimator=fd`` (same seed, same draws), no noise; any implicit
+    multipliers are ignored (the rule has none)."""
+    cfg, model, rule = _setup("explicit", estimator="fd_shared", **COEFS[case])
+    assert rule.shared_probe_weights()[:2] == (1.0, 0.0)
+    assert rule.noise(model, X, Y, _gens()) is None
+    g, res = rule.gradient(model, X, Y, _gens())
+    e = _weights(cfg, "explicit")
+    R = dc.explicit_regularizer(model, X, Y, estimator="fd", eps=default_eps(torch.float64), site_weights=e,
+                                generator=torch.Generator().manual_seed(5))
+    _close(g, _grad(model, _clean_loss(model) + R), 1e-9)
+    assert float(res.reg["R"]) == pytest.approx(float(R.detach()), rel=1e-9)
+    assert float(res.loss) == pytest.approx(_clean_loss(model).item(), rel=1e-12)
+    _, hid = rule.clean(model, X, Y)
+    for (a, b), (c, d) in zip(res.hidden, hid):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    # equal in expectation to the fd route of the same rule: same probe law (mean over seeds not needed:
+    # with every weight 1 the fd route draws the same probe from the same generator state)
+    if case == "default":
+        cfg2, model2, rule2 = _setup("explicit", estimator="fd")
+        g2, res2 = rule2.gradient(model2, X, Y, _gens())
+        _close(g, g2, 1e-9)
+        assert float(res2.reg["R"]) == pytest.approx(float(res.reg["R"]), rel=1e-9)
+
+
+def test_awd_lstm_takes_the_linear_decoder_route():
+    """The tied decoder is found: it runs once per objective (the clean pass;
+    the perturbed passes stop at its input), and the objective and gradient
+    equal those of the full-logit route (``decoder=None``) up to rounding."""
+    for rule_name in ("explicit_implicit", "explicit"):
+        cfg, model, rule = _setup(rule_name, backend="fused", estimator="fd_shared")
+        calls = [0]
+        model.lm.decoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        g, res = rule.gradient(model, X, Y, _gens())
+        assert calls[0] == 1
+        a, b, w = rule.shared_probe_weights()
+        full = dc.analytic_dropout_objective(model, X, Y, explicit_weight=a, implicit_weight=b, generator=5,
+                                             eps=default_eps(torch.float64), site_weights=w, decoder=None)
+        assert calls[0] == 4  # the full-logit route runs it in all three passes
+        _close(g, _grad(model, full.objective), 1e-9)
+        assert float(res.reg["R"]) == pytest.approx(float(full.explicit.detach()), rel=1e-9)
+
+
 def test_incompatible_multipliers_are_refused():
     with pytest.raises(DropcheckError, match=r"tied to the square root of its explicit weight.*hidden: implicit 2"):
         _setup("explicit_implicit", estimator="fd_shared", implicit_mult_hidden=2.0)
@@ -100,15 +145,16 @@ def test_incompatible_multipliers_are_refused():
     assert rule.shared_probe_weights()[:2] == (1.0, 0.0)
 
 
-def test_only_for_explicit_implicit_and_first_order():
-    for rule in ("explicit", "identity_hessian", "loss_jacobian"):
-        with pytest.raises(DropcheckError, match="fast path of rule 'explicit_implicit' only"):
+def test_only_for_explicit_rules_and_first_order():
+    for rule in ("identity_hessian", "loss_jacobian"):
+        with pytest.raises(DropcheckError, match="fast path of rules 'explicit' and 'explicit_implicit' only"):
             _setup(rule, estimator="fd_shared")
     with pytest.raises(DropcheckError, match="samples"):
         _setup("explicit_implicit", estimator="fd_shared", samples=2)
     _setup("dropout", estimator="fd_shared")  # unused by rules without an explicit term
     base = make_config("smoke")
     assert not needs_double_backward({**base, "rule": "explicit_implicit", "estimator": "fd_shared"})
+    assert not needs_double_backward({**base, "rule": "explicit", "estimator": "fd_shared"})
     assert needs_double_backward({**base, "rule": "explicit_implicit", "estimator": "fd"})  # autograd noise
 
 
