@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bound": ("dropcheck._cli_bound", "Theorem 4.1 terms along training of linear models"),
     "train": ("training.cli", "language-model experiments (update rules of the paper)"),
     "bench": ("training.bench", "time every update rule side by side"),
+    "reproduce": ("training.reproduce", "run a study plan (claims C1-C6) to the end, then draw its results"),
     "figures": ("paper_figures.cli", "draw the paper's figures and tables from run logs"),
 }
 

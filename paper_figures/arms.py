@@ -15,7 +15,7 @@ def arm_label(cfg: dict) -> str:
     if rule == "none":
         return "no dropout"
     if rule == "l2":
-        return "ℓ2"
+        return f"ℓ2 ({cfg['l2']:g})" if "l2" in cfg else "ℓ2"
     if rule == "dropout":
         return f"DROPOUT_{k}"
     if rule == "dropout_inject":
@@ -25,7 +25,8 @@ def arm_label(cfg: dict) -> str:
     if rule == "explicit":
         return "R_approx" + _mult(cfg, "explicit_mult")
     if rule == "explicit_implicit":
-        return "R_approx + ξ_approx" + _mult(cfg, "explicit_mult")
+        pos = ", per-position" if cfg.get("noise_structure") == "positions" else ""
+        return "R_approx + ξ_approx" + _mult(cfg, "explicit_mult") + (f" ({pos[2:]})" if pos else "")
     if rule == "identity_hessian":
         return "identity H_out" + noise + _mult(cfg, "explicit_mult")
     if rule == "loss_jacobian":

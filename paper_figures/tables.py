@@ -40,7 +40,7 @@ def table1(runs: list[Run], out: Path) -> list[Path]:
             "test_ppl": _mean([m.test_ppl() for m in members]),
             "steps": max(int(m.final["step"]) if m.final else (m.evals[-1]["step"] if m.evals else 0) for m in members),
             "epochs": max((m.evals[-1].get("epoch", math.nan) if m.evals else math.nan) for m in members),
-            "paper_valid_ppl": PAPER_PTB.get(label, math.nan) if corpus == "ptb" else math.nan,
+            "paper_valid_ppl": PAPER_PTB.get(label.split(" (")[0].split(" [")[0], math.nan) if corpus == "ptb" else math.nan,
             "config": ", ".join(sorted({m.config_name for m in members})),
             "device": ", ".join(sorted({m.device for m in members})),
         })

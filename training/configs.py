@@ -91,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "sgd",  # sgd | adam
     "lr": 30.0,
     "clip": 0.25,  # 0: no clipping
+    "lr_decay": 1.0,  # multiply lr by this after each evaluation without a new best (1: constant)
     "weight_decay": 1.2e-6,
     "bptt": 70,
     "variable_bptt": True,
@@ -128,7 +129,7 @@ CHOICES: dict[str, tuple] = {
 POSITIVE_INT = ("emb", "hidden", "layers", "k", "samples", "bptt", "batch_size", "eval_batch_size", "test_batch_size")
 NONNEG_INT = ("train_tokens", "valid_tokens", "test_tokens", "train_eval_tokens", "epochs", "patience", "max_steps", "eval_every", "checkpoint_every", "threads", "seed")
 NONNEG_FLOAT = (
-    "eps", "explicit_mult", "implicit_mult", "l2", "lr", "clip", "weight_decay",
+    "eps", "explicit_mult", "implicit_mult", "l2", "lr", "clip", "weight_decay", "lr_decay",
     *(f"explicit_mult_{g}" for g in GROUP_NAMES),
     *(f"implicit_mult_{g}" for g in GROUP_NAMES),
 )
@@ -201,9 +202,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # vocabulary, a 100k-token slice of the training text (so that an
     # unregularized run overfits within a few epochs), a 2 x 200 LSTM (tied,
     # emb 200), a 30k-token validation slice, the whole test text; one thread
-    # per run so two runs go side by side on a 2-core machine; stop after 3
-    # evaluations without a new best (CPU_PILOT: a fixed short budget measures
-    # speed of convergence, not the regularizer).  Analytic terms by the
+    # per run so two runs go side by side on a 2-core machine; the learning
+    # rate is divided by 4 after an epoch without a new best validation
+    # perplexity and the run stops after 3 such epochs (CPU_PILOT: a fixed
+    # short budget measures speed of convergence, not the regularizer; the
+    # first pilot at a constant lr 20 oscillated by +-20% between epochs).  Analytic terms by the
     # first-order finite-difference estimators (fused LSTM).
     "cpu-ptb": {
         "corpus": "ptb",
@@ -222,6 +225,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "test_batch_size": 10,
         "epochs": 25,
         "patience": 3,
+        "lr_decay": 0.25,
         "checkpoint_every": 100,
         "device": "cpu",
         "estimator": "fd",
@@ -338,6 +342,8 @@ def validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
         v = out[key]
         if not (0.0 <= v < 1.0):
             raise _err(key, f"drop probability must lie in [0, 1), got {v}")
+    if not 0 < out["lr_decay"] <= 1:
+        raise _err("lr_decay", f"must lie in (0, 1], got {out['lr_decay']}")
     if out["lr"] <= 0:
         raise _err("lr", f"must be > 0, got {out['lr']}")
     dev = out["device"]

@@ -243,6 +243,7 @@ class LoopState:
     best_valid: float = math.inf
     best_step: int = -1
     best_eval: int = 0  # ``evals`` when the best validation perplexity was reached (patience)
+    lr_scale: float = 1.0  # times ``lr_decay`` after each evaluation without a new best
     evals: int = 0
     log_lines: int = 0
     train_time: float = 0.0
@@ -624,6 +625,9 @@ def train(
             if is_main:
                 atomic_torch_save({"model": lm.state_dict(), "step": st.step, "valid_ppl": vppl, "config": cfg}, best_path)
         tps = st.interval_tokens / st.interval_time if st.interval_time > 0 else math.nan
+        lr_now = cfg["lr"] * st.lr_scale  # the rate this interval trained with
+        if not improved:
+            st.lr_scale *= cfg["lr_decay"]  # annealing on a plateau (1: constant rate)
         rec = {
             "type": "eval",
             "step": st.step,
@@ -636,7 +640,8 @@ def train(
             "valid_loss": vloss,
             "valid_ppl": vppl,
             "best_valid_ppl": st.best_valid,
-            "lr": cfg["lr"],
+            "lr": lr_now,
+            "next_lr": cfg["lr"] * st.lr_scale,
             "reg": {k: float(v) / steps for k, v in sorted(reg.items())},
             "wall_time": st.train_time,
             "tokens_per_s": tps,
@@ -680,7 +685,8 @@ def train(
             seq_len = sample_seq_len(data_gen, bptt) if cfg["variable_bptt"] else bptt
             x, y = get_batch(train_data, st.pos, seq_len)
             for g in opt.param_groups:
-                g["lr"] = cfg["lr"] * x.size(0) / bptt if cfg["variable_bptt"] else cfg["lr"]
+                lr = cfg["lr"] * st.lr_scale
+                g["lr"] = lr * x.size(0) / bptt if cfg["variable_bptt"] else lr
             loss, reg, hidden = train_step(ddp, model, rule, gens, opt, params, x, y, hidden, cfg["clip"], world)
             acc["loss"] += loss.double()
             acc["steps"] += 1

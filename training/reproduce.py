@@ -1,0 +1,310 @@
+"""``dropcheck reproduce``: run a study plan to the end, then draw its results.
+
+    dropcheck reproduce --plan cpu-ptb [--jobs 2] [--seeds N] [--arms PATTERN ...]
+                        [--runs DIR] [--out DIR] [--data DIR] [--status] [--draw-only]
+    dropcheck reproduce --plan cpu-ptb --recheck RUN_NAME
+
+Every run of the plan (``study.py``) is in one of four states, read from the
+files under ``--runs`` (default ``results/runs/<plan>``):
+
+- ``done``: its log has a final line.  Never run again.
+- ``interrupted``: a checkpoint ``<run>.ckpt.pt`` and no final line: resumed
+  (``dropcheck train --resume``, which continues to the same numbers as an
+  uninterrupted run).
+- ``broken``: a log without a final line and no checkpoint (killed before its
+  first checkpoint): started again.
+- ``todo``: nothing yet.
+
+Runs go in plan order, up to ``--jobs`` at a time, each a ``dropcheck
+train`` subprocess (its output in ``<run>.out`` beside the log); a progress
+display shows every running job's epoch and validation perplexity.  Then the
+figures, tables and claims are drawn from the logs into ``--out`` (default
+``results/<plan>``).  When every run is done, the command only redraws.
+A failed run is reported with the end of its output, and the command exits
+with status 1 after drawing what there is.
+
+``--recheck RUN`` re-runs the first epoch of a committed run with its logged
+config (in a temporary folder) and compares the validation perplexity of its
+first evaluation with the logged one (exit 1 beyond ``--tolerance``, 1%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from dropcheck import DropcheckError
+
+from .study import Plan, best_member, get_plan, PLANS
+
+
+@dataclass
+class RunJob:
+    arm: str
+    seed: int
+    name: str
+    state: str  # done | interrupted | broken | todo
+
+
+def _read_log(path: Path) -> tuple[Optional[dict], list[dict], Optional[dict]]:
+    header, evals, final = None, [], None
+    if not path.exists():
+        return header, evals, final
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        t = rec.get("type") if isinstance(rec, dict) else None
+        if t == "header":
+            header = rec
+        elif t == "eval":
+            evals.append(rec)
+        elif t == "final":
+            final = rec
+    return header, evals, final
+
+
+def run_state(runs_dir: Path, name: str) -> str:
+    log, ckpt = runs_dir / f"{name}.jsonl", runs_dir / f"{name}.ckpt.pt"
+    _, _, final = _read_log(log)
+    if final is not None:
+        return "done"
+    if ckpt.exists():
+        return "interrupted"
+    if log.exists():
+        return "broken"
+    return "todo"
+
+
+def _seed1_best(plan: Plan, runs_dir: Path) -> dict[str, Optional[float]]:
+    out = {}
+    for a in plan.arms:
+        _, _, final = _read_log(runs_dir / f"{plan.run_name(a.name, 1)}.jsonl")
+        out[a.name] = float(final["best_valid_ppl"]) if final else None
+    return out
+
+
+def plan_jobs(plan: Plan, runs_dir: Path, seeds: int, patterns: Optional[list[str]] = None) -> list[RunJob]:
+    """Every run of the plan, in order, with its state; the extra seeds of a
+    ``best_of`` group appear once its winner is known."""
+    best = _seed1_best(plan, runs_dir)
+    winners = {g: best_member(g, best) for g in plan.best_of}
+    jobs = []
+    for a in plan.arms:
+        if patterns and not any(fnmatch.fnmatchcase(a.name, p) for p in patterns):
+            continue
+        n = seeds if (a.key or any(w == a.name for w in winners.values())) else 1
+        for seed in range(1, n + 1):
+            name = plan.run_name(a.name, seed)
+            jobs.append(RunJob(a.name, seed, name, run_state(runs_dir, name)))
+    return jobs
+
+
+def _command(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str]) -> list[str]:
+    over = plan.overrides(job.arm, job.seed)
+    cmd = [sys.executable, "-m", "dropcheck", "train", "--config", plan.config, "--out", str(runs_dir),
+           "--no-progress"]
+    if data:
+        cmd += ["--data", data]
+    if job.state == "interrupted":
+        cmd.append("--resume")
+    elif job.state == "broken":
+        cmd.append("--overwrite")
+    cmd += [f"{k}={v}" for k, v in over.items()]
+    return cmd
+
+
+def _progress_line(runs_dir: Path, name: str) -> str:
+    _, evals, _ = _read_log(runs_dir / f"{name}.jsonl")
+    if not evals:
+        return f"{name}: starting"
+    e = evals[-1]
+    return f"{name}: epoch {e.get('epoch', 0):.1f} valid {e.get('valid_ppl', math.nan):.1f}"
+
+
+def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data: Optional[str] = None,
+             patterns: Optional[list[str]] = None, progress: bool = True, poll: float = 1.0) -> list[str]:
+    """Runs every unfinished run (re-planning after each finish, so a
+    ``best_of`` winner's extra seeds join in); returns the names that failed."""
+    from tqdm import tqdm
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
+    running: dict[str, tuple[subprocess.Popen, RunJob, object]] = {}
+    total0 = len([j for j in plan_jobs(plan, runs_dir, seeds, patterns) if j.state != "done"])
+    bar = tqdm(total=total0, desc=f"{plan.name}", unit="run", file=sys.stderr, dynamic_ncols=True,
+               disable=not progress)
+    done_count = 0
+
+    def stop_all(signum=None, frame=None):
+        for p, _, _ in running.values():
+            if p.poll() is None:
+                p.terminate()
+        for p, _, _ in running.values():
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if signum is not None:
+            raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop_all)
+    try:
+        while True:
+            todo = [j for j in plan_jobs(plan, runs_dir, seeds, patterns)
+                    if j.state != "done" and j.name not in running and j.name not in failed]
+            while todo and len(running) < jobs:
+                job = todo.pop(0)
+                out = open(runs_dir / f"{job.name}.out", "a", encoding="utf-8")
+                cmd = _command(plan, job, runs_dir, data)
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+                p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+                running[job.name] = (p, job, out)
+                bar.write(f"start  {job.name} ({job.state})")
+            if not running:
+                break
+            time.sleep(poll)
+            for name, (p, job, out) in list(running.items()):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                out.close()
+                del running[name]
+                done_count += 1
+                if rc != 0 or run_state(runs_dir, name) != "done":
+                    failed.append(name)
+                    tail = (runs_dir / f"{name}.out").read_text(errors="replace").splitlines()[-8:]
+                    bar.write(f"FAILED {name} (exit {rc}):\n    " + "\n    ".join(tail))
+                else:
+                    _, _, final = _read_log(runs_dir / f"{name}.jsonl")
+                    bar.write(f"done   {name}: best valid {final['best_valid_ppl']:.2f} at step "
+                              f"{final['best_step']}, test {final['test_ppl']:.2f}")
+                total = done_count + len(running) + len(
+                    [j for j in plan_jobs(plan, runs_dir, seeds, patterns)
+                     if j.state != "done" and j.name not in running and j.name not in failed])
+                bar.total = max(total, done_count)
+                bar.update(1)
+            bar.set_postfix_str(" | ".join(_progress_line(runs_dir, n) for n in running))
+    except KeyboardInterrupt:
+        stop_all()
+        bar.write("interrupted: running jobs were stopped; run the same command again to resume them")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        bar.close()
+    return failed
+
+
+def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
+    """Figures, tables and the claims (JSON + Markdown) from the logs alone."""
+    from paper_figures.claims import write_claims
+    from paper_figures.figures import FIGURES, draw as draw_figure
+    from paper_figures.logs import read_runs
+    from paper_figures.tables import table1
+
+    problems: list[str] = []
+    runs = [r for r in read_runs(runs_dir, problems) if r.header.get("run_name", "").startswith(plan.name + "-")]
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
+    if not runs:
+        raise DropcheckError(f"no run log of plan {plan.name!r} under {runs_dir}")
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name in FIGURES:
+        written += draw_figure(name, runs, out)
+    written += table1(runs, out)
+    written += write_claims(runs, out, plan_name=plan.name)
+    return written
+
+
+def print_status(plan: Plan, runs_dir: Path, seeds: int, patterns) -> None:
+    jobs = plan_jobs(plan, runs_dir, seeds, patterns)
+    for j in jobs:
+        extra = ""
+        if j.state == "done":
+            _, evals, final = _read_log(runs_dir / f"{j.name}.jsonl")
+            extra = f"best valid {final['best_valid_ppl']:.2f}, {final['wall_time'] / 60:.1f} min"
+        elif j.state in ("interrupted", "broken"):
+            extra = _progress_line(runs_dir, j.name)
+        print(f"{j.state:12s} {j.name:45s} {extra}")
+    pend = [g for g in plan.best_of if best_member(g, _seed1_best(plan, runs_dir)) is None]
+    for g in pend:
+        print(f"(best of {', '.join(g)}: extra seeds once all have seed 1)")
+
+
+def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance: float) -> int:
+    """Re-run the first epoch of a committed run with its logged config."""
+    from .trainer import train
+
+    header, evals, _ = _read_log(runs_dir / f"{run}.jsonl")
+    if header is None or not evals:
+        raise DropcheckError(f"{runs_dir / (run + '.jsonl')}: no header or no evaluation to re-check")
+    first = evals[0]
+    cfg = dict(header["config"])
+    cfg.update({"max_steps": int(first["step"]), "progress": False})
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train(cfg, data=data, out=tmp, config_name=header.get("config_name", plan.config))
+    got = res.records[0]["valid_ppl"]
+    want = first["valid_ppl"]
+    rel = abs(got - want) / want
+    ok = rel <= tolerance
+    print(f"{run}: first evaluation at step {first['step']}: logged valid ppl {want:.4f}, re-run {got:.4f} "
+          f"(relative difference {rel:.2e}, tolerance {tolerance:g}): {'ok' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", required=True, choices=sorted(PLANS), help="the study plan")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2; one thread each)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds of the key arms and of the best R_approx coefficient (default 2)")
+    p.add_argument("--arms", nargs="+", metavar="PATTERN", help="run only arms matching these glob patterns")
+    p.add_argument("--runs", default=None, help="folder of the run logs (default results/runs/<plan>)")
+    p.add_argument("--out", default=None, help="folder of figures and claims (default results/<plan>)")
+    p.add_argument("--data", default=None, help="corpus folder (default: $DROPCHECK_DATA)")
+    p.add_argument("--status", action="store_true", help="show every run's state, then exit")
+    p.add_argument("--draw-only", action="store_true", help="draw from the logs there are, run nothing")
+    p.add_argument("--recheck", metavar="RUN", help="re-run the first epoch of RUN and compare its validation perplexity")
+    p.add_argument("--tolerance", type=float, default=0.01, help="relative tolerance of --recheck (default 0.01)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = get_plan(args.plan)
+    if args.jobs < 1:
+        raise DropcheckError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.seeds < 1:
+        raise DropcheckError(f"--seeds must be >= 1, got {args.seeds}")
+    runs_dir = Path(args.runs or f"results/runs/{plan.name}")
+    out = Path(args.out or f"results/{plan.name}")
+    if args.recheck:
+        return recheck(plan, runs_dir, args.recheck, args.data, args.tolerance)
+    if args.status:
+        print_status(plan, runs_dir, args.seeds, args.arms)
+        return 0
+    failed: list[str] = []
+    if not args.draw_only:
+        pending = [j for j in plan_jobs(plan, runs_dir, args.seeds, args.arms) if j.state != "done"]
+        if pending:
+            print(f"{plan.name}: {len(pending)} run(s) to do, {args.jobs} at a time", file=sys.stderr)
+            failed = run_plan(plan, runs_dir, jobs=args.jobs, seeds=args.seeds, data=args.data,
+                              patterns=args.arms, progress=not args.no_progress)
+        else:
+            print(f"{plan.name}: every run is done; drawing only", file=sys.stderr)
+    written = draw(plan, runs_dir, out)
+    print(f"wrote {len(written)} files under {out}")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

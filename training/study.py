@@ -1,0 +1,147 @@
+"""Study plans: the arms behind the paper's claims C1-C6, as runs of one config.
+
+A ``Plan`` names a config of ``configs.py`` and a list of ``Arm``s, each a
+set of config overrides with the claim it serves and the seeds it runs.
+``dropcheck reproduce --plan NAME`` (``reproduce.py``) runs every run of a
+plan that has no complete log, then draws the figures and the claims table.
+
+Run names are ``<plan>-<arm>-s<seed>``; the claims code (``paper_figures/
+claims.py``) reads the arms back from the logs' headers alone.
+
+Seeds: arms marked ``key`` (no regularization, DROPOUT_1, R_approx + ξ_approx)
+run ``--seeds`` seeds (default 2).  A ``best_of`` group (the three R_approx
+coefficients) first runs seed 1 of each member; once all have finished, the
+member with the lowest best validation perplexity runs the extra seeds too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from dropcheck import DropcheckError
+
+__all__ = ["Arm", "Plan", "PLANS", "get_plan"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    overrides: Mapping[str, Any]
+    claim: str  # "C1".."C6", or "baseline"
+    key: bool = False  # runs --seeds seeds
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    config: str
+    arms: tuple[Arm, ...]
+    best_of: tuple[tuple[str, ...], ...] = ()
+    note: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)  # overrides applied to every arm
+
+    def arm(self, name: str) -> Arm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise DropcheckError(f"plan {self.name!r} has no arm {name!r}; arms: {[a.name for a in self.arms]}")
+
+    def run_name(self, arm: str, seed: int) -> str:
+        return f"{self.name}-{arm}-s{seed}"
+
+    def overrides(self, arm: str, seed: int) -> dict[str, Any]:
+        """Every override of one run (the plan's, the arm's, seed, run name)."""
+        return {**self.extra, **self.arm(arm).overrides, "seed": seed, "run_name": self.run_name(arm, seed)}
+
+
+def _paper_arms(explicit_route: Mapping[str, Any], implicit_route: Mapping[str, Any],
+                shared_route: Mapping[str, Any], l2s, identity_mults, lj_mults) -> tuple[Arm, ...]:
+    """The arms of issue 10 in the order they run (cheap baselines first)."""
+    arms = [
+        Arm("none", {"rule": "none"}, "baseline", key=True),
+        Arm("dropout-k1", {"rule": "dropout", "k": 1}, "C1", key=True),
+        *(Arm(f"l2-{c:g}", {"rule": "l2", "l2": c}, "C6") for c in l2s),
+        *(Arm(f"dropout-k{k}", {"rule": "dropout", "k": k}, "C1") for k in (2, 4, 8)),
+        Arm("inject-k4", {"rule": "dropout_inject", "k": 4}, "C2"),
+        *(
+            Arm(f"explicit-x{m:g}", {"rule": "explicit", "explicit_mult": m, **explicit_route}, "C3")
+            for m in (1.0, 1.5, 2.0)
+        ),
+        Arm("explicit-implicit", {"rule": "explicit_implicit", **shared_route}, "C5", key=True),
+        Arm("explicit-implicit-positions",
+            {"rule": "explicit_implicit", "noise_structure": "positions", **shared_route}, "C5"),
+        *(Arm(f"dropout-implicit-k{k}", {"rule": "dropout_implicit", "k": k, **implicit_route}, "C4")
+          for k in (2, 4, 8)),
+        *(Arm(f"identity-x{m:g}", {"rule": "identity_hessian", "explicit_mult": m, **explicit_route}, "C6")
+          for m in identity_mults),
+        *(Arm(f"loss-jacobian-x{m:g}", {"rule": "loss_jacobian", "explicit_mult": m}, "C6")
+          for m in lj_mults),
+    ]
+    return tuple(arms)
+
+
+_EXPLICIT_GROUP = ("explicit-x1", "explicit-x1.5", "explicit-x2")
+
+PLANS: dict[str, Plan] = {
+    "cpu-ptb": Plan(
+        "cpu-ptb",
+        "cpu-ptb",
+        _paper_arms(
+            explicit_route={"estimator": "fd"},
+            implicit_route={"noise_estimator": "fd"},
+            shared_route={"estimator": "fd_shared"},
+            l2s=(1e-5, 3e-5, 1e-4),
+            identity_mults=(1.0, 10.0),
+            lj_mults=(1.0, 2.0),
+        ),
+        best_of=(_EXPLICIT_GROUP,),
+        note="2-core CPU study (one thread per run); see the README's 'CPU study' section",
+    ),
+    # The paper's size, for a GPU (mini-ptb: short runs at 2 x 512; ptb: the paper's AWD-LSTM).
+    "ptb": Plan(
+        "ptb",
+        "ptb",
+        _paper_arms(
+            explicit_route={"estimator": "fd"},
+            implicit_route={"noise_estimator": "fd"},
+            shared_route={"estimator": "fd_shared"},
+            l2s=(1e-6, 1e-5, 1e-4),
+            identity_mults=(1.0, 10.0),
+            lj_mults=(1.0, 2.0),
+        ),
+        best_of=(_EXPLICIT_GROUP,),
+        note="the paper's AWD-LSTM on PTB; a GPU run (several GPU-days for every arm)",
+    ),
+    # A few steps per arm, for the driver's tests and a quick look at the pipeline.
+    "tiny": Plan(
+        "tiny",
+        "smoke",
+        (
+            Arm("none", {"rule": "none"}, "baseline"),
+            Arm("dropout-k1", {"rule": "dropout", "k": 1}, "C1"),
+            Arm("explicit-x1", {"rule": "explicit", "explicit_mult": 1.0, "estimator": "fd"}, "C3"),
+            Arm("explicit-x2", {"rule": "explicit", "explicit_mult": 2.0, "estimator": "fd"}, "C3"),
+            Arm("explicit-implicit", {"rule": "explicit_implicit", "estimator": "fd_shared"}, "C5", key=True),
+        ),
+        best_of=(("explicit-x1", "explicit-x2"),),
+        extra={"max_steps": 12, "eval_every": 6, "checkpoint_every": 3, "train_tokens": 20_000,
+               "valid_tokens": 2_000, "test_tokens": 2_000, "train_eval_tokens": 2_000},
+        note="a pipeline check, not a study",
+    ),
+}
+
+
+def get_plan(name: str) -> Plan:
+    if name not in PLANS:
+        raise DropcheckError(f"unknown plan {name!r}; expected one of {list(PLANS)}")
+    return PLANS[name]
+
+
+def best_member(group: tuple[str, ...], best_valid: Mapping[str, Optional[float]]) -> Optional[str]:
+    """The member of ``group`` with the lowest seed-1 best validation
+    perplexity, or None while any member lacks a complete seed-1 run."""
+    vals = {a: best_valid.get(a) for a in group}
+    if any(v is None for v in vals.values()):
+        return None
+    return min(vals, key=lambda a: vals[a])
