@@ -97,45 +97,65 @@ class AnalyticObjective(NamedTuple):
 # the logit-space part: L, R̂ (S2), I/√2 (S3) and their gradients (S5)-(S6)
 
 
+def _head_buffers(Z, u, W, y, hessian):
+    """The forward of ``_LogitHead``: ``(L, p, w, third, R_n, I_n)`` with
+    ``third = p ⊙ w`` (``hessian="output"``) or ``u`` (``"identity"``)."""
+    N, c = Z.shape
+    logp = torch.log_softmax(Z, -1)
+    loss = -logp.gather(1, y[:, None]).sum() / N
+    p = logp.exp_()  # in place: log p is not needed any more
+    del logp
+    owned = W is not None
+    if owned:
+        u = u @ W.t()  # (S4) from Δ: a new buffer, reused for w below
+    ubar = torch.einsum("nc,nc->n", p, u)
+    if hessian == "identity":  # ‖u‖²/c; (S6) needs u itself
+        R_n = torch.einsum("nc,nc->n", u, u) / c
+        w = u - ubar[:, None]
+        third = u if owned else u.clone()  # the backward writes into it
+    else:
+        w = u.sub_(ubar[:, None]) if owned else u - ubar[:, None]
+        third = p * w
+        R_n = torch.einsum("nc,nc->n", third, w)  # Σ p (u - ū)², the centred form (_common.quad_form)
+    I_n = -w.gather(1, y[:, None]).squeeze(1)  # (p - e_y)·u = ū - u_y = -w_y
+    return loss, p, w, third, R_n, I_n
+
+
 class _LogitHead(torch.autograd.Function):
     """``(L, R̂, I/√2)`` from clean logits ``Z (N, c)``, targets ``y (N,)`` and
     the logit perturbation: ``u (N, c)`` itself (``W`` None), or ``u = Δ Wᵀ``
     from the decoder-input difference ``Δ (N, d)`` and the decoder weight
     ``W (c, d)`` (S4), computed here so that its buffer is reused for ``w``.
     Backward by (S5)-(S6) (module docstring), with ``∂/∂Δ = (∂/∂u) W`` and
-    ``∂/∂W = (∂/∂u)ᵀ Δ`` for (S4).  Saved: ``p``, ``w = u - ū`` and
-    ``p ⊙ w`` (three ``N × c`` tensors; ``log p`` becomes ``p`` in place)."""
+    ``∂/∂W = (∂/∂u)ᵀ Δ`` for (S4).  Kept for the backward: ``p``,
+    ``w = u - ū`` and ``p ⊙ w`` (three ``N × c`` tensors; ``log p`` becomes
+    ``p`` in place), and the inputs.  The first backward writes (S5) into
+    ``w``'s buffer and (S6) into ``p ⊙ w``'s, so a large-vocabulary step
+    allocates no further ``N × c`` tensor; a later backward through the same
+    graph (``retain_graph=True``, or ``loss`` differentiated after
+    ``objective``) recomputes the buffers from the inputs."""
 
     @staticmethod
     def forward(ctx, Z, u, W, y, hessian):
-        N, c = Z.shape
-        logp = torch.log_softmax(Z, -1)
-        loss = -logp.gather(1, y[:, None]).sum() / N
-        p = logp.exp_()  # in place: log p is not needed any more
-        del logp
-        delta = None
-        if W is not None:
-            delta = u
-            u = delta @ W.t()  # (S4), owned here
-        ubar = torch.einsum("nc,nc->n", p, u)
-        if hessian == "identity":  # ‖u‖²/c; (S6) needs u itself
-            R_n = torch.einsum("nc,nc->n", u, u) / c
-            w = u - ubar[:, None]
-            third = u
-        else:
-            w = u.sub_(ubar[:, None]) if W is not None else u - ubar[:, None]
-            third = p * w
-            R_n = torch.einsum("nc,nc->n", third, w)  # Σ p (u - ū)², the centred form (_common.quad_form)
-        del u
-        I_n = -w.gather(1, y[:, None]).squeeze(1)  # (p - e_y)·u = ū - u_y = -w_y
-        ctx.save_for_backward(p, w, third, R_n, y, delta, W)
+        N = Z.shape[0]
+        loss, p, w, third, R_n, I_n = _head_buffers(Z, u, W, y, hessian)
+        ctx.save_for_backward(Z, u, W, y)
+        # kept as attributes, not saved tensors: the first backward overwrites w and third
+        ctx.buffers = (p, w, third, R_n)
         ctx.hessian = hessian
         ctx.set_materialize_grads(False)
         return loss, R_n.sum() / N, I_n.sum() / N
 
     @staticmethod
     def backward(ctx, gL, gR, gI):
-        p, w, third, R_n, y, delta, W = ctx.saved_tensors
+        Z, delta, W, y = ctx.saved_tensors
+        if ctx.buffers is None:  # consumed by an earlier backward: recompute
+            with torch.no_grad():
+                p, w, third, R_n = _head_buffers(Z.detach(), delta.detach(), None if W is None else W.detach(), y,
+                                                 ctx.hessian)[1:5]
+        else:
+            p, w, third, R_n = ctx.buffers
+            ctx.buffers = None
         N, c = p.shape
         rows = y[:, None]
         identity = ctx.hessian == "identity"
@@ -146,10 +166,11 @@ class _LogitHead(torch.autograd.Function):
         need_Z = ctx.needs_input_grad[0]
         need_u = ctx.needs_input_grad[1] or (W is not None and ctx.needs_input_grad[2])
         GZ = Gu = dU = dW = None
+        # (S5) goes into w's buffer, then (S6) into third's (p ⊙ w, or u for identity): no new N × c buffer
         if need_Z and (sL is not None or sI is not None or (sR is not None and not identity)):
             # (S5): (p ⊙ w) ⊙ (g_R w + g_I) + p ⊙ (g_L - g_R R_n) - g_L e_y   (identity: no g_R term)
             if sR is not None and not identity:
-                GZ = w * sR
+                GZ = w.mul_(sR)
                 if sI is not None:
                     GZ.add_(sI)
                 GZ.mul_(third)
@@ -158,22 +179,22 @@ class _LogitHead(torch.autograd.Function):
                     base = base + sL
                 GZ.addcmul_(p, base[:, None])
             elif sI is not None:
-                GZ = w * sI
+                GZ = w.mul_(sI)
                 if sL is not None:
                     GZ.add_(sL)
                 GZ.mul_(p)
             else:
-                GZ = p * sL
+                GZ = w.copy_(p).mul_(sL)
             if sL is not None:
                 GZ.scatter_add_(1, rows, (-sL).to(GZ.dtype).expand(N, 1))
         if need_u and (sR is not None or sI is not None):
             # (S6): 2 g_R p ⊙ w + g_I (p - e_y)   (identity: 2 g_R u / c + g_I (p - e_y))
             if sR is not None:
-                Gu = third * (2.0 * sR / c if identity else 2.0 * sR)
+                Gu = third.mul_(2.0 * sR / c if identity else 2.0 * sR)
                 if sI is not None:
                     Gu.addcmul_(p, sI)
             else:
-                Gu = p * sI
+                Gu = third.copy_(p).mul_(sI)
             if sI is not None:
                 Gu.scatter_add_(1, rows, (-sI).to(Gu.dtype).expand(N, 1))
             if W is None:

@@ -173,34 +173,66 @@ def test_linear_decoder_route_is_taken_and_matches_full_logits():
 
 
 @pytest.mark.parametrize("hessian", ["output", "identity"])
-def test_logit_head_matches_autograd_of_the_plain_formulas(hessian):
-    """(S2), (S3), ``L`` and their hand-written gradients (S5)-(S6) against
-    autograd of the plain formulas, every combination of outputs used, and
-    torch.autograd.gradcheck."""
+@pytest.mark.parametrize("with_decoder", [False, True])
+def test_logit_head_matches_autograd_of_the_plain_formulas(hessian, with_decoder):
+    """(S2), (S3), ``L`` and the hand-written gradients (S5)-(S6) (and, with a
+    decoder, ``u = Δ Wᵀ`` and its two matmul gradients) against autograd of
+    the plain formulas, for every combination of outputs used; a central
+    difference of the objective along a random direction as a third route;
+    a second backward through the same graph (its buffers consumed by the
+    first) gives the same gradient."""
     from dropcheck._common import quad_form
     from dropcheck._surrogate import logit_head
 
     g = torch.Generator().manual_seed(0)
-    Z = (3 * torch.randn(7, 5, generator=g, dtype=torch.float64)).requires_grad_()
-    u = torch.randn(7, 5, generator=g, dtype=torch.float64).requires_grad_()
-    y = torch.randint(0, 5, (7,), generator=g)
+    N, c, d = 7, 5, 3
+    Z = (3 * torch.randn(N, c, generator=g, dtype=torch.float64)).requires_grad_()
+    y = torch.randint(0, c, (N,), generator=g)
+    if with_decoder:
+        delta = torch.randn(N, d, generator=g, dtype=torch.float64).requires_grad_()
+        W = torch.randn(c, d, generator=g, dtype=torch.float64).requires_grad_()
+        leaves = [Z, delta, W]
+    else:
+        u0 = torch.randn(N, c, generator=g, dtype=torch.float64).requires_grad_()
+        leaves = [Z, u0]
 
-    def plain(Z, u):
-        p = torch.softmax(Z, -1)
-        return (torch.nn.functional.cross_entropy(Z, y), quad_form(p, u, hessian).mean(),
-                ((p - torch.nn.functional.one_hot(y, 5)) * u).sum(1).mean())
+    def fast(*xs):
+        return logit_head(xs[0], xs[1], y, hessian, W=xs[2] if with_decoder else None)
 
-    got, want = logit_head(Z, u, y, hessian), plain(Z, u)
-    for a_, b_ in zip(got, want):
+    def plain(*xs):
+        u = xs[1] @ xs[2].t() if with_decoder else xs[1]
+        p = torch.softmax(xs[0], -1)
+        return (torch.nn.functional.cross_entropy(xs[0], y), quad_form(p, u, hessian).mean(),
+                ((p - torch.nn.functional.one_hot(y, c)) * u).sum(1).mean())
+
+    for a_, b_ in zip(fast(*leaves), plain(*leaves)):
         assert float(a_) == pytest.approx(float(b_), rel=1e-12, abs=1e-15)
     for ws in [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.7, 0.0), (1.0, 0.0, -0.4), (0.3, 1.3, 2.0)]:
-        sa = sum(w * t for w, t in zip(ws, got) if w)
-        sb = sum(w * t for w, t in zip(ws, want) if w)
-        for x1, x2 in zip(torch.autograd.grad(sa, [Z, u], retain_graph=True, allow_unused=True, materialize_grads=True),
-                          torch.autograd.grad(sb, [Z, u], retain_graph=True, allow_unused=True, materialize_grads=True)):
-            assert torch.allclose(x1, x2, rtol=1e-10, atol=1e-14)
-    assert torch.autograd.gradcheck(lambda Z, u: sum(w * t for w, t in zip((1.0, 0.3, 0.7), logit_head(Z, u, y, hessian))),
-                                    (Z, u))
+        def scalar(fn, xs):
+            return sum(w * t for w, t in zip(ws, fn(*xs)) if w)
+
+        got = torch.autograd.grad(scalar(fast, leaves), leaves, allow_unused=True, materialize_grads=True)
+        want = torch.autograd.grad(scalar(plain, leaves), leaves, allow_unused=True, materialize_grads=True)
+        for x1, x2 in zip(got, want):
+            assert torch.allclose(x1, x2, rtol=1e-10, atol=1e-14), ws
+        # third route: central difference along a random direction
+        dirs = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in leaves]
+        h = 1e-5
+        with torch.no_grad():
+            fp = scalar(fast, [x + h * v for x, v in zip(leaves, dirs)])
+            fm = scalar(fast, [x - h * v for x, v in zip(leaves, dirs)])
+        directional = sum(float((gr * v).sum()) for gr, v in zip(got, dirs))
+        assert float(fp - fm) / (2 * h) == pytest.approx(directional, rel=1e-7, abs=1e-10)
+    # the first backward reuses the buffers; a second one through the same graph recomputes them
+    outs = fast(*leaves)
+    first = torch.autograd.grad(outs[0] + 0.7 * outs[1] + 0.3 * outs[2], leaves, retain_graph=True)
+    again = torch.autograd.grad(outs[0] + 0.7 * outs[1] + 0.3 * outs[2], leaves, retain_graph=True)
+    loss_only = torch.autograd.grad(outs[0], leaves, allow_unused=True, materialize_grads=True)
+    for x1, x2 in zip(first, again):
+        assert torch.equal(x1, x2)
+    for x1, x2 in zip(loss_only, torch.autograd.grad(plain(*leaves)[0], leaves, allow_unused=True,
+                                                     materialize_grads=True)):
+        assert torch.allclose(x1, x2, rtol=1e-10, atol=1e-14)
 
 
 def test_bad_eps():
