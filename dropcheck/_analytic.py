@@ -306,7 +306,8 @@ def analytic_mode(
 
 def fired_sites(model: nn.Module, inputs) -> list[SiteSpec]:
     """The sites that one analytic forward pass on ``inputs`` calls, in call
-    order, one entry per site (``find_sites(model, inputs)``)."""
+    order, one entry per site (``find_sites(model, inputs)``; a module that
+    makes functional calls with different ``p`` gives one entry per ``p``)."""
     from ._common import call_model
 
     with torch.no_grad(), analytic_mode(model, None) as session:
@@ -315,9 +316,9 @@ def fired_sites(model: nn.Module, inputs) -> list[SiteSpec]:
             call_model(model, inputs)
         except NoDropoutSiteError:
             return []
-        seen: dict[str, SiteSpec] = {}
-        for o in session.occurrences:
-            seen.setdefault(o.site.name, o.site)
+        seen: dict[int, SiteSpec] = {}
+        for o in session.occurrences:  # a functional site: one spec per (caller, kind, q, structure)
+            seen.setdefault(id(o.site), o.site)
     return list(seen.values())
 
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._analytic import analytic_mode, as_generator, fixed_eta_policy, noise_policy
-from ._common import call_model, check_inputs, flatten_logits, grad_aware, mean_loss
+from ._common import call_model, check_inputs, flatten_logits, grad_aware, mean_loss, select_rows
 from ._errors import DropcheckError
 from ._explicit import clean_forward, probe_forward
 from ._sites import BERNOULLI
@@ -18,7 +18,7 @@ from ._sites import BERNOULLI
 
 class GapEstimate(tuple):
     """``(value, stderr)``, so ``r, se = dc.dropout_gap(...)`` unpacks as
-    DESIGN.md promises; ``stderr`` is 0 when exact.  ``.samples``: the noise
+    docs/design.md promises; ``stderr`` is 0 when exact.  ``.samples``: the noise
     draws (the number of masks enumerated when exact)."""
 
     def __new__(cls, value: float, stderr: float, samples: int):
@@ -66,9 +66,13 @@ def dropout_gap(
     ``control_variate=True`` subtracts the first-order term ``Σ_i ∂L/∂h_i ·
     (η_i ⊙ h_i)`` (clean-point gradient, mean zero for any noise), which
     does the same for Bernoulli noise.
-    ``exact=True`` enumerates all ``2^M`` keep/drop patterns of the ``M``
-    noise units (Bernoulli sites only, ``M <= max_units``) and weights each
-    by its probability.  ``noise`` overrides every site's distribution
+    ``exact=True`` enumerates the keep/drop patterns of the noise units
+    (Bernoulli sites only) and weights each by its probability, factorized
+    over independent groups: units that reach disjoint sets of output
+    positions (examples under per-position dropout, sequences under locked
+    dropout) are enumerated separately, and the groups' masks share forward
+    passes, so a 12-example batch with 5 units per example costs 2⁵ passes,
+    not 2⁶⁰ (``_enumerated_gap``).  ``max_units`` bounds the largest group.  ``noise`` overrides every site's distribution
     (``"bernoulli"`` or ``"gaussian"``, same variance ``q/(1-q)``).
     """
     check_inputs(inputs)
@@ -81,28 +85,8 @@ def dropout_gap(
                 f"exact enumeration needs Bernoulli noise at every site, got {sorted(kinds)}; "
                 "use Monte Carlo (exact=False) for Gaussian noise"
             )
-        M = sum(o.units for o in occs)
-        if M > max_units:
-            raise DropcheckError(
-                f"exact enumeration over {M} noise units (2^{M} masks) exceeds max_units={max_units}; "
-                "use Monte Carlo or raise max_units"
-            )
-        total = base.new_zeros(())
-        with analytic_mode(model) as sess:
-            for bits in itertools.product((0, 1), repeat=M):  # 1 = dropped
-                etas, prob, pos = [], 1.0, 0
-                for o in occs:
-                    b = torch.tensor(bits[pos : pos + o.units], dtype=base.dtype, device=base.device)
-                    pos += o.units
-                    q = o.site.q
-                    nd = float(b.sum())
-                    prob *= q**nd * (1.0 - q) ** (o.units - nd)
-                    # η in the model's dtype: a float32 q/(1-q) biased float64 gaps by up to 3e-6
-                    eta = torch.where(b > 0, torch.full_like(b, -1.0), torch.full_like(b, q / (1.0 - q)))
-                    etas.append(eta.reshape(o.mask_shape))
-                sess.reset(fixed_eta_policy(etas))
-                total = total + prob * mean_loss(*flatten_logits(call_model(model, inputs), targets))
-        return GapEstimate(float(total - base), 0.0, 2**M)
+        value, masks = _enumerated_gap(model, inputs, targets, Z, y, occs, int(max_units))
+        return GapEstimate(value, 0.0, masks)
 
     if noise is not None and noise not in ("bernoulli", "gaussian"):
         raise DropcheckError(f"unknown noise {noise!r}; expected 'bernoulli' or 'gaussian'")
@@ -141,7 +125,7 @@ def dropout_gap(
 
 @grad_aware
 def first_order_gap(model: nn.Module, inputs, targets: torch.Tensor, *, per_site: bool = False):
-    """``lim_{q→0} R_drop/q = Σ_i Σ_u Δ_iu`` (MATH.md, "When the second-order picture holds").
+    """``lim_{q→0} R_drop/q = Σ_i Σ_u Δ_iu`` (docs/math.md, "When the second-order picture holds").
 
     ``Δ_iu = L(unit u of site i zeroed) - L + a_u · ∂L/∂h_i``: the deletion of
     one noise unit (every position it covers: a whole feature over time for
@@ -170,3 +154,118 @@ def first_order_gap(model: nn.Module, inputs, targets: torch.Tensor, *, per_site
                 total += Lu - base + float(lin[u])
             out[o.key] = total
     return out if per_site else sum(out.values())
+
+
+def _unit_positions(occs) -> list[tuple[int, int]]:
+    """``(occurrence, flat unit index)`` of every noise unit.  (A unit whose
+    input is zero at the clean point is kept: upstream drops can make it
+    non-zero.)"""
+    return [(j, u) for j, o in enumerate(occs) for u in range(o.units)]
+
+
+def _dependency_groups(model, inputs, occs, N: int, units, max_units: int):
+    """Group the noise units by the output positions they reach.
+
+    One forward pass per unit with NaN added at that unit's positions: the
+    rows of the logits that turn NaN depend on it (NaN propagates through
+    every arithmetic op, so this is a structural test, not one that a zero
+    derivative at the clean point could fool).  Units sharing a row are
+    joined (union-find); returns ``[(unit indices, row mask)]`` per group.
+    """
+    parent = list(range(len(units)))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    row_owner = [-1] * N
+    size = [1] * len(units)
+    rows_of = []
+    with analytic_mode(model) as sess:
+        for i, (j, u) in enumerate(units):
+            o = occs[j]
+            taint = torch.zeros(o.units, dtype=o.h.dtype, device=o.h.device)
+            taint[u] = float("nan")
+            etas = [None] * len(occs)
+            etas[j] = taint.reshape(o.mask_shape)
+            sess.reset(fixed_eta_policy(etas))
+            Zt = select_rows(call_model(model, inputs), N)
+            rows = torch.isnan(Zt).any(-1).nonzero().reshape(-1).tolist()
+            rows_of.append(rows)
+            for r in rows:
+                if row_owner[r] < 0:
+                    row_owner[r] = i
+                    continue
+                a, b = find(row_owner[r]), find(i)
+                if a != b:
+                    parent[b] = a
+                    size[a] += size[b]
+                    if size[a] > max_units:
+                        raise DropcheckError(
+                            f"exact enumeration: a group of at least {size[a]} dependent noise units "
+                            f"(2^{size[a]} masks) exceeds max_units={max_units}; use Monte Carlo or raise max_units"
+                        )
+    groups: dict[int, list[int]] = {}
+    for i in range(len(units)):
+        groups.setdefault(find(i), []).append(i)
+    out = []
+    for members in groups.values():
+        if len(members) > max_units:
+            raise DropcheckError(
+                f"exact enumeration: a group of {len(members)} dependent noise units (2^{len(members)} masks) "
+                f"exceeds max_units={max_units}; use Monte Carlo or raise max_units"
+            )
+        mask = torch.zeros(N, dtype=torch.bool)
+        for i in members:
+            mask[rows_of[i]] = True
+        out.append((members, mask))
+    return out
+
+
+def _enumerated_gap(model, inputs, targets, Z, y, occs, max_units: int) -> tuple[float, int]:
+    """``R_drop`` by exact enumeration, factorized over independent groups.
+
+    With ``L = (1/N) Σ_n ℓ_n`` and groups ``g`` of units whose rows ``G_g``
+    are disjoint (rows reached by no unit keep their clean loss),
+    ``E[L] - L = (1/N) Σ_g Σ_{b ∈ {0,1}^{m_g}} P_g(b) Σ_{n ∈ G_g} (ℓ_n(b) - ℓ_n)``,
+    ``P_g(b) = Π_u q_u^{b_u} (1-q_u)^{1-b_u}``.  Pass ``k`` applies pattern
+    ``k`` of every group at once (a group with fewer patterns stays clean),
+    so ``max_g 2^{m_g}`` passes cover all groups.  Returns ``(value, number
+    of patterns enumerated Σ_g 2^{m_g})``.
+    """
+    N = Z.shape[0]
+    units = _unit_positions(occs)
+    if not units:
+        return 0.0, 1
+    groups = _dependency_groups(model, inputs, occs, N, units, max_units)
+    base_rows = F.cross_entropy(Z.detach(), y, reduction="none")
+    dt, dev = Z.dtype, Z.device
+    passes = 1 << max(len(g[0]) for g in groups)
+    total = torch.zeros((), dtype=dt, device=dev)
+    with analytic_mode(model) as sess:
+        for k in range(passes):
+            etas = [torch.zeros(o.units, dtype=dt, device=dev) for o in occs]
+            probs = []
+            for members, rows in groups:
+                m = len(members)
+                if k >= (1 << m):
+                    probs.append(None)
+                    continue
+                p = 1.0
+                for bit, i in enumerate(members):
+                    j, u = units[i]
+                    q = occs[j].site.q
+                    dropped = (k >> bit) & 1
+                    p *= q if dropped else (1.0 - q)
+                    # η in the model's dtype: a float32 q/(1-q) biased float64 gaps by up to 3e-6
+                    etas[j][u] = -1.0 if dropped else q / (1.0 - q)
+                probs.append(p)
+            sess.reset(fixed_eta_policy([e.reshape(o.mask_shape) for e, o in zip(etas, occs)]))
+            Zk = select_rows(call_model(model, inputs), N)
+            diff = F.cross_entropy(Zk, y, reduction="none") - base_rows
+            for (members, rows), p in zip(groups, probs):
+                if p is not None:
+                    total = total + p * diff[rows.to(dev)].sum()
+    return float(total / N), sum(1 << len(g[0]) for g in groups)

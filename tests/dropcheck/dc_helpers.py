@@ -178,7 +178,7 @@ class SiteInfo:
     name: str
     q: float
     noise: str  # "bernoulli" | "gaussian"
-    structure: str  # "position" | "locked" | "weight"
+    structure: str  # "position" | "locked" | "weight" | "channel"
     time_dim: int = 0
 
     @property
@@ -200,6 +200,8 @@ def classify(m: nn.Module) -> Optional[SiteInfo]:
         return SiteInfo("", float(m.p), "gaussian", "position")
     if type(m) is nn.Dropout:
         return SiteInfo("", float(m.p), "bernoulli", "position")
+    if type(m) in (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d):
+        return SiteInfo("", float(m.p), "bernoulli", "channel")
     return None
 
 
@@ -210,6 +212,9 @@ def unit_ids(site: SiteInfo, h: torch.Tensor) -> torch.Tensor:
         shape[site.time_dim] = 1
         n = math.prod(shape)
         return torch.arange(n).reshape(shape).expand(h.shape)
+    if site.structure == "channel":  # (N, C, ...): one unit per example and channel
+        n = h.shape[0] * h.shape[1]
+        return torch.arange(n).reshape(h.shape[:2] + (1,) * (h.dim() - 2)).expand(h.shape)
     return torch.arange(h.numel()).reshape(h.shape)
 
 

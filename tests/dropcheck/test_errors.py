@@ -145,10 +145,13 @@ def test_alpha_dropout_rejected(alpha, fn):
 
 
 def test_exact_enumeration_with_too_many_units():
+    """``max_units`` bounds the largest group of dependent units: per-example
+    dropout on 2 examples is two groups of 5 + 4 = 9 units, not one of 18."""
     model = H.mlp([5, 4, 3], ["tanh"], {0: 0.3, 1: 0.2}, seed=1)
     X, y = H.data(2, 5, 3, seed=1)  # 2·(5 + 4) = 18 units
-    with pytest.raises(dc.DropcheckError, match="18 noise units.*max_units=16"):
-        dc.dropout_gap(model, X, y, exact=True)
+    assert dc.dropout_gap(model, X, y, exact=True, max_units=9).samples == 2 * 2**9
+    with pytest.raises(dc.DropcheckError, match=r"group of at least \d+ dependent noise units.*max_units=8"):
+        dc.dropout_gap(model, X, y, exact=True, max_units=8)
     with pytest.raises(dc.DropcheckError, match="max_units=4"):
         dc.dropout_gap(model, X[:1], y[:1], exact=True, max_units=4)
 
