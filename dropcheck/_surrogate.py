@@ -52,6 +52,16 @@ and one matmul ``(N×d)(d×c)`` replaces two decoders and two softmaxes.
 ``decoder="auto"`` finds such a decoder in the clean pass and otherwise uses
 the full perturbed logits (module docstring of ``analytic_dropout_objective``).
 
+Midpoint (``center="midpoint"``, linear decoder only).  The clean pass can
+be dropped: with ``f̄ = (f(ε) + f(-ε))/2 = f(0) + (ε²/2) f''(0) + O(ε⁴)``,
+
+    Z̄ = W f̄ + b = z(0) + O(ε²),                                                   (S7)
+
+and ``L``, ``p`` and (S2)-(S3) evaluated at ``Z̄`` are the clean ones up to
+``O(ε²)``, smoothly in the parameters, so every gradient is too; the
+backward through ``f̄`` runs through the two perturbed graphs that (S4)
+back-propagates anyway.  Two passes through the network instead of three.
+
 Gradients of (S2)-(S3) and of ``L = (1/N) Σ_n ℓ(z_n, y_n)`` in ``Z = z(0)``
 and ``u`` (``w_n = u_n - ū_n``, ``R_n = Σ_c p_nc w_nc²``; the outputs' upstream
 gradients ``g_L, g_R, g_I``, ``g_I`` for ``I/√2``):
@@ -69,9 +79,11 @@ Jacobian ``diag(p) - ppᵀ``, ``∂(p·u)/∂Z = p ⊙ w``).  ``_LogitHead`` com
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Mapping, NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import _common
@@ -273,7 +285,7 @@ class _DecoderWatch:
         return m, ""
 
 
-def _decoder_features(model: nn.Module, inputs, decoder: nn.Module, policy, n_occ: int) -> Optional[torch.Tensor]:
+def _decoder_features(model: nn.Module, inputs, decoder: nn.Module, policy, n_occ: Optional[int]) -> Optional[torch.Tensor]:
     """The decoder's input in a pass with ``policy`` at the sites; the pass
     ends there (nothing after the decoder is computed).  ``None`` if the
     decoder's parameters are not the ones it used in the clean pass."""
@@ -298,7 +310,7 @@ def _decoder_features(model: nn.Module, inputs, decoder: nn.Module, policy, n_oc
                 pass
     finally:
         handle.remove()
-    if not captured or calls[0] != n_occ:
+    if not captured or (n_occ is not None and calls[0] != n_occ):
         raise DropcheckError(
             "a perturbed pass did not call the same dropout sites before the decoder as the clean pass; "
             "dropcheck needs the same sites to be called in every forward pass"
@@ -321,6 +333,81 @@ def _rows(t: torch.Tensor, N: int) -> Optional[torch.Tensor]:
         return None
 
 
+# decoders found by decoder="auto": model -> (module fingerprint, decoder or None)
+_FOUND: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    return tuple(id(m) for m in model.modules())
+
+
+def _auto_decoder(model: nn.Module, inputs) -> Optional[nn.Module]:
+    """The trailing linear decoder of ``model`` (``None`` if it has none), from
+    a forward-only clean pass on ``inputs``; cached per model."""
+    fp = _fingerprint(model)
+    hit = _FOUND.get(model)
+    if hit is not None and hit[0] == fp:
+        return hit[1]
+    with torch.no_grad(), analytic_mode(model, None) as session:
+        watch = _DecoderWatch(session, [m for m in model.modules() if _is_plain_linear(m)])
+        try:
+            logits = call_model(model, inputs)
+        finally:
+            watch.remove()
+    found = watch.decoder(logits, len(session.occurrences))[0]
+    _FOUND[model] = (fp, found)
+    return found
+
+
+def _midpoint_objective(model, inputs, targets, dec, *, explicit_weight, implicit_weight, hessian, generator, eps,
+                        site_weights, independent_positions) -> AnalyticObjective:
+    """``center="midpoint"``: two passes ``h(1 ± ε√(λw) v)`` to the decoder's
+    input; ``L`` and ``p`` at ``f̄ = (f⁺ + f⁻)/2`` (module docstring, (S7))."""
+    W, b = dec.weight, dec.bias
+    if not isinstance(W, nn.Parameter) or not (b is None or isinstance(b, nn.Parameter)):
+        raise DropcheckError("decoder: its weight and bias must be its own parameters for center='midpoint'")
+    eps = default_eps(W.dtype) if eps is None else float(eps)
+    if not eps > 0:
+        raise DropcheckError(f"eps must be > 0, got {eps!r}")
+    gen = as_generator(generator)
+    occs, etas = [], []
+
+    def draw(occ):  # the probes of the clean route, drawn in the same order, during the + pass
+        if independent_positions and occ.site.structure == "locked":
+            occ.mask_shape = tuple(occ.h.shape)
+        w = 1.0 if site_weights is None else float(site_weights.get(occ.key, site_weights.get(occ.site.name, 1.0)))
+        if not (w >= 0.0) or w == float("inf"):
+            site_weight_list([occ], {occ.key: w})  # raises with the usual message
+        eta = math.sqrt(occ.site.lam * w) * rademacher(occ.mask_shape, occ.h, gen)
+        occs.append(occ)
+        etas.append(eta)
+        return eps * occ.expand(eta.to(occ.h.dtype)) * occ.h
+
+    fp = _decoder_features(model, inputs, dec, draw, None)
+    if occs:
+        site_weight_list(occs, site_weights)  # unknown site names are an error, as in the clean route
+    fm = _decoder_features(model, inputs, dec, fixed_eta_policy(etas, -eps), len(etas))
+    if fp is None or fm is None:
+        raise DropcheckError("decoder: its weight or bias differs between the passes (e.g. DropConnect on it)")
+    Z, y = _common.flatten_logits(F.linear((fp + fm) / 2.0, W, b), targets)
+    delta = _rows((fp - fm) / (2.0 * eps), Z.shape[0])
+    del fp, fm
+    if delta is None:
+        raise DropcheckError("decoder: the decoder's input rows do not match the logits' positions")
+    loss, explicit, implicit = logit_head(Z, delta, y, hessian, W=W)
+    return _assemble(loss, explicit, implicit, explicit_weight, implicit_weight)
+
+
+def _assemble(loss, explicit, implicit, explicit_weight, implicit_weight) -> AnalyticObjective:
+    implicit = math.sqrt(2.0) * implicit  # η = sqrt(2λw) v: the probe's u times √2 (S3)
+    objective = loss
+    if explicit_weight != 0:
+        objective = objective + explicit_weight * explicit
+    if implicit_weight != 0:
+        objective = objective + implicit_weight * implicit
+    return AnalyticObjective(objective, loss, explicit, implicit)
+
+
 # --------------------------------------------------------------------------
 
 
@@ -337,6 +424,7 @@ def analytic_dropout_objective(
     site_weights: Optional[Mapping[str, float]] = None,
     independent_positions: bool = False,
     decoder: Union[str, nn.Module, None] = "auto",
+    center: str = "clean",
 ) -> AnalyticObjective:
     """Surrogate of Algorithm 2 (``L + λ₁R_approx`` plus ``λ₂ξ_approx``) by
     finite differences; see the module docstring.  ``explicit_weight`` and
@@ -360,6 +448,17 @@ def analytic_dropout_objective(
     same ``u`` up to rounding.  The first pass is always the complete clean
     forward pass (a stateful model's hidden state can be read from it); the
     perturbed passes stop at the decoder's input under (S4).
+
+    ``center``: ``"clean"`` (default) evaluates ``L`` and ``p`` on the clean
+    pass; ``"midpoint"`` runs no clean pass and evaluates them at the mean
+    of the perturbed passes' decoder inputs (S7), which changes ``L``, ``R̂``,
+    ``ξ̂`` and every gradient by ``O(ε²)`` and saves one pass through the
+    network.  It needs the linear decoder: ``decoder="auto"`` finds it with
+    one forward-only pass on the first call for a model (cached; without
+    one, ``center`` is ignored and the clean route runs); a given
+    ``nn.Linear`` is taken to produce the logits (nothing after it is run).
+    A stateful model's hidden state is then best read from the perturbed
+    passes (their mean is the clean one up to ``O(ε²)``).
     """
     if hessian not in ("output", "identity"):
         raise DropcheckError(f"unknown hessian {hessian!r}; expected 'output' or 'identity'")
@@ -370,7 +469,16 @@ def analytic_dropout_objective(
     if decoder is not None and decoder != "auto" and not any(m is decoder for m in model.modules()):
         raise DropcheckError("decoder is not a module of the model")
 
+    if center not in ("clean", "midpoint"):
+        raise DropcheckError(f"center must be 'clean' or 'midpoint', got {center!r}")
     check_inputs(inputs)
+    if center == "midpoint" and decoder is not None and not (explicit_weight == 0 and implicit_weight == 0):
+        dec = decoder if isinstance(decoder, nn.Module) else _auto_decoder(model, inputs)
+        if dec is not None:
+            return _midpoint_objective(model, inputs, targets, dec, explicit_weight=explicit_weight,
+                                       implicit_weight=implicit_weight, hessian=hessian, generator=generator,
+                                       eps=eps, site_weights=site_weights,
+                                       independent_positions=independent_positions)
     watched = []
     if decoder == "auto":
         watched = [m for m in model.modules() if _is_plain_linear(m)]
@@ -387,6 +495,8 @@ def analytic_dropout_objective(
     occs = session.occurrences
     n_occ = len(occs)
     head, why = (None, "decoder=None") if watch is None else watch.decoder(logits, n_occ)
+    if decoder == "auto":
+        _FOUND[model] = (_fingerprint(model), head)
     if watch is not None:
         watch.last = None  # do not keep the clean pass's tensors alive
     if independent_positions:
@@ -416,10 +526,4 @@ def analytic_dropout_objective(
         zp, zm = fd_pair(model, inputs, etas, eps, Z0.shape)
         loss, explicit, implicit = logit_head(Z0, (zp - zm) / (2.0 * eps), y, hessian)
         del zp, zm
-    implicit = math.sqrt(2.0) * implicit  # η = sqrt(2λw) v: the probe's u times √2 (S3)
-    objective = loss
-    if explicit_weight != 0:
-        objective = objective + explicit_weight * explicit
-    if implicit_weight != 0:
-        objective = objective + implicit_weight * implicit
-    return AnalyticObjective(objective, loss, explicit, implicit)
+    return _assemble(loss, explicit, implicit, explicit_weight, implicit_weight)

@@ -92,6 +92,8 @@ ARMS: tuple[Arm, ...] = (
         "L + R_approx, finite differences (clean pass + the estimator's 3 passes)"),
     Arm("explicit-fd_shared", {"rule": "explicit", "estimator": "fd_shared"}, "fused",
         "L + R_approx through the Algorithm 2 surrogate with noise weight 0 (3 forward passes, 1 backward)"),
+    Arm("explicit-fd_mid", {"rule": "explicit", "estimator": "fd_mid"}, "fused",
+        "L + R_approx, no clean pass: L and p at the probe passes' midpoint (2 forward passes, 1 backward)"),
     Arm("explicit_implicit-autograd", {"rule": "explicit_implicit", "estimator": "sampled",
                                        "noise_estimator": "autograd"}, "loop",
         "Algorithm 2: sampled R_approx + autograd xi_approx, double backward"),
@@ -99,6 +101,8 @@ ARMS: tuple[Arm, ...] = (
         "Algorithm 2: fd R_approx + fd xi_approx (5 forward passes, 3 backward)"),
     Arm("explicit_implicit-fd_shared", {"rule": "explicit_implicit", "estimator": "fd_shared"}, "fused",
         "Algorithm 2: one shared probe (3 forward passes, 1 backward)"),
+    Arm("explicit_implicit-fd_mid", {"rule": "explicit_implicit", "estimator": "fd_mid"}, "fused",
+        "Algorithm 2: one shared probe, no clean pass (2 forward passes, 1 backward)"),
     Arm("dropout-k4", {"rule": "dropout", "k": 4}, "fused", "DROPOUT_4 (Algorithm 1)"),
 )
 

@@ -74,8 +74,8 @@ DEFAULTS: dict[str, Any] = {
     # update rule
     "rule": "dropout",
     "k": 1,
-    "estimator": "sampled",  # exact | sampled | hutchinson | fd   (R_approx); fd_shared: explicit_implicit
-    # only, one probe shared by R_approx and ξ_approx (dc.analytic_dropout_objective; rules.py)
+    "estimator": "sampled",  # exact | sampled | hutchinson | fd   (R_approx); fd_shared, fd_mid: explicit and
+    # explicit_implicit only, one probe shared by R_approx and ξ_approx (dc.analytic_dropout_objective; rules.py)
     "samples": 1,
     "noise_structure": "locked",  # locked: the analytic terms keep locked sites' cross-time terms;
     # positions: every position independent (the official code's treatment), for R_approx and ξ_approx
@@ -120,7 +120,7 @@ CHOICES: dict[str, tuple] = {
     "lstm_init": ("uniform", "xavier"),
     "noise_structure": ("locked", "positions"),
     "rule": RULES,
-    "estimator": ("exact", "sampled", "hutchinson", "fd", "fd_shared"),
+    "estimator": ("exact", "sampled", "hutchinson", "fd", "fd_shared", "fd_mid"),
     "noise_estimator": ("autograd", "fd"),
     "optimizer": ("sgd", "adam"),
     "dtype": ("float32", "float64"),

@@ -102,7 +102,15 @@ features gives the logit perturbation, with no softmax on the perturbed
 passes (dropcheck's ``decoder="auto"``).  For rule ``explicit`` the noise
 weight is 0 (``implicit_weight=0``): the objective is ``L + Σ_i c_i R̂_i``
 with the same ``R̂`` as ``estimator=fd`` (same probe law, one pass fewer:
-the clean pass serves both ``L`` and ``p``).  Its objective's
+the clean pass serves both ``L`` and ``p``).
+
+``estimator="fd_mid"`` is the same objective without the clean pass
+(``center="midpoint"``): ``L`` and ``p`` are evaluated at the mean of the
+two probe passes' decoder inputs, which is the clean one up to ``O(ε²)``,
+so the update is the ``fd_shared`` one up to ``O(ε²)`` (tested, ratio 4 per
+halving of ε); two passes through the LSTM instead of three.  The hidden
+state carried to the next batch is the mean of the two probe passes' (the
+clean one up to ``O(ε²)``), and the logged loss is ``L`` at that midpoint.  Its objective's
 gradient is ``∇[L + a Σ_i λ_i w_i R̂_i] + b Σ_i sqrt(w_i) ξ̂_i``: since one
 probe serves both terms, site ``i``'s noise coefficient is tied to the
 square root of its explicit weight.  The rule maps its coefficients onto
@@ -149,7 +157,8 @@ __all__ = [
 
 DROPOUT_RULES = ("dropout", "dropout_inject", "dropout_implicit")
 EXPLICIT_RULES = ("explicit", "explicit_implicit", "identity_hessian", "loss_jacobian")
-SHARED_PROBE_RULES = ("explicit", "explicit_implicit")  # estimator="fd_shared"
+SHARED_PROBE_RULES = ("explicit", "explicit_implicit")  # estimator="fd_shared" or "fd_mid"
+SHARED_PROBE_ESTIMATORS = ("fd_shared", "fd_mid")
 
 
 def lam(q: float) -> float:
@@ -183,7 +192,7 @@ class StepResult(NamedTuple):
 def needs_double_backward(cfg: Mapping[str, Any]) -> bool:
     """Whether the rule differentiates through a gradient (no cuDNN then)."""
     rule = cfg["rule"]
-    if rule in SHARED_PROBE_RULES and cfg["estimator"] == "fd_shared":
+    if rule in SHARED_PROBE_RULES and cfg["estimator"] in SHARED_PROBE_ESTIMATORS:
         return False  # three forward passes, one first-order backward
     noise = rule in ("dropout_implicit", "explicit_implicit") or (
         rule in ("identity_hessian", "loss_jacobian") and cfg["ablation_noise"]
@@ -193,7 +202,7 @@ def needs_double_backward(cfg: Mapping[str, Any]) -> bool:
             return True
     if rule == "loss_jacobian":
         return True
-    if rule in ("explicit", "explicit_implicit", "identity_hessian") and cfg["estimator"] not in ("fd", "fd_shared"):
+    if rule in ("explicit", "explicit_implicit", "identity_hessian") and cfg["estimator"] not in ("fd", "fd_shared", "fd_mid"):
         return True
     return False
 
@@ -245,6 +254,20 @@ def _dropout_policy(gens: Gens):
 
 
 @contextlib.contextmanager
+def _record_layer_states(model: StatefulLM):
+    """Collects the new ``(h, c)`` of every LSTM layer call in the block, in
+    call order (the passes of ``center="midpoint"`` stop at the decoder, so
+    ``model.lm`` itself never returns)."""
+    seen: list = []
+    handles = [r.register_forward_hook(lambda mod, args, out: seen.append(out[1])) for r in model.lm.rnns]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def _record_hidden(model: StatefulLM):
     """Collects the new hidden state of every ``model.lm`` call in the block."""
     seen: list = []
@@ -277,16 +300,18 @@ class UpdateRule:
         self.modules = dict(all_sites(model))  # name -> site module
         self.eps = float(cfg["eps"]) or None
         self.positions = cfg.get("noise_structure", "locked") == "positions"
-        self.shared_probe = self.name in EXPLICIT_RULES and cfg["estimator"] == "fd_shared"
+        self.shared_probe = self.name in EXPLICIT_RULES and cfg["estimator"] in SHARED_PROBE_ESTIMATORS
+        self.center = "midpoint" if cfg["estimator"] == "fd_mid" else "clean"
         if self.shared_probe and self.name not in SHARED_PROBE_RULES:
             raise DropcheckError(
-                f"config key 'estimator': 'fd_shared' (one probe shared by the explicit and the implicit "
+                f"config key 'estimator': {cfg['estimator']!r} (one probe shared by the explicit and the implicit "
                 f"term) is the fast path of rules 'explicit' and 'explicit_implicit' only, not of "
                 f"{self.name!r}; use 'fd'"
             )
         if self.shared_probe and int(cfg["samples"]) != 1:
             raise DropcheckError(
-                f"config key 'samples': estimator 'fd_shared' draws one probe per step, got samples={cfg['samples']}"
+                f"config key 'samples': estimator {cfg['estimator']!r} draws one probe per step, "
+                f"got samples={cfg['samples']}"
             )
         if self.name in EXPLICIT_RULES or self._has_noise():
             if not self._active():
@@ -499,14 +524,22 @@ class UpdateRule:
         a, b, w = self.shared_probe_weights()
         gen = self._probe_generator(gens, b, w)
         site_weights = None if all(v == 1.0 for v in w.values()) else w
+        kw = dict(explicit_weight=a, implicit_weight=b, generator=gen, eps=self.eps, site_weights=site_weights,
+                  independent_positions=self.positions)
         # value checks off: the batches are token ids from the corpus, and the
         # finiteness check of the N × V logits would cost a few passes over them
         # (the dropout rules check nothing either; the trainer stops on a non-finite loss)
+        if self.center == "midpoint":  # no clean pass: the hidden state is the mean of the two probe passes'
+            with _record_layer_states(model) as states, dc.value_checks(False):
+                res = dc.analytic_dropout_objective(model, x, y, decoder=model.lm.decoder, center="midpoint", **kw)
+            L = len(model.lm.rnns)
+            if len(states) != 2 * L:
+                raise DropcheckError(f"expected {2 * L} LSTM layer calls in the two probe passes, got {len(states)}")
+            hid = [((hp + hm) / 2.0, (cp + cm) / 2.0) for (hp, cp), (hm, cm) in zip(states[:L], states[L:])]
+            return StepResult(res.objective, res.loss.detach(), {"R": (a * res.explicit).detach()},
+                              detach_hidden(hid))
         with _record_hidden(model) as hiddens, dc.value_checks(False):
-            res = dc.analytic_dropout_objective(
-                model, x, y, explicit_weight=a, implicit_weight=b, generator=gen, eps=self.eps,
-                site_weights=site_weights, independent_positions=self.positions,
-            )
+            res = dc.analytic_dropout_objective(model, x, y, **kw)
         # the first of its passes is the clean one (dc's docstring; tested)
         hid = detach_hidden(hiddens[0])
         return StepResult(res.objective, res.loss.detach(), {"R": (a * res.explicit).detach()}, hid)

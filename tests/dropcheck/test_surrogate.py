@@ -172,6 +172,51 @@ def test_linear_decoder_route_is_taken_and_matches_full_logits():
         dc.analytic_dropout_objective(plain, X, y, decoder=nn.Linear(6, 4).double())
 
 
+@pytest.mark.parametrize("case", ["mlp-tanh", "locked-rnn", "dropconnect", "mlp-softplus-deep"])
+def test_midpoint_is_the_clean_route_up_to_eps_squared(case):
+    """``center="midpoint"`` (S7): the same probes (same generator), no clean
+    pass; objective value, loss and gradient differ from the clean route by
+    O(ε²), measured as a ratio of 4 per halving of ε."""
+    c = CASES[case]()
+    model, X, y = c.model, c.inputs, c.targets
+    params = list(model.parameters())
+    errs = []
+    for eps in (2e-2, 1e-2):
+        res = {}
+        for center in ("clean", "midpoint"):
+            obj = dc.analytic_dropout_objective(model, X, y, generator=3, eps=eps, center=center)
+            res[center] = (_grads(obj.objective, params), float(obj.loss.detach()), float(obj.explicit.detach()))
+        (ga, la, ra), (gb, lb, rb) = res["clean"], res["midpoint"]
+        errs.append((float((ga - gb).norm() / ga.norm()), abs(la - lb), abs(ra - rb)))
+    for big, small in zip(*errs):
+        assert 3.0 < big / small < 5.0, errs
+
+
+def test_midpoint_runs_two_passes_and_falls_back_without_a_linear_decoder():
+    torch.manual_seed(0)
+    tail = nn.Linear(6, 4).double()
+    plain = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.3), tail).double()
+    X = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 4, (5,), generator=torch.Generator().manual_seed(1))
+    first = _count_calls(plain[0])
+    n = _count_calls(tail)
+    dc.analytic_dropout_objective(plain, X, y, generator=1, center="midpoint")  # finds the decoder (one pass)
+    first[0] = n[0] = 0
+    dc.analytic_dropout_objective(plain, X, y, generator=1, center="midpoint")
+    assert (first[0], n[0]) == (2, 0)  # two probe passes, the decoder's matmul done by the head
+    dc.analytic_dropout_objective(plain, X, y, generator=1, center="midpoint", decoder=tail)
+    assert (first[0], n[0]) == (4, 0)
+    # no linear decoder: the clean route (three full passes), same values as center="clean"
+    scaled = _Scaled(plain)
+    first[0] = 0
+    a = dc.analytic_dropout_objective(scaled, X, y, generator=1, center="midpoint")
+    b = dc.analytic_dropout_objective(scaled, X, y, generator=1)
+    assert first[0] == 2 * 3 + 1  # detection pass, then three passes (and three for b)
+    assert float(a.objective.detach()) == float(b.objective.detach())
+    with pytest.raises(dc.DropcheckError, match="center"):
+        dc.analytic_dropout_objective(plain, X, y, center="middle")
+
+
 @pytest.mark.parametrize("hessian", ["output", "identity"])
 @pytest.mark.parametrize("with_decoder", [False, True])
 def test_logit_head_matches_autograd_of_the_plain_formulas(hessian, with_decoder):

@@ -131,6 +131,32 @@ def test_awd_lstm_takes_the_linear_decoder_route():
         assert float(res.reg["R"]) == pytest.approx(float(full.explicit.detach()), rel=1e-9)
 
 
+@pytest.mark.parametrize("rule_name", ["explicit_implicit", "explicit"])
+def test_fd_mid_is_fd_shared_up_to_eps_squared(rule_name):
+    """``estimator=fd_mid`` (no clean pass; L, p and the hidden state at the
+    probe passes' midpoint) against ``fd_shared`` with the same probe: the
+    gradient, the logged loss and R, and the carried hidden state differ by
+    O(ε²) (ratio 4 per halving of ε); two LSTM passes instead of three."""
+    errs = []
+    for eps in (2e-2, 1e-2):
+        out = {}
+        for est in ("fd_shared", "fd_mid"):
+            cfg, model, rule = _setup(rule_name, backend="fused", estimator=est, eps=eps, **COEFS["per-group"])
+            calls = [0]
+            model.lm.rnns[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+            g, res = rule.gradient(model, X, Y, _gens())
+            assert calls[0] == (3 if est == "fd_shared" else 2)
+            out[est] = (torch.cat([v.reshape(-1) for v in g.values()]), res)
+        (ga, ra), (gb, rb) = out["fd_shared"], out["fd_mid"]
+        hid = max(float((a - b).abs().max()) for (a, c), (b, d) in zip(ra.hidden, rb.hidden) for a, b in ((a, b), (c, d)))
+        assert not any(t.requires_grad for pair in rb.hidden for t in pair)
+        errs.append((float((ga - gb).norm() / ga.norm()), abs(float(ra.loss) - float(rb.loss)),
+                     abs(float(ra.reg["R"]) - float(rb.reg["R"])), hid))
+    for big, small in zip(*errs):
+        assert 3.0 < big / small < 5.0, errs
+    assert errs[1][0] < 1e-3, errs
+
+
 def test_incompatible_multipliers_are_refused():
     with pytest.raises(DropcheckError, match=r"tied to the square root of its explicit weight.*hidden: implicit 2"):
         _setup("explicit_implicit", estimator="fd_shared", implicit_mult_hidden=2.0)
@@ -155,6 +181,9 @@ def test_only_for_explicit_rules_and_first_order():
     base = make_config("smoke")
     assert not needs_double_backward({**base, "rule": "explicit_implicit", "estimator": "fd_shared"})
     assert not needs_double_backward({**base, "rule": "explicit", "estimator": "fd_shared"})
+    assert not needs_double_backward({**base, "rule": "explicit_implicit", "estimator": "fd_mid"})
+    with pytest.raises(DropcheckError, match="'fd_mid'.*fast path of rules"):
+        _setup("identity_hessian", estimator="fd_mid")
     assert needs_double_backward({**base, "rule": "explicit_implicit", "estimator": "fd"})  # autograd noise
 
 
