@@ -62,7 +62,13 @@ def load_factory(spec: str):
 
 
 def user_case(spec: str) -> Case:
-    out = load_factory(spec)()
+    factory = load_factory(spec)
+    try:
+        out = factory()
+    except DropcheckError:
+        raise
+    except Exception as exc:  # the user's code failed: say where, without a traceback
+        raise DropcheckError(f"--model: {spec}() raised {type(exc).__name__}: {exc}") from exc
     if not (isinstance(out, (tuple, list)) and len(out) == 3):
         raise DropcheckError(f"--model: {spec} must return (model, inputs, targets), got {type(out).__name__}")
     model, inputs, targets = out

@@ -23,6 +23,7 @@ from ._cases import Case
 from ._explicit import clean_forward, explicit_regularizer, taylor_regularizer
 from ._gap import dropout_gap, first_order_gap
 from ._implicit import implicit_noise, implicit_noise_jacobian
+from ._errors import DropcheckError
 from ._sites import BERNOULLI, find_sites
 
 Z_TOL = 4.5
@@ -59,7 +60,8 @@ def _f(t) -> float:
 
 @contextmanager
 def set_q(model, q: float) -> Iterator[None]:
-    """Temporarily give every dropout site of ``model`` drop probability ``q``."""
+    """Temporarily give every dropout module of ``model`` drop probability ``q``
+    (functional sites keep theirs: callers skip models that have them)."""
     sites = find_sites(model)
     saved = [(s.module, s.module.p) for s in sites]
     try:
@@ -96,21 +98,77 @@ class _Recorder:
         self.rows.append(Check(self.case, quantity, a_name, b_name, None, None, None, "-", 0.0, "skip", 0.0, why))
 
 
+def activation_elements(model, X, y) -> int:
+    """Floating-point elements of every module output in one analytic forward
+    pass: the memory one reverse pass through the model holds, the unit of
+    the size guards below."""
+    total = [0]
+
+    def count(m, args, out):
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                total[0] += t.numel()
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        with torch.no_grad():
+            clean_forward(model, X, y)
+    finally:
+        handle.remove()
+    return max(total[0], 1)
+
+
+# Size guards (elements, float64 = 8 bytes): a route runs only where its true
+# size fits; otherwise the check is reported as "skip" with the size.
+DENSE_ELEMS = 1 << 24  # dense J (N·c·D), C and Hessian (D²), and the vmapped backward (N·c·activations)
+EXACT_ELEMS = 1 << 27  # the exact estimators: N·c (or units) backward passes over the activations
+TAINT_LIMIT = 4096  # forward passes spent grouping units before an exact enumeration
+
+
 def run_case(case: Case, *, draws: int = 300, seed: int = 0, symbolic: Optional[Callable] = None) -> list[Check]:
-    """All checks for one case (model, inputs, targets)."""
+    """All checks for one case (model, inputs, targets).  A check whose route
+    raises is recorded as ``FAIL`` with the error (never a traceback); a
+    route too large for its dense or exact reference is ``skip`` with its
+    size."""
     R = _Recorder(case.name)
     model, X, y = case.model, case.inputs, case.targets
-    with torch.no_grad():
-        _, _, occs = clean_forward(model, X, y)
+    try:
+        with torch.no_grad():
+            Z, _, occs = clean_forward(model, X, y)
+        act = activation_elements(model, X, y)
+    except Exception as exc:  # the model cannot be analysed at all: one row says why
+        R.rows.append(Check(case.name, "analytic forward pass", "dropcheck", "-", None, None, None, "-", 0.0,
+                            "FAIL", 0.0, f"{type(exc).__name__}: {exc}"))
+        return R.rows
+    N, c = Z.shape
     biggest = max(o.h.numel() for o in occs)
     bernoulli = all(o.site.noise == BERNOULLI for o in occs)
+    functional = any(o.site.functional for o in occs)
+    units = sum(o.units for o in occs)
+    dense_size = max(N * c * biggest + biggest * biggest, N * c * act, biggest * act)
+    dense_ok = biggest <= DENSE_LIMIT and dense_size <= DENSE_ELEMS
+    exact_ok = N * c * act <= EXACT_ELEMS and max(o.units for o in occs) * act <= EXACT_ELEMS
 
-    def per_site_vs_dense(quantity, a_name, b_name, ours_fn, dense_fn) -> float:
+    def guarded(quantity, a_name, b_name, fn):
+        """Run one check; an exception becomes a FAIL row with its message."""
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        except Exception as exc:
+            R.rows.append(Check(case.name, quantity, a_name, b_name, None, None, None, "-", 0.0, "FAIL",
+                                time.perf_counter() - t0, f"{type(exc).__name__}: {exc}"))
+            return None
+
+    def per_site_vs_dense(quantity, a_name, b_name, ours_fn, dense_fn):
         """Per-site values against a dense torch.func route; returns our total."""
         t0 = time.perf_counter()
+        if not exact_ok:
+            R.skip(quantity, a_name, b_name, f"N*c*activations = {N * c * act} > {EXACT_ELEMS}")
+            return None
         ours = {k: _f(v) for k, v in ours_fn(model, X, y, per_site=True).items()}
-        if biggest > DENSE_LIMIT:
-            R.skip(quantity, a_name, b_name, f"numel(h)={biggest} > {DENSE_LIMIT}")
+        if not dense_ok:
+            R.skip(quantity, a_name, b_name,
+                   f"numel(h)={biggest} (limit {DENSE_LIMIT}), dense size {dense_size} (limit {DENSE_ELEMS})")
         else:
             dense = dense_fn(model, X, y)
             worst = max(rel_err(ours[k], dense[k], 1e-15) for k in dense)
@@ -119,36 +177,75 @@ def run_case(case: Case, *, draws: int = 300, seed: int = 0, symbolic: Optional[
         return sum(ours.values())
 
     # 1-2. exact estimator vs dense Jacobian route; Taylor term vs dense Hessian
-    exact = per_site_vs_dense("R_approx (weighted, per site)", "exact (batched VJPs)",
-                              "dense J^T H J with C (torch.func)", explicit_regularizer, ref.dense_explicit)
-    taylor = per_site_vs_dense("R_taylor (weighted, per site)", "exact (batched HVPs)",
-                               "dense Hessian with C (torch.func)", taylor_regularizer, ref.dense_taylor)
+    exact = guarded("R_approx (weighted, per site)", "exact (batched VJPs)", "dense J^T H J with C (torch.func)",
+                    lambda: per_site_vs_dense("R_approx (weighted, per site)", "exact (batched VJPs)",
+                                              "dense J^T H J with C (torch.func)", explicit_regularizer,
+                                              ref.dense_explicit))
+    taylor = guarded("R_taylor (weighted, per site)", "exact (batched HVPs)", "dense Hessian with C (torch.func)",
+                     lambda: per_site_vs_dense("R_taylor (weighted, per site)", "exact (batched HVPs)",
+                                               "dense Hessian with C (torch.func)", taylor_regularizer,
+                                               ref.dense_taylor))
 
-    if case.linear_after_sites:
+    if case.linear_after_sites and exact is not None and taylor is not None:
         t0 = time.perf_counter()
         R.rel("R_taylor = weighted R_approx (only softmax after sites)", "taylor_regularizer",
               "explicit_regularizer", taylor, exact, 1e-10, t0)
 
-    # 3. unbiased estimators
-    for est in ("sampled", "hutchinson"):
+    # 3. unbiased estimators: against the exact value, or against each other when it is too large
+    def unbiased():
+        stats = {}
+        for est in ("sampled", "hutchinson"):
+            t0 = time.perf_counter()
+            m, se = _draws(lambda g: _f(explicit_regularizer(model, X, y, estimator=est, generator=g)), draws, seed)
+            stats[est] = (m, se, t0)
+            if exact is not None:
+                R.z(f"R_approx {est} estimator", f"{est} ({draws} draws)", "exact", m, exact, se, t0)
+        if exact is None:
+            (ms, ss, t0), (mh, sh, _) = stats["sampled"], stats["hutchinson"]
+            R.z("R_approx sampled vs hutchinson", f"sampled ({draws} draws)", f"hutchinson ({draws} draws)",
+                ms, mh, math.hypot(ss, sh), t0, "exact estimator skipped (size)")
+
+    guarded("R_approx sampled/hutchinson estimators", "Monte Carlo", "exact", unbiased)
+
+    def fd_vs_jvp():
         t0 = time.perf_counter()
-        m, se = _draws(lambda g: _f(explicit_regularizer(model, X, y, estimator=est, generator=g)), draws, seed)
-        R.z(f"R_approx {est} estimator", f"{est} ({draws} draws)", "exact", m, exact, se, t0)
-    t0 = time.perf_counter()
-    fd = sum(_f(v) for v in explicit_regularizer(
-        model, X, y, estimator="fd", generator=seed, eps=1e-5, per_site=True).values())
-    hu = _f(explicit_regularizer(model, X, y, estimator="hutchinson", generator=seed))
-    R.rel("R_approx fd vs JVP, same probe", "fd (eps=1e-5, per site)", "hutchinson", fd, hu, 1e-6, t0,
-          "O(eps^2) bias")
+        fd = sum(_f(v) for v in explicit_regularizer(
+            model, X, y, estimator="fd", generator=seed, eps=1e-5, per_site=True).values())
+        hu = _f(explicit_regularizer(model, X, y, estimator="hutchinson", generator=seed))
+        R.rel("R_approx fd vs JVP, same probe", "fd (eps=1e-5, per site)", "hutchinson", fd, hu, 1e-6, t0,
+              "O(eps^2) bias")
+
+    guarded("R_approx fd vs JVP, same probe", "fd (eps=1e-5, per site)", "hutchinson", fd_vs_jvp)
 
     # 4. dropout gap: exact enumeration vs Monte Carlo; first-order identity in q
-    units = sum(o.units for o in occs)
-    if bernoulli and units <= ENUM_LIMIT:
+    def gap_checks():
+        if not bernoulli:
+            if functional:
+                R.skip("Gaussian R_drop -> R_taylor as q -> 0", "MC gap", "R_taylor",
+                       "functional sites: q cannot be changed")
+                return
+            t0 = time.perf_counter()
+            with set_q(model, 0.01):
+                gap = dropout_gap(model, X, y, samples=4000, generator=seed, antithetic=True)
+                tay = _f(taylor_regularizer(model, X, y))
+            R.z("Gaussian R_drop -> R_taylor as q -> 0", "MC gap, q=0.01 (antithetic)", "R_taylor",
+                gap.value, tay, gap.stderr, t0, "tolerates O(q) = 5% bias", slack=0.05 * abs(tay))
+            return
+        if units > TAINT_LIMIT:
+            R.skip("R_drop", "Monte Carlo", "exact enumeration", f"{units} noise units > {TAINT_LIMIT} to group")
+            return
         t0 = time.perf_counter()
-        ex = dropout_gap(model, X, y, exact=True, max_units=ENUM_LIMIT)
+        try:
+            ex = dropout_gap(model, X, y, exact=True, max_units=ENUM_LIMIT)
+        except DropcheckError as exc:
+            R.skip("R_drop", "Monte Carlo", "exact enumeration", str(exc))
+            return
         mc = dropout_gap(model, X, y, samples=2000, generator=seed, control_variate=True)
-        R.z("R_drop", "Monte Carlo (2000, control variate)", f"exact enumeration (2^{units})",
+        R.z("R_drop", "Monte Carlo (2000, control variate)", f"exact enumeration ({ex.samples} masks)",
             mc.value, ex.value, mc.stderr, t0)
+        if functional:
+            R.skip("lim R_drop/q = sum Delta_ik", "exact R_drop/q", "deletions", "functional sites: q cannot be changed")
+            return
         t0 = time.perf_counter()
         q0 = 1e-4
         with set_q(model, q0):
@@ -156,40 +253,45 @@ def run_case(case: Case, *, draws: int = 300, seed: int = 0, symbolic: Optional[
             lim = first_order_gap(model, X, y)
         R.rel("lim R_drop/q = sum Delta_ik", f"exact R_drop/q at q={q0}", "sum of deletions Delta_ik",
               ex0, lim, 1e-2, t0, "error O(q)")
-    elif not bernoulli:
-        t0 = time.perf_counter()
-        with set_q(model, 0.01):
-            gap = dropout_gap(model, X, y, samples=4000, generator=seed, antithetic=True)
-            tay = _f(taylor_regularizer(model, X, y))
-        R.z("Gaussian R_drop -> R_taylor as q -> 0", "MC gap, q=0.01 (antithetic)", "R_taylor",
-            gap.value, tay, gap.stderr, t0, "tolerates O(q) = 5% bias", slack=0.05 * abs(tay))
-    else:
-        R.skip("R_drop", "Monte Carlo", "exact enumeration", f"{units} noise units > {ENUM_LIMIT}")
+
+    guarded("R_drop", "Monte Carlo", "exact enumeration", gap_checks)
 
     # 5. implicit noise: fd vs autograd with the same eta; exact covariance vs samples
-    t0 = time.perf_counter()
-    a = implicit_noise(model, X, y, generator=seed)
-    b = implicit_noise(model, X, y, generator=seed, estimator="fd", eps=1e-5)
-    flat_a = torch.cat([v.reshape(-1) for v in a.values()])
-    flat_b = torch.cat([v.reshape(-1) for v in b.values()])
-    err = float((flat_a - flat_b).norm() / flat_a.norm().clamp_min(1e-300))
-    R.rows.append(Check(case.name, "xi_approx sample (same eta)", "autograd (double backward)",
-                        "fd of parameter gradients", float(flat_a.norm()), float(flat_b.norm()), err, "rel",
-                        1e-6, "pass" if err <= 1e-6 else "FAIL", time.perf_counter() - t0, "norms shown"))
+    def xi_same_eta():
+        t0 = time.perf_counter()
+        a = implicit_noise(model, X, y, generator=seed)
+        b = implicit_noise(model, X, y, generator=seed, estimator="fd", eps=1e-5)
+        flat_a = torch.cat([v.reshape(-1) for v in a.values()])
+        flat_b = torch.cat([v.reshape(-1) for v in b.values()])
+        err = float((flat_a - flat_b).norm() / flat_a.norm().clamp_min(1e-300))
+        R.rows.append(Check(case.name, "xi_approx sample (same eta)", "autograd (double backward)",
+                            "fd of parameter gradients", float(flat_a.norm()), float(flat_b.norm()), err, "rel",
+                            1e-6, "pass" if err <= 1e-6 else "FAIL", time.perf_counter() - t0, "norms shown"))
 
-    t0 = time.perf_counter()
-    B, var = implicit_noise_jacobian(model, X, y)
-    r = torch.randn(B.shape[1], generator=as_generator(seed + 1), dtype=B.dtype)
-    sigma2 = float((var * (B @ r) ** 2).sum())
-    gen = as_generator(seed + 2)
-    proj = torch.tensor([
-        float(torch.cat([v.reshape(-1) for v in implicit_noise(model, X, y, generator=gen).values()]) @ r)
-        for _ in range(draws)
-    ], dtype=torch.float64)
-    s2 = float((proj ** 2).mean())  # E[xi] = 0 exactly
-    se = sigma2 * math.sqrt(2.0 / draws)  # Var(s²) <= 2σ⁴/n: Rademacher sums are platykurtic
-    R.z("Cov(xi_approx) along a random direction", f"empirical ({draws} samples)",
-        "exact sum_u Var(eta) b_u b_u^T", s2, sigma2, se, t0)
+    guarded("xi_approx sample (same eta)", "autograd (double backward)", "fd of parameter gradients", xi_same_eta)
+
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def xi_cov():
+        if units * n_params > DENSE_ELEMS or units * act > EXACT_ELEMS:
+            R.skip("Cov(xi_approx) along a random direction", "empirical", "exact sum_u Var(eta) b_u b_u^T",
+                   f"{units} units x {n_params} parameters too large for the dense b_u")
+            return
+        t0 = time.perf_counter()
+        B, var = implicit_noise_jacobian(model, X, y)
+        r = torch.randn(B.shape[1], generator=as_generator(seed + 1), dtype=B.dtype)
+        sigma2 = float((var * (B @ r) ** 2).sum())
+        gen = as_generator(seed + 2)
+        proj = torch.tensor([
+            float(torch.cat([v.reshape(-1) for v in implicit_noise(model, X, y, generator=gen).values()]) @ r)
+            for _ in range(draws)
+        ], dtype=torch.float64)
+        s2 = float((proj ** 2).mean())  # E[xi] = 0 exactly
+        se = sigma2 * math.sqrt(2.0 / draws)  # Var(s²) <= 2σ⁴/n: Rademacher sums are platykurtic
+        R.z("Cov(xi_approx) along a random direction", f"empirical ({draws} samples)",
+            "exact sum_u Var(eta) b_u b_u^T", s2, sigma2, se, t0)
+
+    guarded("Cov(xi_approx) along a random direction", "empirical", "exact sum_u Var(eta) b_u b_u^T", xi_cov)
 
     # 6. symbolic route
     if symbolic is not None and case.spec is not None:
@@ -198,7 +300,7 @@ def run_case(case: Case, *, draws: int = 300, seed: int = 0, symbolic: Optional[
             sym = symbolic(case.spec)
             secs = time.perf_counter() - t0
             for key, ours in (("R_approx_weighted", exact), ("R_taylor", taylor)):
-                if key in sym:
+                if key in sym and ours is not None:
                     R.rel(key.replace("_weighted", " (weighted)"), "torch exact", "SymPy (derivations)",
                           ours, float(sym[key]), 1e-9, t0, f"derived in {secs:.2f}s")
             if "R_drop_exact" in sym and bernoulli and units <= ENUM_LIMIT:

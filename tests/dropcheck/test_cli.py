@@ -92,3 +92,83 @@ def test_taylor_map_hutchinson_agrees_with_exact():
     assert abs(hu.R_taylor - ex.R_taylor) <= 4.5 * hu.R_taylor_stderr
     # probe noise is propagated into the ratio's relative standard error
     assert hu.ratio_approx_stderr / hu.ratio_approx > ex.ratio_approx_stderr / ex.ratio_approx
+
+
+USER_MODELS = '''
+import sys, torch
+from torch import nn
+import torch.nn.functional as F
+sys.path.insert(0, {zoo!r})
+import model_zoo as Z
+
+
+def boom():
+    raise RuntimeError("no data here")
+
+
+def float32_inputs():
+    m = nn.Sequential(nn.Dropout(0.2), nn.Linear(3, 2)).double()
+    return m, torch.randn(2, 3), torch.tensor([0, 1])
+
+
+def encoder_train_mode():
+    z = Z.encoder_layer()
+    z.model.train()
+    return z.model, z.inputs, z.targets
+
+
+class Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.drop, self.bn, self.head = nn.Dropout2d(0.2), nn.BatchNorm2d(8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.drop(F.relu(self.bn(self.c1(x))))
+        return self.head(F.relu(self.c2(h)).mean((2, 3)))
+
+
+def cnn():
+    torch.manual_seed(0)
+    return Conv().double().train(), torch.randn(8, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (8,))
+'''
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    zoo = str(Path(__file__).resolve().parent)
+    (tmp_path / "usermodels.py").write_text(USER_MODELS.format(zoo=zoo))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_verify_factory_that_raises_is_an_error_without_traceback(user_models, capsys):
+    assert main(["verify", "--model", "usermodels.py:boom"]) == 2
+    err = capsys.readouterr().err
+    assert "boom() raised RuntimeError: no data here" in err and "Traceback" not in err
+
+
+def test_verify_model_that_cannot_run_is_a_failed_row(user_models, capsys):
+    assert main(["verify", "--json", "--model", "usermodels.py:float32_inputs"]) == 1
+    rows = json.loads(capsys.readouterr().out)["checks"]
+    assert [r["status"] for r in rows] == ["FAIL"] and "dtype torch.float32" in rows[0]["note"]
+
+
+def test_verify_train_mode_attention_model_passes(user_models, capsys):
+    """nn.TransformerEncoderLayer + MultiheadAttention, left in train mode:
+    attention dropout through F.dropout and SDPA, double backward included."""
+    rc = main(["verify", "--json", "--model", "usermodels.py:encoder_train_mode", "--draws", "40"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0, [r for r in out["checks"] if r["status"] == "FAIL"]
+    assert out["summary"]["passed"] >= 6
+
+
+def test_verify_cnn_guards_dense_references_by_size(user_models, capsys):
+    """numel(h) = 8·8·16·16 = 16384: the dense O(numel²) references (16 GiB
+    as float64 for the Hessian) are skipped with their size, the rest runs."""
+    rc = main(["verify", "--json", "--model", "usermodels.py:cnn", "--draws", "20"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0, [r for r in out["checks"] if r["status"] == "FAIL"]
+    skipped = {r["quantity"]: r["note"] for r in out["checks"] if r["status"] == "skip"}
+    assert "numel(h)=16384" in skipped["R_approx (weighted, per site)"]
