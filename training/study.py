@@ -92,8 +92,12 @@ PLANS: dict[str, Plan] = {
             implicit_route={"noise_estimator": "fd"},
             shared_route={"estimator": "fd_shared"},
             l2s=(1e-5, 3e-5, 1e-4),
-            identity_mults=(1.0, 10.0),
-            lj_mults=(1.0, 2.0),
+            # Coefficients of the ablations: on the pilot's DROPOUT_1 model (epoch 3, 6 training
+            # batches, fd estimator, 4 probes each) R_approx / R_approx(H_out -> I/c) was 6.3 and
+            # R_approx / R̃_approx 0.68, so each ablation runs at the derived λ and near the
+            # multiplier that matches R_approx's size.
+            identity_mults=(1.0, 6.0),
+            lj_mults=(0.5, 1.0),
         ),
         best_of=(_EXPLICIT_GROUP,),
         note="2-core CPU study (one thread per run); see the README's 'CPU study' section",
