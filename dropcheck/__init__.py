@@ -2,9 +2,9 @@
 
 Wei, Kakade & Ma, "The Implicit and Explicit Regularization Effects of
 Dropout", ICML 2020.  Equation numbers in the docstrings are the paper's;
-the formulas are collected in MATH.md.
+the formulas are collected in docs/math.md, the design in docs/design.md.
 
-Public API (DESIGN.md)::
+Public API (docs/design.md)::
 
     import dropcheck as dc
     dc.explicit_regularizer(model, inputs, targets, estimator="exact")  # R_approx (4.4)

@@ -3,7 +3,7 @@
 For a model and a grid of ``q`` (and, for the built-in family, of widths) it
 measures ``R_drop / (λ R_approx)`` and ``R_drop / R_taylor`` for Bernoulli
 dropout and for multiplicative Gaussian noise of the same variance
-``q/(1-q)`` (MATH.md, "When the second-order picture holds"):
+``q/(1-q)`` (docs/math.md, "When the second-order picture holds"):
 
 - Gaussian noise: ``R_drop = R_taylor + O(q²)``, so the ratio → 1 as q → 0;
 - Bernoulli noise: ``R_drop/q → Σ Δ_ik`` while ``R_taylor/q → ½ Σ h² ∂²ℓ/∂h²``;

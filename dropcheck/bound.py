@@ -1,6 +1,6 @@
 """Theorem 4.1 of Wei, Kakade & Ma (ICML 2020) for linear softmax models.
 
-Conventions (MATH.md, "Theorem 4.1"):
+Conventions (docs/math.md, "Theorem 4.1"):
 
 - ``W`` has shape ``(c, d)`` (classes × features), ``X`` has shape ``(n, d)``
   (one example per row), ``y`` has shape ``(n,)`` of integer labels in
@@ -28,7 +28,7 @@ stated only for ``W`` with ``‖Wᵀ‖_{2,1} ≤ A``; this is an *error*, not a
 warning, because a right-hand side computed for a class that does not contain
 ``W`` says nothing about ``W``).
 
-The right-hand side (MATH.md; the paper states it up to a universal constant,
+The right-hand side (docs/math.md; the paper states it up to a universal constant,
 ``≲``, exposed here as ``constant``, default 1):
 
     E_P[ℓ̄] - 1.01 E_{P_n}[ℓ̄]
@@ -38,7 +38,7 @@ The right-hand side (MATH.md; the paper states it up to a universal constant,
         + ζ,      ζ = B (log(1/δ) + log log n) / n                (zeta)
 
 with ``μ = mean ‖p - e_y‖₂``, ``ν = mean (1 - ‖p‖₂²)`` and
-``θ = log³(n c) · max_i ‖x_i‖₂²``.  MATH.md notes that the printed form of the
+``θ = log³(n c) · max_i ‖x_i‖₂²``.  docs/math.md notes that the printed form of the
 three main terms could not be checked against the paper's appendix; each is a
 separate one-line function below so a corrected form is a one-line change.
 """
@@ -278,7 +278,7 @@ def nu(W, X, y) -> float:
 def norm_2_1(M):
     """The (2,1) norm: the sum of the Euclidean norms of the columns.
 
-    ``‖M‖_{2,1} = Σ_j sqrt(Σ_i M_ij²)`` (MATH.md, Theorem 4.1).  ``M`` has
+    ``‖M‖_{2,1} = Σ_j sqrt(Σ_i M_ij²)`` (docs/math.md, Theorem 4.1).  ``M`` has
     shape ``(r, k)``; returns a Python float.  Theorem 4.1 applies it to
     ``Wᵀ`` (see :func:`weight_norm`).
     """
@@ -344,7 +344,7 @@ def truncated_loss(W, X, y, B):
 
 
 # ---------------------------------------------------------------------------
-# the terms of the right-hand side: one line each (MATH.md: keep separate)
+# the terms of the right-hand side: one line each (docs/math.md: keep separate)
 # ---------------------------------------------------------------------------
 
 
@@ -491,7 +491,7 @@ def theorem_4_1(
 
 
 def dropout_lambda(q) -> float:
-    """The dropout-matched coefficient ``λ = q / (2(1-q))`` (MATH.md), ``q ∈ [0, 1)``."""
+    """The dropout-matched coefficient ``λ = q / (2(1-q))`` (docs/math.md), ``q ∈ [0, 1)``."""
     q = _check_q(q)
     return q / (2.0 * (1.0 - q))
 
@@ -502,7 +502,7 @@ def explicit_penalty_linear(W, X, q, *, coef=None):
 
     ``R(W) = λ · (1/n) Σ_n Σ_k x_nk² (Wᵀ H_n W)_kk``,
     ``H_n = diag(p_n) - p_n p_nᵀ``, ``p_n = softmax(W x_n)``,
-    ``λ = q/(2(1-q))`` (MATH.md; (4.2)-(4.4) with ``J_F = W``, ``h = x``).
+    ``λ = q/(2(1-q))`` (docs/math.md; (4.2)-(4.4) with ``J_F = W``, ``h = x``).
     ``(Wᵀ H W)_kk = Σ_c p_c W_ck² - (Σ_c p_c W_ck)²``, so
     ``R = λ · mean_n Σ_k x_nk² [(P W²)_nk - (P W)_nk²]`` with ``P (n, c)``.
 

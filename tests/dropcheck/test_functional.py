@@ -361,7 +361,7 @@ def test_buffers_and_flags_are_restored_exactly():
             assert vals == pytest.approx(first, rel=1e-13)
     # the analytic network uses BatchNorm's running statistics (eval behaviour)
     model.eval()
-    with dc.analytic_mode(model) as s, torch.no_grad():
+    with dc.analytic_mode(model), torch.no_grad():
         z = dc._common.call_model(model, X)
     assert torch.allclose(z, model(X), rtol=0, atol=0)
 
