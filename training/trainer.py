@@ -242,7 +242,7 @@ class LoopState:
     pos: int = 0
     best_valid: float = math.inf
     best_step: int = -1
-    best_eval: int = 0  # ``evals`` when the best validation perplexity was reached (patience)
+    best_eval: int = 0  # ``evals`` at the last improvement by more than ``min_improvement`` (patience)
     lr_scale: float = 1.0  # times ``lr_decay`` after each evaluation without a new best
     evals: int = 0
     log_lines: int = 0
@@ -620,13 +620,17 @@ def train(
         clean_loss = evaluate(lm, train_eval, cfg["bptt"])[0] if train_eval is not None else math.nan
         st.evals += 1
         improved = vppl < st.best_valid
+        # patience and lr_decay count only improvements by more than min_improvement (relative)
+        significant = vppl < st.best_valid * (1.0 - cfg["min_improvement"])
+        if significant:
+            st.best_eval = st.evals
         if improved:
-            st.best_valid, st.best_step, st.best_eval = vppl, st.step, st.evals
+            st.best_valid, st.best_step = vppl, st.step
             if is_main:
                 atomic_torch_save({"model": lm.state_dict(), "step": st.step, "valid_ppl": vppl, "config": cfg}, best_path)
         tps = st.interval_tokens / st.interval_time if st.interval_time > 0 else math.nan
         lr_now = cfg["lr"] * st.lr_scale  # the rate this interval trained with
-        if not improved:
+        if not significant:
             st.lr_scale *= cfg["lr_decay"]  # annealing on a plateau (1: constant rate)
         rec = {
             "type": "eval",
