@@ -145,7 +145,7 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
     running: dict[str, tuple[subprocess.Popen, RunJob, object]] = {}
     total0 = len([j for j in plan_jobs(plan, runs_dir, seeds, patterns) if j.state != "done"])
     bar = tqdm(total=total0, desc=f"{plan.name}", unit="run", file=sys.stderr, dynamic_ncols=True,
-               disable=not progress)
+               disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 60.0)
     done_count = 0
 
     def stop_all(signum=None, frame=None):
