@@ -1,4 +1,4 @@
-"""derivations: MATH.md derived symbolically (SymPy) on small networks.
+"""derivations: docs/math.md derived symbolically (SymPy) on small networks.
 
 An independent route: this package imports nothing from ``dropcheck`` or
 ``training`` (a reference that shares code with what it checks proves

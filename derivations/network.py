@@ -1,4 +1,4 @@
-"""Symbolic small MLPs with dropout sites, and every quantity of MATH.md on them.
+"""Symbolic small MLPs with dropout sites, and every quantity of docs/math.md on them.
 
 A *shape* is ``(sizes, activations, site layers)``; everything here is
 derived once per shape with every number symbolic — weights ``θ``, the
@@ -15,7 +15,7 @@ Forward pass for one example (``L`` weight layers, ``h_0 = x``)::
     z = a_L
 
 with one noise symbol ``η_{i,k}`` per dropped unit (the multiplicative form
-of MATH.md's node dropout).  The pass is built as a
+of docs/math.md's node dropout).  The pass is built as a
 :class:`derivations.program.Program` (one small assignment per unit), and
 every derivative below is taken on it exactly by the chain rule with
 ``sympy.diff`` on each assignment; ``Program.expand`` gives the single
@@ -333,7 +333,7 @@ def _derive(shape: Shape) -> Derivation:
     coef_u = so["diag"]
     lam_site = [coef_u[unit_site.index(j)] for j in range(len(q))]
     var_site = [eta_variance(qj) for qj in q]
-    # d c_u / dq at q = 0: the slope of R_taylor in q (MATH.md: R_taylor/q → ½ Σ h² ∂²ℓ/∂h²)
+    # d c_u / dq at q = 0: the slope of R_taylor in q (docs/math.md: R_taylor/q → ½ Σ h² ∂²ℓ/∂h²)
     coef_slope_site = [sp.limit(sp.diff(lam, qj), qj, 0) for lam, qj in zip(lam_site, q)]
     timings["noise_law"] = time.perf_counter() - t0
 

@@ -7,14 +7,14 @@ derives
 
 - the two-point law of ``η`` (values and probabilities),
 - its moments ``E[ηᵏ]`` and variance,
-- the second-order coefficient of the dropout gap, MATH.md (4.1)-(4.2):
+- the second-order coefficient of the dropout gap, docs/math.md (4.1)-(4.2):
   the expectation of the quadratic Taylor polynomial of the loss in the
   independent per-unit noises; its only surviving terms are the diagonal
   Hessian entries, each with the coefficient ``½ E[η²]`` (which SymPy then
   shows equals ``q/(2(1-q))``; that closed form is never written here),
 - the exact enumerated gap ``Σ_masks P(mask) L(η(mask))`` for an abstract
   loss ``L`` (an undefined SymPy function), and its Taylor coefficients in
-  ``q`` — the first one is ``Σ_u Δ_u`` (MATH.md, "When the second-order
+  ``q`` — the first one is ``Σ_u Δ_u`` (docs/math.md, "When the second-order
   picture holds").
 """
 
@@ -202,7 +202,7 @@ def gap_q_coefficient(L: sp.Function, qs: Sequence[sp.Symbol], q: sp.Symbol, ord
 
 def delta_sum(L: sp.Function, M: int, scale: sp.Expr = sp.Integer(1)) -> sp.Expr:
     """``Σ_u Δ_u`` with ``Δ_u = L(unit u zeroed) - L(0) + ∂_u L(0)·(-(-1))``,
-    the definition in MATH.md written for the multiplicative noise:
+    the definition in docs/math.md written for the multiplicative noise:
     zeroing unit u is ``η_u = -1``; ``h_u ∂ℓ/∂h_u = ∂ℓ/∂η_u`` at 0.
     ``scale`` shrinks the deletion to ``η_u = -scale`` (the ``t`` expansion)."""
     xi = sp.symbols(f"xi_0:{M}")

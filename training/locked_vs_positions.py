@@ -1,4 +1,4 @@
-"""Locked vs per-position analytic terms on the smoke AWD-LSTM (MATH.md, open points).
+"""Locked vs per-position analytic terms on the smoke AWD-LSTM (docs/math.md, open points).
 
 The official code treats positions as independent in the analytic terms even
 where the dropout it replaces is locked over time.  This measures, per site,
