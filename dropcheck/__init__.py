@@ -43,11 +43,11 @@ from ._sites import DropConnect, GaussianDropout, LockedDropout, SiteSpec, Weigh
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # dropcheck.bound is imported on first use
-    if name == "bound":
+def __getattr__(name):  # dropcheck.bound and dropcheck.linear are imported on first use
+    if name in ("bound", "linear"):
         import importlib
 
-        return importlib.import_module(".bound", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'dropcheck' has no attribute {name!r}")
 
 
@@ -85,4 +85,5 @@ __all__ = [
     "NoDropoutSiteError",
     "DataError",
     "bound",
+    "linear",
 ]

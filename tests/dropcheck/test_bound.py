@@ -1,18 +1,13 @@
-"""Tests of ``dropcheck.bound`` (Theorem 4.1 on linear models) and of the
-``dropcheck bound`` command.
+"""Tests of ``dropcheck.bound`` (Theorem 4.1 on linear models).
 
 Every closed form is checked against an independent route: autograd
-Jacobians/Hessians of the cross-entropy in the logits (μ, ν), autograd input
-Hessians and exact enumeration of dropout masks (the explicit penalty),
-double backward and central finite differences (the implicit noise).
+Jacobians/Hessians of the cross-entropy in the logits (μ, ν).  The
+linear-dropout penalty and noise are in ``test_linear.py``, the
+``dropcheck bound`` command in ``tests/training/test_bound_runs.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import itertools
-import json
 import math
 
 import numpy as np
@@ -22,66 +17,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dropcheck import bound
-from dropcheck._errors import DataError, DropcheckError
-
-F64 = torch.float64
-
-
-# ---------------------------------------------------------------------------
-# strategies and references
-# ---------------------------------------------------------------------------
-
-
-def _floats(lo=-3.0, hi=3.0):
-    return st.floats(lo, hi, allow_nan=False, allow_infinity=False, width=64)
-
-
-@st.composite
-def problems(draw, max_n=5, max_c=4, max_d=4, scale=3.0):
-    """A linear softmax problem ``(W (c, d), X (n, d), y (n,))`` as numpy."""
-    n = draw(st.integers(1, max_n))
-    c = draw(st.integers(2, max_c))
-    d = draw(st.integers(1, max_d))
-    W = draw(hnp.arrays(np.float64, (c, d), elements=_floats(-scale, scale)))
-    X = draw(hnp.arrays(np.float64, (n, d), elements=_floats(-scale, scale)))
-    y = draw(hnp.arrays(np.int64, (n,), elements=st.integers(0, c - 1)))
-    return W, X, y
-
-
-def _saturated():
-    """Logits of order ±200: a float64 softmax that is exactly one-hot."""
-    W = np.array([[40.0, 0.0], [0.0, 40.0], [-40.0, -40.0]])
-    X = np.array([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
-    y = np.array([0, 1, 1])  # the last one confidently wrong
-    return W, X, y
-
-
-def _loss_of_logits(z, yi):
-    return -torch.log_softmax(z, 0)[yi]
-
-
-def _autograd_mu_nu(W, X, y):
-    """μ and ν from autograd Jacobians/Hessians of ℓ_y in the logits, per example."""
-    Z = torch.as_tensor(X, dtype=F64) @ torch.as_tensor(W, dtype=F64).T
-    norms, traces = [], []
-    for z, yi in zip(Z, torch.as_tensor(y)):
-        f = lambda zz: _loss_of_logits(zz, int(yi))  # noqa: E731
-        Jz = torch.autograd.functional.jacobian(f, z)
-        Hz = torch.autograd.functional.hessian(f, z)
-        norms.append(float(torch.linalg.vector_norm(Jz)))
-        traces.append(float(torch.trace(Hz)))
-    return float(np.mean(norms)), float(np.mean(traces))
-
-
-def _input_hessians(W, X, y):
-    """Per-example Hessian of ℓ_y(W x) in the input x, shape (n, d, d), by autograd."""
-    Wt = torch.as_tensor(W, dtype=F64)
-    out = []
-    for x, yi in zip(torch.as_tensor(X, dtype=F64), torch.as_tensor(y)):
-        out.append(torch.autograd.functional.hessian(lambda xx: _loss_of_logits(Wt @ xx, int(yi)), x))
-    return torch.stack(out)
-
+from bound_cases import F64, _autograd_mu_nu, _floats, _saturated, problems
+from dropcheck import DropcheckError, bound
 
 # ---------------------------------------------------------------------------
 # μ and ν
@@ -294,123 +231,6 @@ def test_third_term_limits():
 
 
 # ---------------------------------------------------------------------------
-# the explicit penalty (dropout on the input of a linear model)
-# ---------------------------------------------------------------------------
-
-
-@given(problems(max_n=4, max_c=4, max_d=4), st.sampled_from([0.1, 0.4, 0.5, 0.8]))
-@example(_saturated(), 0.5)
-def test_explicit_penalty_matches_autograd_input_hessian_and_gauss_newton(prob, q):
-    W, X, y = prob
-    lam = q / (2 * (1 - q))
-    Hx = _input_hessians(W, X, y)  # (n, d, d) = Wᵀ H_out W exactly (the model is linear)
-    ref = lam * float(((torch.from_numpy(X) ** 2) * torch.diagonal(Hx, dim1=1, dim2=2)).sum(1).mean())
-    # Gauss-Newton J^T H J with the explicit Jacobian J = ∂z/∂x of autograd
-    Wt = torch.from_numpy(W)
-    gn = []
-    for x in torch.from_numpy(X):
-        J = torch.autograd.functional.jacobian(lambda xx: Wt @ xx, x)
-        p = torch.softmax(Wt @ x, 0)
-        H = torch.diag(p) - torch.outer(p, p)
-        gn.append(float(torch.sum(x**2 * torch.diagonal(J.T @ H @ J))))
-    assert bound.explicit_penalty_linear(W, X, q) == pytest.approx(ref, rel=1e-9, abs=1e-13)
-    assert bound.explicit_penalty_linear(W, X, q) == pytest.approx(lam * float(np.mean(gn)), rel=1e-9, abs=1e-13)
-
-
-@given(problems(max_n=3, max_c=3, max_d=4, scale=2.0), st.sampled_from([0.05, 0.3, 0.5]))
-def test_explicit_penalty_equals_the_second_order_term_by_exact_mask_enumeration(prob, q):
-    """Enumerate every input mask m ∈ {0,1}^d with its probability: the
-    dropout perturbation is δ = (m/(1-q) - 1) ⊙ x, and
-    E_m[½ δᵀ D²_x ℓ δ] is the second-order Taylor term R_taylor (4.2), which
-    for a linear model equals the λ-weighted penalty exactly.  (It is not the
-    exact dropout gap R_drop; that is deliberately not asserted.)"""
-    W, X, y = prob
-    d = X.shape[1]
-    Hx = _input_hessians(W, X, y)
-    Xt = torch.from_numpy(X)
-    total = torch.zeros((), dtype=F64)
-    for mask in itertools.product((0.0, 1.0), repeat=d):
-        m = torch.tensor(mask, dtype=F64)
-        prob_m = float(np.prod([(1 - q) if v else q for v in mask]))
-        delta = (m / (1 - q) - 1) * Xt  # (n, d)
-        quad = torch.einsum("ni,nij,nj->n", delta, Hx, delta)
-        total = total + prob_m * 0.5 * quad.mean()
-    assert bound.explicit_penalty_linear(W, X, q) == pytest.approx(float(total), rel=1e-9, abs=1e-13)
-
-
-def test_explicit_penalty_is_differentiable_and_label_free():
-    rng = np.random.default_rng(1)
-    W = torch.tensor(rng.normal(size=(3, 4)), requires_grad=True)
-    X = torch.tensor(rng.normal(size=(6, 4)))
-    assert torch.autograd.gradcheck(lambda w: bound.explicit_penalty_linear(w, X, 0.4), (W,))
-    R = bound.explicit_penalty_linear(W, X, 0.4)
-    assert isinstance(R, torch.Tensor) and R.dim() == 0 and R.requires_grad
-    R = R.detach()
-    assert isinstance(bound.explicit_penalty_linear(W.detach().numpy(), X.numpy(), 0.4), float)
-    assert bound.explicit_penalty_linear(W, X, 0.0) == 0.0
-    assert float(bound.explicit_penalty_linear(W.detach(), X, 0.4, coef=1.0)) == pytest.approx(float(R) / bound.dropout_lambda(0.4))
-
-
-# ---------------------------------------------------------------------------
-# the implicit noise
-# ---------------------------------------------------------------------------
-
-
-def _xi_autograd(W, X, y, eta):
-    """ξ = ∇_W (1/n) Σ_n J_loss,n (η_n ⊙ x_n) by double backward."""
-    Wt = torch.tensor(W, requires_grad=True)
-    Xt = torch.tensor(X, requires_grad=True)
-    loss = torch.nn.functional.cross_entropy(Xt @ Wt.T, torch.from_numpy(y), reduction="sum")
-    (Jx,) = torch.autograd.grad(loss, Xt, create_graph=True)  # rows: J_loss,n
-    s = (Jx * torch.from_numpy(eta) * Xt).sum() / X.shape[0]
-    (g,) = torch.autograd.grad(s, Wt)
-    return g.detach().numpy()
-
-
-def _xi_finite_difference(W, X, y, eta, eps=1e-5):
-    """[∇_W L(x + εη⊙x) - ∇_W L(x - εη⊙x)] / (2ε) (MATH.md), L the mean loss."""
-    def grad_at(Xp):
-        Wt = torch.tensor(W, requires_grad=True)
-        L = torch.nn.functional.cross_entropy(torch.from_numpy(Xp) @ Wt.T, torch.from_numpy(y))
-        return torch.autograd.grad(L, Wt)[0].numpy()
-
-    return (grad_at(X + eps * eta * X) - grad_at(X - eps * eta * X)) / (2 * eps)
-
-
-@given(problems(max_n=5, max_c=4, max_d=4), st.integers(0, 2**31 - 1))
-@example(_saturated(), 0)
-def test_implicit_noise_matches_double_backward_and_finite_difference(prob, seed):
-    W, X, y = prob
-    eta = np.random.default_rng(seed).normal(size=X.shape)
-    xi = bound.implicit_noise_linear(W, X, y, 0.5, eta=eta)
-    assert isinstance(xi, np.ndarray) and xi.shape == W.shape
-    np.testing.assert_allclose(xi, _xi_autograd(W, X, y, eta), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(xi, _xi_finite_difference(W, X, y, eta), rtol=1e-5, atol=1e-7)
-    # linear in η: zero mean under a symmetric η
-    np.testing.assert_allclose(bound.implicit_noise_linear(W, X, y, 0.5, eta=-eta), -xi, rtol=1e-12, atol=1e-15)
-
-
-def test_implicit_noise_sampling_is_scaled_rademacher_and_reproducible():
-    rng = np.random.default_rng(2)
-    W, X, y = rng.normal(size=(3, 1)), np.ones((1, 1)), np.array([1])
-    q = 0.3
-    s = math.sqrt(q / (1 - q))
-    xi_plus = bound.implicit_noise_linear(W, X, y, q, eta=np.array([[s]]))
-    seen = set()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        xi = bound.implicit_noise_linear(torch.from_numpy(W), X, y, q, generator=g)
-        assert isinstance(xi, torch.Tensor)
-        sign = 1 if np.allclose(xi.numpy(), xi_plus) else (-1 if np.allclose(xi.numpy(), -xi_plus) else 0)
-        assert sign != 0
-        seen.add(sign)
-    assert seen == {1, -1}
-    a = bound.implicit_noise_linear(W, X, y, q, generator=torch.Generator().manual_seed(7))
-    b = bound.implicit_noise_linear(W, X, y, q, generator=torch.Generator().manual_seed(7))
-    np.testing.assert_array_equal(a, b)
-
-
-# ---------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------
 
@@ -445,9 +265,6 @@ BAD = [
     ("test labels", lambda: bound.theorem_4_1(_W, _X, _y, B=1, delta=0.1, X_test=_X,
                                               y_test=np.array([0, 1, 2, 5])), "y_test"),
     ("theta c", lambda: bound.theta(_X, 0), "classes"),
-    ("q one", lambda: bound.explicit_penalty_linear(_W, _X, 1.0), r"\[0, 1\)"),
-    ("q neg", lambda: bound.implicit_noise_linear(_W, _X, _y, -0.1), r"\[0, 1\)"),
-    ("eta shape", lambda: bound.implicit_noise_linear(_W, _X, _y, 0.5, eta=np.ones((4, 3))), "eta"),
     ("strings", lambda: bound.norm_2_1(np.array([["a"]])), "numeric"),
 ]
 
@@ -462,128 +279,3 @@ def test_A_equal_to_the_norm_up_to_rounding_is_accepted():
     W = np.random.default_rng(0).normal(size=(3, 2))
     a = bound.weight_norm(W)
     assert bound.theorem_4_1(W, _X, _y, B=1, delta=0.1, A=a * (1 - 1e-13)).A == a * (1 - 1e-13)
-
-
-# ---------------------------------------------------------------------------
-# the command
-# ---------------------------------------------------------------------------
-
-
-def _args(*argv):
-    from dropcheck import _cli_bound
-
-    p = argparse.ArgumentParser()
-    _cli_bound.add_arguments(p)
-    return p.parse_args(list(argv))
-
-
-def _tiny_npz(path, with_test=True, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(3, 5)) * 2
-    y = np.arange(30) % 3
-    X = centers[y] + rng.normal(size=(30, 5))
-    arrays = {"X": X, "y": y + 1}  # labels 1..3 are remapped to 0..2
-    if with_test:
-        yt = np.arange(12) % 3
-        arrays.update(X_test=centers[yt] + rng.normal(size=(12, 5)), y_test=yt + 1)
-    np.savez(path, **arrays)
-    return path
-
-
-def test_cli_runs_end_to_end_on_a_tiny_data_set(tmp_path, capsys):
-    from dropcheck import _cli_bound
-
-    data = _tiny_npz(tmp_path / "tiny.npz")
-    out = tmp_path / "out"
-    rc = _cli_bound.run(_args("--data", str(data), "--out", str(out), "--epochs", "3", "--seed", "1",
-                              "--batch-size", "8"))
-    assert rc == 0
-    for f in ("bound.csv", "bound.json", "bound.png"):
-        assert (out / f).is_file() and (out / f).stat().st_size > 0
-    payload = json.loads((out / "bound.json").read_text())
-    assert payload["config"]["classes"] == 3 and payload["config"]["n_train"] == 30
-    assert set(payload["final"]) == set(_cli_bound.REGULARIZERS)
-    for reg, hist in payload["history"].items():
-        assert [r["epoch"] for r in hist] == [0, 1, 2, 3]
-        last = hist[-1]
-        for k in ("mu", "nu", "weight_norm", "term_mu", "term_nu", "term_third", "zeta", "rhs", "observed_gap"):
-            assert math.isfinite(last[k])
-        assert last["rhs"] == pytest.approx(last["term_mu"] + last["term_nu"] + last["term_third"] + last["zeta"])
-    rows = list(csv.DictReader((out / "bound.csv").open()))
-    assert len(rows) == 5 * 4
-    assert (out / "bound.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    printed = capsys.readouterr().out
-    assert "explicit+implicit" in printed and "q=0.5" in printed
-
-    # same seed, same results
-    out2 = tmp_path / "out2"
-    _cli_bound.run(_args("--data", str(data), "--out", str(out2), "--epochs", "3", "--seed", "1",
-                         "--batch-size", "8", "--no-plot"))
-    assert json.loads((out2 / "bound.json").read_text())["history"] == payload["history"]
-
-
-def test_cli_default_digits_and_csv_data(tmp_path):
-    from dropcheck import _cli_bound
-    from dropcheck.cli import main
-
-    out = tmp_path / "digits"
-    assert main(["bound", "--out", str(out), "--epochs", "1", "--no-plot",
-                 "--regularizers", "none,explicit+implicit"]) == 0
-    cfg = json.loads((out / "bound.json").read_text())["config"]
-    assert (cfg["classes"], cfg["features"], cfg["n_train"] + cfg["n_test"]) == (10, 64, 1797)
-    assert cfg["B"] == pytest.approx(2 * math.log(10))
-
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(20, 3))
-    y = (X[:, 0] > 0).astype(int)
-    path = tmp_path / "d.csv"
-    path.write_text("a,b,c,label\n" + "\n".join(",".join(map(str, [*x, t])) for x, t in zip(X, y)) + "\n")
-    Xtr, ytr, Xte, yte, name = _cli_bound.load_data(path, 0.25)
-    assert Xtr.shape == (15, 3) and Xte.shape == (5, 3) and set(np.unique(np.r_[ytr, yte])) <= {0, 1}
-    np.testing.assert_allclose(Xtr.mean(0), 0, atol=1e-12)
-
-
-@pytest.mark.parametrize(
-    "content,match",
-    [
-        (None, "does not exist"),
-        (b"not a zip", "not a readable .npz"),
-        ({"X": np.ones((5, 2))}, "'X' and 'y'"),
-        ({"X": np.ones((5, 2)), "y": np.array([0, 1, 0, 1, 0.5])}, "integer class labels"),
-        ({"X": np.ones((5, 2)), "y": np.array([0, 1, 0])}, "5 rows but y has 3"),
-        ({"X": np.array([[0, np.nan]] * 5), "y": np.array([0, 1, 0, 1, 0])}, "non-finite"),
-        ({"X": np.ones((5, 2)), "y": np.zeros(5, int)}, "2 classes"),
-        ({"X": np.ones((5, 2)), "y": np.arange(5) % 2, "X_test": np.ones((2, 2))}, "both"),
-    ],
-)
-def test_bad_data_files_give_a_clear_error(tmp_path, content, match):
-    from dropcheck import _cli_bound
-
-    path = tmp_path / "d.npz"
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif isinstance(content, dict):
-        np.savez(path, **content)
-    with pytest.raises(DataError, match=match):
-        _cli_bound.load_data(path)
-
-
-def test_bad_csv_and_extension_and_the_cli_exit_code(tmp_path, capsys):
-    from dropcheck import _cli_bound
-    from dropcheck.cli import main
-
-    p = tmp_path / "d.csv"
-    p.write_text("1,2,0\n3,x,1\n")
-    with pytest.raises(DataError, match="line 2"):
-        _cli_bound.load_data(p)
-    p.write_text("1,2,0\n3,1\n")
-    with pytest.raises(DataError, match="different numbers of columns"):
-        _cli_bound.load_data(p)
-    q = tmp_path / "d.txt"
-    q.write_text("1,2,0\n")
-    with pytest.raises(DataError, match="unknown format"):
-        _cli_bound.load_data(q)
-    assert main(["bound", "--data", str(q), "--out", str(tmp_path / "o")]) == 2
-    assert "unknown format" in capsys.readouterr().err
-    with pytest.raises(DropcheckError, match="regularizer"):
-        _cli_bound.run(_args("--regularizers", "none,bogus", "--out", str(tmp_path / "o")))

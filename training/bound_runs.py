@@ -11,9 +11,9 @@ clean model after each ``--eval-every`` epochs:
   ``x ⊙ m/(1-q)``, ``m ~ Bernoulli(1-q)`` per example and feature (one draw
   per step);
 - ``explicit``: cross-entropy ``+`` the closed-form dropout-matched penalty
-  :func:`dropcheck.bound.explicit_penalty_linear` (``λ = q/(2(1-q))``);
+  :func:`dropcheck.linear.explicit_penalty_linear` (``λ = q/(2(1-q))``);
 - ``explicit+implicit``: the same, plus one sample of the analytic update
-  noise :func:`dropcheck.bound.implicit_noise_linear` added to each
+  noise :func:`dropcheck.linear.implicit_noise_linear` added to each
   minibatch gradient (Algorithm 2 with ``λ₁ = λ``, ``λ₂ = 1``).
 
 Data: scikit-learn's bundled ``digits`` (offline) by default, or ``--data``
@@ -55,8 +55,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import bound as bd
-from ._errors import DataError, DropcheckError
+from dropcheck import DataError, DropcheckError
+from dropcheck import bound as bd
+from dropcheck import linear
 
 REGULARIZERS = ("none", "l2", "dropout", "explicit", "explicit+implicit")
 
@@ -270,7 +271,7 @@ def _minibatch_loss(W, Xb, yb, reg: str, q: float, l2: float, gen: torch.Generat
     if reg == "l2":
         loss = loss + 0.5 * l2 * (W * W).sum()
     elif reg in ("explicit", "explicit+implicit"):
-        loss = loss + bd.explicit_penalty_linear(W, Xb, q)
+        loss = loss + linear.explicit_penalty_linear(W, Xb, q)
     return loss
 
 
@@ -286,7 +287,7 @@ def _evaluate(W, Xtr, ytr, Xte, yte, B, delta, q, reg, epoch) -> dict:
             "train_acc": float((Ztr.argmax(1) == ytr).double().mean()),
             "test_acc": float((Zte.argmax(1) == yte).double().mean()),
             "frobenius_norm": float(torch.linalg.norm(Wd)),
-            "explicit_penalty": float(bd.explicit_penalty_linear(Wd, Xtr, q)),
+            "explicit_penalty": float(linear.explicit_penalty_linear(Wd, Xtr, q)),
         }
     d = t.as_dict()
     for k in FIELDS:
@@ -314,7 +315,7 @@ def train_one(reg: str, Xtr, ytr, Xte, yte, *, epochs: int, seed: int, q: float,
             loss = _minibatch_loss(W, Xb, yb, reg, q, l2, noise_gen)
             (g,) = torch.autograd.grad(loss, W)
             if reg == "explicit+implicit" and q > 0:
-                g = g + bd.implicit_noise_linear(W.detach(), Xb, yb, q, generator=noise_gen)
+                g = g + linear.implicit_noise_linear(W.detach(), Xb, yb, q, generator=noise_gen)
             with torch.no_grad():
                 W -= lr * g
         if not torch.isfinite(W).all():
@@ -468,7 +469,7 @@ def run(args) -> int:
     n, d = Xtr.shape
     c = int(max(int(ytr.max()), int(yte.max())) + 1)
     B = 2.0 * math.log(c) if args.B is None else float(args.B)
-    lam = bd.dropout_lambda(args.q)
+    lam = linear.dropout_lambda(args.q)
     config = {
         "dataset": name, "n_train": n, "n_test": int(Xte.shape[0]), "classes": c, "features": d,
         "q": args.q, "explicit_lambda": lam, "l2": args.l2, "lr": args.lr,
