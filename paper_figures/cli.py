@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dropcheck._errors import DropcheckError
+from dropcheck import DropcheckError
 
 from .figures import FIGURES, draw
 from .logs import read_runs

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dropcheck._errors import DropcheckError
+from dropcheck import DropcheckError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -38,7 +38,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from dropcheck._errors import DropcheckError
+from dropcheck import DropcheckError
 
 RULES = (
     "none",

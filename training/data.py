@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from dropcheck._errors import DataError
+from dropcheck import DataError
 
 EOS = "<eos>"
 SPLITS = ("train", "valid", "test")

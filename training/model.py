@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropcheck._errors import DropcheckError
-from dropcheck._sites import DropConnect, LockedDropout
+from dropcheck import DropcheckError
+from dropcheck import DropConnect, LockedDropout
 
 BACKENDS = ("loop", "fused")
 INITS = ("uniform", "xavier")

@@ -111,7 +111,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dropcheck._errors import DropcheckError
+from dropcheck import DropcheckError
 
 from .configs import DEFAULTS, run_name as default_run_name, validate
 from .data import Corpus, batchify, get_batch, load_corpus, resolve_corpus_dir, sample_seq_len

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dropcheck._errors import DropcheckError
+from dropcheck import DropcheckError
 from training.configs import CONFIGS, DEFAULTS, PAPER_ARMS, get_config, make_config, parse_overrides, run_name
 
 

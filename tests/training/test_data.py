@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import pytest
 
-from dropcheck._errors import DataError
+from dropcheck import DataError
 from training.data import (
     EOS,
     batchify,

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import dropcheck as dc
-from dropcheck._errors import DropcheckError
+from dropcheck import DropcheckError
 from training.model import AWDLSTM, EmbeddingRowDropout, LSTMLayer, StatefulLM, site_groups
 
 V = 13

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dropcheck as dc
-from dropcheck._errors import DropcheckError
+from dropcheck import DropcheckError
 from training.configs import RULES, make_config
 from training.rules import lam, needs_double_backward
 

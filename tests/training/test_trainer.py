@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from dropcheck._errors import DropcheckError
+from dropcheck import DropcheckError
 from training.trainer import train
 
 TIME_FIELDS = ("wall_time", "tokens_per_s")
