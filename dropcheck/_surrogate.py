@@ -119,7 +119,7 @@ def _head_buffers(Z, u, W, y, hessian):
     del logp
     owned = W is not None
     if owned:
-        u = u @ W.t()  # (S4) from Δ: a new buffer, reused for w below
+        u = F.linear(u, W)  # (S4) from Δ: a new buffer, reused for w below
     ubar = torch.einsum("nc,nc->n", p, u)
     if hessian == "identity":  # ‖u‖²/c; (S6) needs u itself
         R_n = torch.einsum("nc,nc->n", u, u) / c

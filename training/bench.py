@@ -503,3 +503,117 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(res))
     print(f"wrote {out}")
     return 1 if any(a["error"] for a in res["arms"]) else 0
+
+
+# --------------------------------------------------------------------------
+# sweep: how the ratios grow with the vocabulary and the hidden size
+
+SWEEP_ARMS = ("dropout", "explicit-fd", "explicit-fd_shared", "explicit-fd_mid", "explicit_implicit-fd_shared",
+              "explicit_implicit-fd_mid")
+
+
+def sweep(
+    config: str = "cpu-ptb",
+    overrides=(),
+    *,
+    vocabs=(1_000, 3_300, 10_000, 33_000),
+    hiddens=(100, 200, 400, 800),
+    base_vocab: int = 10_000,
+    base_hidden: Optional[int] = None,
+    arms=SWEEP_ARMS,
+    warmup: int = 1,
+    repeats: int = 5,
+    threads: Optional[int] = 1,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict:
+    """One ``bench`` per point (each its own side-by-side timing): the
+    vocabulary over ``vocabs`` at the config's hidden size, then ``hidden``
+    over ``hiddens`` at ``base_vocab`` (``emb`` as in the config).  Returns
+    ``{"vocab": [...], "hidden": [...]}`` with each point's ratios to the
+    dropout step, medians and peak memory."""
+    from . import configs
+
+    _, base = configs.get_config(config, list(overrides))
+    base_hidden = base["hidden"] if base_hidden is None else base_hidden
+    spec = ",".join(arms)
+    out: dict = {"schema": "dropcheck-bench-sweep/1", "config_name": config, "arms": list(arms), "warmup": warmup,
+                 "repeats": repeats, "base_vocab": base_vocab, "base_hidden": base_hidden, "vocab": [], "hidden": []}
+    points = [("vocab", v, base_hidden) for v in vocabs] + [("hidden", base_vocab, h) for h in hiddens]
+    for axis, V, H in points:
+        res = bench(config, [*overrides, f"hidden={H}"], device=device, warmup=warmup, repeats=repeats, arms=spec, vocab=V,
+                    threads=threads, progress=progress)
+        out.setdefault("device_name", res["device_name"])
+        out.setdefault("torch", res["torch"])
+        out.setdefault("git_commit", res["git_commit"])
+        out["threads"] = res["threads"]
+        out[axis].append({
+            "vocab": V,
+            "hidden": H,
+            "emb": res["config"]["emb"],
+            "median_ms": {a["label"]: a["median_ms"] for a in res["arms"]},
+            "ratio": {a["label"]: a["ratio_to_baseline"] for a in res["arms"]},
+            "peak_mem_bytes": {a["label"]: a["peak_mem_bytes"] for a in res["arms"]},
+            "errors": {a["label"]: a["error"] for a in res["arms"] if a["error"]},
+        })
+        print(f"{axis} V={V} H={H}: " + ", ".join(f"{k} {v:.2f}x" for k, v in out[axis][-1]["ratio"].items()
+                                                  if v is not None), flush=True)
+    return out
+
+
+def plot_sweep(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, axis, key, label in ((axes[0], "vocab", "vocab", "vocabulary size"),
+                                 (axes[1], "hidden", "hidden", "LSTM hidden size")):
+        pts = res[axis]
+        xs = [p[key] for p in pts]
+        for arm in res["arms"]:
+            if arm == BASELINE:
+                continue
+            ys = [p["ratio"].get(arm) for p in pts]
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=arm)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(2.2, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.set_xlabel(label + (f" (hidden {res['base_hidden']})" if axis == "vocab" else f" (vocab {res['base_vocab']})"))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("median step time / fused dropout step")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"dropcheck bench sweep, {res['config_name']} (CPU, {res['threads']} thread; "
+                 f"median of {res['repeats']} interleaved steps per point)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _sweep_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.bench",
+                                description="sweep of the bench ratios over vocabulary and hidden size")
+    p.add_argument("--config", default="cpu-ptb")
+    p.add_argument("--vocabs", default="1000,3300,10000,33000")
+    p.add_argument("--hiddens", default="100,200,400,800")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="results/bench/sweep-cpu-ptb", help="stem: writes STEM.json and STEM.png")
+    a = p.parse_args(argv)
+    ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
+    res = sweep(a.config, vocabs=ints(a.vocabs), hiddens=ints(a.hiddens), warmup=a.warmup, repeats=a.repeats,
+                threads=a.threads)
+    stem = Path(a.out)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+    plot_sweep(res, stem.with_suffix(".png"))
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_sweep_main())

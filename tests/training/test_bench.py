@@ -118,3 +118,16 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert fd["settings"]["float32"]["xi_fd_rel_error"]["median"] < 1e-3
     for name in ("nvidia-smi.txt", "bench.log", "fd_check.log"):
         assert (tmp_path / name).exists()
+
+
+def test_sweep_writes_every_point_and_the_plot(tmp_path):
+    from training.bench import plot_sweep, sweep
+
+    over = ["emb=4", "layers=2", "bptt=4", "batch_size=2"]
+    res = sweep("smoke", over, vocabs=(20, 40), hiddens=(3, 5), base_vocab=20, arms=("dropout", "explicit-fd_mid"),
+                warmup=0, repeats=1)
+    assert [p["vocab"] for p in res["vocab"]] == [20, 40] and [p["hidden"] for p in res["hidden"]] == [3, 5]
+    for p in res["vocab"] + res["hidden"]:
+        assert p["ratio"]["dropout"] == 1.0 and p["ratio"]["explicit-fd_mid"] > 0 and not p["errors"]
+    plot_sweep(res, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000
