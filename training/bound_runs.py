@@ -45,8 +45,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -58,6 +56,8 @@ import torch
 from dropcheck import DataError, DropcheckError
 from dropcheck import bound as bd
 from dropcheck import linear
+
+from .files import atomic_write_bytes
 
 REGULARIZERS = ("none", "l2", "dropout", "explicit", "explicit+implicit")
 
@@ -332,19 +332,6 @@ def train_one(reg: str, Xtr, ytr, Xte, yte, *, epochs: int, seed: int, q: float,
 # ---------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _csv_bytes(rows: list[dict]) -> bytes:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(FIELDS))
@@ -512,17 +499,17 @@ def run(args) -> int:
 
     out = Path(args.out)
     rows = [r for reg in regs for r in histories[reg]]
-    _atomic_write(out / "bound.csv", _csv_bytes(rows))
+    atomic_write_bytes(out / "bound.csv", _csv_bytes(rows))
     elapsed = time.perf_counter() - t0
     payload = {"config": config, "final": {r["regularizer"]: r for r in final},
                "at_common_norm": common,
                "history": histories, "seconds": elapsed}
-    _atomic_write(out / "bound.json", json.dumps(payload, indent=1, allow_nan=False).encode())
+    atomic_write_bytes(out / "bound.json", json.dumps(payload, indent=1, allow_nan=False).encode())
     written = ["bound.csv", "bound.json"]
     if not args.no_plot:
         title = (f"Theorem 4.1 along training — {name}: n={n}, c={c}, d={d}; "
                  f"q={args.q}, l2={args.l2}, B={B:.3g}, δ={args.delta}, ζ={config['zeta']:.3g}")
-        _atomic_write(out / "bound.png", _figure_bytes(histories, title))
+        atomic_write_bytes(out / "bound.png", _figure_bytes(histories, title))
         written.append("bound.png")
     print(f"\nwrote {', '.join(str(out / w) for w in written)} in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -114,6 +114,7 @@ from torch import nn
 from dropcheck import DropcheckError
 
 from .configs import DEFAULTS, run_name as default_run_name, validate
+from .files import atomic_torch_save, atomic_write_bytes
 from .data import Corpus, batchify, get_batch, load_corpus, resolve_corpus_dir, sample_seq_len
 from .model import AWDLSTM, StatefulLM
 from .rules import Gens, UpdateRule, make_rule, needs_double_backward
@@ -137,24 +138,6 @@ __all__ = [
 
 # --------------------------------------------------------------------------
 # small utilities
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def git_commit() -> Optional[str]:
