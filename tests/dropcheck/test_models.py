@@ -136,3 +136,16 @@ def test_attention_dropout_alone_matches_the_models_own(name):
     print(f"{name}: own {own:.4f} ± {own_se:.4f}, dropcheck {ours.value:.4f} ± {ours.stderr:.4f}, z = {z:.2f}")
     assert own > 4 * own_se
     assert abs(z) < Z_MAX
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", MODELS + list(Z.ATTN_ONLY))
+def test_gap_matches_the_models_own_dropout_heavy(name):
+    """The ground-truth comparison with 8x the draws (standard errors ~2.8x
+    smaller): ``HYPOTHESIS_PROFILE=heavy python -m pytest -m heavy``."""
+    zoo = build(name, {**Z.BUILDERS, **Z.ATTN_ONLY}[name])
+    own, own_se = zoo.own_gap(8 * DRAWS, seed=11, eval_modules=Z.is_batchnorm)
+    ours = dc.dropout_gap(zoo.model, zoo.inputs, zoo.targets, samples=8 * DRAWS, generator=12)
+    z = (ours.value - own) / math.hypot(ours.stderr, own_se)
+    print(f"{name}: own {own:.4f} ± {own_se:.4f}, dropcheck {ours.value:.4f} ± {ours.stderr:.4f}, z = {z:.2f}")
+    assert abs(z) < Z_MAX
