@@ -56,7 +56,8 @@ class Plan:
 
 
 def _paper_arms(explicit_route: Mapping[str, Any], implicit_route: Mapping[str, Any],
-                shared_route: Mapping[str, Any], l2s, identity_mults, lj_mults) -> tuple[Arm, ...]:
+                shared_route: Mapping[str, Any], l2s, identity_mults, lj_mults,
+                identity_route: Mapping[str, Any] = {"estimator": "fd"}) -> tuple[Arm, ...]:
     """The arms of issue 10 in the order they run (cheap baselines first)."""
     arms = [
         Arm("none", {"rule": "none"}, "baseline", key=True),
@@ -73,7 +74,7 @@ def _paper_arms(explicit_route: Mapping[str, Any], implicit_route: Mapping[str, 
             {"rule": "explicit_implicit", "noise_structure": "positions", **shared_route}, "C5"),
         *(Arm(f"dropout-implicit-k{k}", {"rule": "dropout_implicit", "k": k, **implicit_route}, "C4")
           for k in (2, 4, 8)),
-        *(Arm(f"identity-x{m:g}", {"rule": "identity_hessian", "explicit_mult": m, **explicit_route}, "C6")
+        *(Arm(f"identity-x{m:g}", {"rule": "identity_hessian", "explicit_mult": m, **identity_route}, "C6")
           for m in identity_mults),
         *(Arm(f"loss-jacobian-x{m:g}", {"rule": "loss_jacobian", "explicit_mult": m}, "C6")
           for m in lj_mults),
@@ -88,7 +89,9 @@ PLANS: dict[str, Plan] = {
         "cpu-ptb",
         "cpu-ptb",
         _paper_arms(
-            explicit_route={"estimator": "fd"},
+            # R_approx alone through the shared-probe surrogate (one clean and two probe passes, one
+            # backward: 2.1x the dropout step in results/bench/cpu-ptb.json, against 4.3x for fd)
+            explicit_route={"estimator": "fd_shared"},
             implicit_route={"noise_estimator": "fd"},
             shared_route={"estimator": "fd_shared"},
             l2s=(1e-5, 3e-5, 1e-4),
@@ -107,7 +110,7 @@ PLANS: dict[str, Plan] = {
         "ptb",
         "ptb",
         _paper_arms(
-            explicit_route={"estimator": "fd"},
+            explicit_route={"estimator": "fd_shared"},
             implicit_route={"noise_estimator": "fd"},
             shared_route={"estimator": "fd_shared"},
             l2s=(1e-6, 1e-5, 1e-4),
