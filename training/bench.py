@@ -580,6 +580,7 @@ def plot_sweep(res: dict, path: Path) -> None:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.axhline(2.2, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(xs)
         ax.set_xticklabels([str(x) for x in xs])
         ax.set_xlabel(label + (f" (hidden {res['base_hidden']})" if axis == "vocab" else f" (vocab {res['base_vocab']})"))
@@ -587,7 +588,7 @@ def plot_sweep(res: dict, path: Path) -> None:
     axes[0].set_ylabel("median step time / fused dropout step")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"dropcheck bench sweep, {res['config_name']} (CPU, {res['threads']} thread; "
-                 f"median of {res['repeats']} interleaved steps per point)", fontsize=10)
+                 f"median of {res['repeats']} interleaved steps per point; dashed: 2.2x)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
