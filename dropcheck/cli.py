@@ -3,7 +3,7 @@
 Each subcommand lives in its own module exposing ``add_arguments(parser)``
 and ``run(args) -> int``; only the module of the chosen subcommand is
 imported, so the math modules never import ``training/`` or
-``derivations/`` (DESIGN.md): this front end is the one place that
+``derivations/`` (docs/design.md): this front end is the one place that
 dispatches to them.
 """
 
