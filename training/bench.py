@@ -5,7 +5,7 @@
                     [key=value ...]
 
 Each *arm* is one update rule with its estimators and LSTM backend (``ARMS``);
-each is timed on the step the trainer runs (``trainer.train_step``: the
+each is timed on the step the trainer runs (``trainer.Trainer.step``: the
 rule's objective and one ``backward()``, its noise added to ``.grad``,
 clipping, the SGD step) with the model size, batch and BPTT length of the
 config (``--config``: any named config or JSON file of ``dropcheck train``;
@@ -219,9 +219,8 @@ def bench(
     import torch
 
     from . import configs
-    from .model import StatefulLM
-    from .rules import Gens, make_rule, needs_double_backward
-    from .trainer import _Objective, _make_gen, _seed, build_lm, git_commit, make_optimizer, train_step
+    from .rules import needs_double_backward
+    from .trainer import Trainer, build_lm, git_commit, stream_seed
 
     if warmup < 0 or repeats < 1:
         raise DropcheckError(f"--warmup must be >= 0 and --repeats >= 1, got {warmup} and {repeats}")
@@ -240,7 +239,7 @@ def bench(
     T, B = base["bptt"], base["batch_size"]
 
     # every arm's state first, then warm-up, then interleaved timed rounds
-    gen = torch.Generator().manual_seed(_seed(base["seed"], 9))
+    gen = torch.Generator().manual_seed(stream_seed(base["seed"], 9))
     pool = [torch.randint(0, vocab, (T + 1, B), generator=gen).to(dev) for _ in range(4)]
     states = []
     for arm in chosen:
@@ -249,24 +248,12 @@ def bench(
         states.append(s)
         try:
             lm = build_lm(cfg, vocab, dev, dtype, arm.backend)
-            model = StatefulLM(lm)
-            rule = make_rule(cfg, model)
+            trainer = Trainer(cfg, lm, device=dev)  # the training run's step, without data or log
         except Exception as exc:  # noqa: BLE001 - e.g. multipliers fd_shared cannot share; reported
             s["error"] = f"{type(exc).__name__}: {exc}"[:1000]
             continue
-        params = [p for p in model.parameters() if p.requires_grad]
-        g = _make_gen(dev, _seed(cfg["seed"], 2, 0))
-        gens = Gens(g, g)
-        s.update(
-            model=model,
-            rule=rule,
-            obj=_Objective(model, rule, gens),
-            gens=gens,
-            opt=make_optimizer(cfg, params),
-            params=params,
-            hidden=lm.init_hidden(B),
-        )
-        model.train()
+        s.update(trainer=trainer, model=trainer.model, params=trainer.params, hidden=lm.init_hidden(B))
+        trainer.model.train()
 
     cpu_peak = _CpuPeak() if dev.type == "cpu" else None
 
@@ -284,10 +271,7 @@ def bench(
             elif cpu_peak is not None and cpu_peak.ok:
                 cpu_peak.start()
         t0 = time.perf_counter()
-        _loss, _reg, s["hidden"] = train_step(
-            s["obj"], s["model"], s["rule"], s["gens"], s["opt"], s["params"], x, y, s["hidden"],
-            s["cfg"]["clip"], 1,
-        )
+        _loss, _reg, s["hidden"] = s["trainer"].step(x, y, s["hidden"])
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0

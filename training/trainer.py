@@ -95,14 +95,13 @@ hidden state and generators, and resuming needs the same number of ranks.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -113,19 +112,22 @@ from torch import nn
 
 from dropcheck import DropcheckError
 
-from .configs import DEFAULTS, run_name as default_run_name, validate
+from .configs import run_name as default_run_name, validate
 from .files import atomic_torch_save, atomic_write_bytes
 from .data import Corpus, batchify, get_batch, load_corpus, resolve_corpus_dir, sample_seq_len
 from .model import AWDLSTM, StatefulLM
 from .rules import Gens, UpdateRule, make_rule, needs_double_backward
+from .state import CKPT_VERSION, RESUME_MAY_DIFFER, Checkpointer, RunLog, RunState  # noqa: F401 (re-exported)
 
-CKPT_VERSION = 1
-# Keys that may differ between a checkpoint and a resumed run (they change no number).
-RESUME_MAY_DIFFER = ("progress", "threads", "checkpoint_every", "max_steps", "epochs", "patience", "device")
 
 __all__ = [
     "train",
-    "train_step",
+    "Trainer",
+    "RunState",
+    "RunLog",
+    "Checkpointer",
+    "make_gens",
+    "stream_seed",
     "evaluate",
     "TrainResult",
     "build_lm",
@@ -181,7 +183,7 @@ def _make_gen(device: torch.device, seed: int) -> torch.Generator:
     return g
 
 
-def _seed(seed: int, *parts: int) -> int:
+def stream_seed(seed: int, *parts: int) -> int:
     """A distinct 63-bit seed per stream, derived from the run's seed."""
     s = int(seed) * 1_000_003
     for p in parts:
@@ -215,24 +217,7 @@ def evaluate(lm: AWDLSTM, data: torch.Tensor, bptt: int) -> tuple[float, int]:
 
 
 # --------------------------------------------------------------------------
-# state
-
-
-@dataclass
-class LoopState:
-    step: int = 0
-    epoch: int = 0
-    pos: int = 0
-    best_valid: float = math.inf
-    best_step: int = -1
-    best_eval: int = 0  # ``evals`` at the last improvement by more than ``min_improvement`` (patience)
-    lr_scale: float = 1.0  # times ``lr_decay`` after each evaluation without a new best
-    evals: int = 0
-    log_lines: int = 0
-    train_time: float = 0.0
-    interval_time: float = 0.0
-    interval_tokens: int = 0
-    tokens_seen: int = 0
+# results
 
 
 @dataclass
@@ -267,39 +252,6 @@ def _ppl(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-class _Log:
-    def __init__(self, path: Path, enabled: bool):
-        self.path = path
-        self.enabled = enabled
-        self.lines = 0
-
-    def truncate_to(self, n: int) -> None:
-        """Keep the first ``n`` lines (those a checkpoint knew of)."""
-        if not self.enabled:
-            self.lines = n
-            return
-        if not self.path.exists():
-            raise DropcheckError(f"cannot resume: log {self.path} is missing")
-        kept = self.path.read_bytes().split(b"\n")[:n]
-        if len(kept) < n:
-            raise DropcheckError(f"cannot resume: log {self.path} has fewer lines than its checkpoint records")
-        atomic_write_bytes(self.path, b"".join(line + b"\n" for line in kept))
-        self.lines = n
-
-    def start(self) -> None:
-        if self.enabled:
-            atomic_write_bytes(self.path, b"")
-        self.lines = 0
-
-    def write(self, rec: Mapping[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec, allow_nan=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        self.lines += 1
-
-
 # --------------------------------------------------------------------------
 # distributed helpers
 
@@ -325,7 +277,7 @@ def _all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
 
 
 # --------------------------------------------------------------------------
-# one step (also timed by ``dropcheck bench``)
+# building a run's parts
 
 
 def resolve_backend(cfg: Mapping[str, Any], device: torch.device) -> str:
@@ -346,7 +298,7 @@ def resolve_backend(cfg: Mapping[str, Any], device: torch.device) -> str:
 
 def build_lm(cfg: Mapping[str, Any], vocab: int, device: torch.device, dtype: torch.dtype, backend: str) -> AWDLSTM:
     """The run's model, initialised from the run's seed."""
-    torch.manual_seed(_seed(cfg["seed"], 0))
+    torch.manual_seed(stream_seed(cfg["seed"], 0))
     return AWDLSTM(
         vocab,
         cfg["emb"],
@@ -369,34 +321,205 @@ def make_optimizer(cfg: Mapping[str, Any], params: list) -> torch.optim.Optimize
     return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
 
-def train_step(ddp, model: StatefulLM, rule: UpdateRule, gens: Gens, opt, params: list, x, y, hidden, clip: float, world: int):
-    """One update: the rule's objective through ``ddp`` (the ``_Objective``,
-    DDP-wrapped when ``world > 1``) and one ``backward()``, the rule's noise
-    all-reduced and added to ``.grad``, clipping, the optimizer step.
-    Returns ``(loss, reg, new_hidden)`` (detached)."""
-    model.hidden = hidden
-    opt.zero_grad(set_to_none=True)
-    obj, loss, reg, new_hidden = ddp(x, y)
-    obj.backward()
-    xi = rule.noise(model, x, y, gens)
-    if xi is not None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        noise = [xi[n].detach().clone() for n, _ in named]
-        _all_reduce_mean(noise, world)
-        for (n, p), v in zip(named, noise):
-            if p.grad is None:
-                p.grad = v
-            else:
-                p.grad.add_(v)
-    if clip:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
-    model.hidden = None
-    return loss, reg, new_hidden
+def make_gens(seed: int, device: torch.device, world: int = 1, rank: int = 0) -> Gens:
+    """The rule's noise generators: ``local`` per rank, ``shared`` seeded alike
+    on every rank (the same object in one process; ``rules.py``)."""
+    local = _make_gen(device, stream_seed(seed, 2, rank))
+    shared = local if world == 1 else _make_gen(device, stream_seed(seed, 3))
+    return Gens(local, shared)
+
+
+# --------------------------------------------------------------------------
+# the Trainer: one update (``step``) and one evaluation (``evaluate``)
+
+
+class Trainer:
+    """A run's model, update rule, optimizer and ``RunState``.
+
+    ``step(x, y, hidden)`` makes one update and returns ``(loss, reg,
+    new_hidden)`` (detached; also added to the interval accumulators);
+    ``evaluate()`` scores the model without dropout on the validation text
+    (and the clean training slice), updates the best / patience / lr-decay
+    bookkeeping, saves the best model, and returns the eval record.
+    ``dropcheck bench`` times ``step`` alone (no data needed).
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], lm: AWDLSTM, *, device: torch.device, world: int = 1, rank: int = 0,
+                 valid_data: Optional[torch.Tensor] = None, train_eval: Optional[torch.Tensor] = None,
+                 best_path: Optional[Path] = None, is_main: bool = True):
+        self.cfg = dict(cfg)
+        self.lm = lm
+        self.model = StatefulLM(lm)
+        self.rule: UpdateRule = make_rule(cfg, self.model)
+        self.rule.check_world_size(world)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(cfg, self.params)
+        self.device, self.world, self.is_main = device, world, is_main
+        self.valid_data, self.train_eval, self.best_path = valid_data, train_eval, best_path
+        data_gen = _make_gen(torch.device("cpu"), stream_seed(cfg["seed"], 1))
+        gens = make_gens(cfg["seed"], device, world, rank)
+        per = cfg["batch_size"] // world
+        self.state = RunState(data_gen, gens, lm.init_hidden(per))
+        objective = _Objective(self.model, self.rule, gens)
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            self.ddp = objective
+
+    def lr(self, seq_len: int) -> float:
+        """The step's learning rate: ``lr`` times the decay so far, scaled by
+        the sequence length under variable BPTT (AWD-LSTM)."""
+        lr = self.cfg["lr"] * self.state.counters.lr_scale
+        return lr * seq_len / self.cfg["bptt"] if self.cfg["variable_bptt"] else lr
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, hidden: list):
+        """One update: the rule's objective through DDP (when ``world > 1``) and
+        one ``backward()``, the rule's noise all-reduced and added to
+        ``.grad``, clipping, the optimizer step (module docstring)."""
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr(x.size(0))
+        model = self.model
+        model.hidden = hidden
+        self.opt.zero_grad(set_to_none=True)
+        obj, loss, reg, new_hidden = self.ddp(x, y)
+        obj.backward()
+        xi = self.rule.noise(model, x, y, self.state.gens)
+        if xi is not None:
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            noise = [xi[n].detach().clone() for n, _ in named]
+            _all_reduce_mean(noise, self.world)
+            for (n, p), v in zip(named, noise):
+                if p.grad is None:
+                    p.grad = v
+                else:
+                    p.grad.add_(v)
+        if self.cfg["clip"]:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg["clip"])
+        self.opt.step()
+        model.hidden = None
+        self.state.accumulate(loss, reg)
+        return loss, reg, new_hidden
+
+    def _interval_means(self) -> tuple[float, dict]:
+        st = self.state
+        reg = dict(st.reg_sum)
+        loss_sum = st.loss_sum.clone()
+        if self.world > 1:
+            _all_reduce_mean([loss_sum] + [reg[k] for k in sorted(reg)], self.world)
+        steps = max(st.steps, 1)
+        train_loss = float(loss_sum) / steps if st.steps else math.nan
+        return train_loss, {k: float(v) / steps for k, v in sorted(reg.items())}
+
+    def evaluate(self, epoch: float) -> dict:
+        """The eval record of the interval that just ended (module docstring)."""
+        cfg, st, c = self.cfg, self.state, self.state.counters
+        train_loss, reg = self._interval_means()
+        vloss, _ = evaluate(self.lm, self.valid_data, cfg["bptt"])
+        if not math.isfinite(vloss) or (st.steps and not math.isfinite(train_loss)):
+            raise DropcheckError(
+                f"training diverged at step {c.step}: train loss {train_loss}, valid loss {vloss} "
+                "(lower lr or check the config)"
+            )
+        vppl = _ppl(vloss)
+        clean = evaluate(self.lm, self.train_eval, cfg["bptt"])[0] if self.train_eval is not None else math.nan
+        c.evals += 1
+        # patience and lr_decay count only improvements by more than min_improvement (relative)
+        significant = vppl < c.best_valid * (1.0 - cfg["min_improvement"])
+        if significant:
+            c.best_eval = c.evals
+        if vppl < c.best_valid:
+            c.best_valid, c.best_step = vppl, c.step
+            if self.is_main and self.best_path is not None:
+                atomic_torch_save({"model": self.lm.state_dict(), "step": c.step, "valid_ppl": vppl, "config": cfg},
+                                  self.best_path)
+        tps = c.interval_tokens / c.interval_time if c.interval_time > 0 else math.nan
+        lr_now = cfg["lr"] * c.lr_scale  # the rate this interval trained with
+        if not significant:
+            c.lr_scale *= cfg["lr_decay"]  # annealing on a plateau (1: constant rate)
+        rec = {
+            "type": "eval",
+            "step": c.step,
+            "epoch": epoch,
+            "tokens_seen": c.tokens_seen,
+            "train_loss": train_loss,
+            "train_ppl": _ppl(train_loss) if st.steps else math.nan,
+            "clean_train_loss": clean,
+            "clean_train_ppl": _ppl(clean) if self.train_eval is not None else math.nan,
+            "valid_loss": vloss,
+            "valid_ppl": vppl,
+            "best_valid_ppl": c.best_valid,
+            "lr": lr_now,
+            "next_lr": cfg["lr"] * c.lr_scale,
+            "reg": reg,
+            "wall_time": c.train_time,
+            "tokens_per_s": tps,
+        }
+        st.reset_interval()
+        return rec
+
+    def out_of_patience(self) -> bool:
+        c = self.state.counters
+        return bool(self.cfg["patience"]) and c.evals - c.best_eval >= self.cfg["patience"]
 
 
 # --------------------------------------------------------------------------
 # the run
+
+
+def _header(cfg, name, config_name, device, backend, world, corpus, tokens: dict, n_params: int) -> dict:
+    return {
+        "type": "header",
+        "run_name": name,
+        "config_name": config_name,
+        "config": cfg,
+        "seed": cfg["seed"],
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "backend": backend,
+        "dtype": cfg["dtype"],
+        "world_size": world,
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "corpus": str(corpus.path),
+        "vocab": corpus.vocab_size,
+        **tokens,
+        "parameters": n_params,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _setup_process(cfg: Mapping[str, Any]) -> tuple[int, int, torch.device, torch.dtype]:
+    """Process group, threads, determinism; returns ``(world, rank, device, dtype)``."""
+    world, rank, local_rank = _dist_env()
+    if world > 1 and cfg["batch_size"] % world:
+        raise DropcheckError(
+            f"config key 'batch_size': {cfg['batch_size']} is not divisible by the {world} processes"
+        )
+    device = _resolve_device(cfg["device"], local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    if cfg["deterministic"]:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    return world, rank, device, {"float32": torch.float32, "float64": torch.float64}[cfg["dtype"]]
+
+
+def _check_outputs(out: Path, log_path: Path, ckpt_path: Path, resume: bool, overwrite: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and not overwrite and (log_path.exists() or ckpt_path.exists()):
+        raise DropcheckError(
+            f"{log_path} or {ckpt_path} already exists: pass --resume to continue that run, "
+            "--overwrite to start it again, or another --out / run_name"
+        )
+    if resume and not ckpt_path.exists():
+        raise DropcheckError(f"cannot resume: no checkpoint {ckpt_path}")
 
 
 def train(
@@ -418,296 +541,85 @@ def train(
     loaded corpus (tests), else it is read from ``data``/``$DROPCHECK_DATA``.
     """
     cfg = validate(cfg)
-    world, rank, local_rank = _dist_env()
-    if world > 1 and cfg["batch_size"] % world:
-        raise DropcheckError(
-            f"config key 'batch_size': {cfg['batch_size']} is not divisible by the {world} processes"
-        )
-    device = _resolve_device(cfg["device"], local_rank)
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    if cfg["deterministic"]:
-        if device.type == "cuda":
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["dtype"]]
-
-    name = default_run_name(config_name, cfg)
-    out = Path(out)
-    is_main = rank == 0
+    world, rank, device, dtype = _setup_process(cfg)
+    name, out, is_main = default_run_name(config_name, cfg), Path(out), rank == 0
     log_path, ckpt_path, best_path = out / f"{name}.jsonl", out / f"{name}.ckpt.pt", out / f"{name}.best.pt"
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume and not overwrite and (log_path.exists() or ckpt_path.exists()):
-            raise DropcheckError(
-                f"{log_path} or {ckpt_path} already exists: pass --resume to continue that run, "
-                "--overwrite to start it again, or another --out / run_name"
-            )
-        if resume and not ckpt_path.exists():
-            raise DropcheckError(f"cannot resume: no checkpoint {ckpt_path}")
+        _check_outputs(out, log_path, ckpt_path, resume, overwrite)
 
-    # ---- data
+    # ---- data: this rank's columns of the training stream, the evaluation texts
     if corpus is None:
         corpus = load_corpus(resolve_corpus_dir(data, cfg["corpus"]))
-
-    def _slice(t: torch.Tensor, n: int) -> torch.Tensor:
-        return t[:n] if n else t
-
-    train_all = batchify(_slice(corpus.train, cfg["train_tokens"]), cfg["batch_size"]).to(device)
+    head = lambda t, n: t[:n] if n else t  # noqa: E731
+    train_all = batchify(head(corpus.train, cfg["train_tokens"]), cfg["batch_size"]).to(device)
     per = cfg["batch_size"] // world
     train_data = train_all[:, rank * per : (rank + 1) * per]
-    valid_data = batchify(_slice(corpus.valid, cfg["valid_tokens"]), cfg["eval_batch_size"]).to(device)
+    valid_data = batchify(head(corpus.valid, cfg["valid_tokens"]), cfg["eval_batch_size"]).to(device)
+    test_data = batchify(head(corpus.test, cfg["test_tokens"]), cfg["test_batch_size"]).to(device)
     # a fixed slice of the training text, scored without dropout (the paper's training perplexity)
-    train_eval = (
-        batchify(corpus.train[: cfg["train_eval_tokens"]], cfg["eval_batch_size"]).to(device)
-        if cfg["train_eval_tokens"] else None
-    )
-    test_data = batchify(_slice(corpus.test, cfg["test_tokens"]), cfg["test_batch_size"]).to(device)
+    train_eval = (batchify(corpus.train[: cfg["train_eval_tokens"]], cfg["eval_batch_size"]).to(device)
+                  if cfg["train_eval_tokens"] else None)
     nrows = train_data.size(0)
-    V = corpus.vocab_size
 
-    # ---- model
+    # ---- model, rule, optimizer, state; log and checkpoints beside them
     backend = resolve_backend(cfg, device)
-    lm = build_lm(cfg, V, device, dtype, backend)
-    model = StatefulLM(lm)
-    rule = make_rule(cfg, model)
-    rule.check_world_size(world)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg, params)
-
-    data_gen = _make_gen(torch.device("cpu"), _seed(cfg["seed"], 1))
-    local = _make_gen(device, _seed(cfg["seed"], 2, rank))
-    shared = local if world == 1 else _make_gen(device, _seed(cfg["seed"], 3))
-    gens = Gens(local, shared)
-    objective = _Objective(model, rule, gens)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ddp = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        ddp = objective
-
-    st = LoopState()
-    hidden = lm.init_hidden(per)
-    acc = {"loss": torch.zeros((), dtype=torch.float64, device=device), "steps": 0, "reg": {}}
-    log = _Log(log_path, is_main)
-
-    # ---- resume or start
+    lm = build_lm(cfg, corpus.vocab_size, device, dtype, backend)
+    tr = Trainer(cfg, lm, device=device, world=world, rank=rank, valid_data=valid_data, train_eval=train_eval,
+                 best_path=best_path, is_main=is_main)
+    st, c = tr.state, tr.state.counters
+    log = RunLog(log_path, is_main)
+    ckpt = Checkpointer(ckpt_path, cfg=cfg, config_name=config_name, run_name=name, world=world, is_main=is_main)
     if resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt.get("version") != CKPT_VERSION:
-            raise DropcheckError(f"checkpoint {ckpt_path}: unknown format version {ckpt.get('version')!r}")
-        diff = sorted(k for k in DEFAULTS if k not in RESUME_MAY_DIFFER and ckpt["config"].get(k) != cfg[k])
-        if diff:
-            pairs = ", ".join(f"{k}: {ckpt['config'].get(k)!r} -> {cfg[k]!r}" for k in diff)
-            raise DropcheckError(f"cannot resume {ckpt_path}: the config differs ({pairs})")
-        if ckpt["world_size"] != world:
-            raise DropcheckError(
-                f"cannot resume {ckpt_path}: it was written by {ckpt['world_size']} process(es), this run has {world}"
-            )
-        lm.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        st = LoopState(**ckpt["loop"])
-        data_gen.set_state(ckpt["data_gen"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        mine = ckpt["ranks"][rank]
-        gens.load_state(mine["gens"])
-        hidden = [(h.to(device), c.to(device)) for h, c in mine["hidden"]]
-        acc = {
-            "loss": mine["acc"]["loss"].to(device),
-            "steps": mine["acc"]["steps"],
-            "reg": {k: v.to(device) for k, v in mine["acc"]["reg"].items()},
-        }
-        log.truncate_to(st.log_lines)
-        log.write({"type": "resume", "step": st.step, "epoch": st.epoch, "time": time.time()})
+        ckpt.load(st, lm, tr.opt, log, rank)
+        c = st.counters
+        log.write({"type": "resume", "step": c.step, "epoch": c.epoch, "time": time.time()})
     else:
         log.start()
-        header = {
-            "type": "header",
-            "run_name": name,
-            "config_name": config_name,
-            "config": cfg,
-            "seed": cfg["seed"],
-            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-            "backend": backend,
-            "dtype": cfg["dtype"],
-            "world_size": world,
-            "git_commit": git_commit(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "corpus": str(corpus.path),
-            "vocab": V,
-            "train_tokens": int(train_all.numel()),
-            "valid_tokens": int(valid_data.numel()),
-            "test_tokens": int(test_data.numel()),
-            "parameters": sum(p.numel() for p in params),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        log.write(header)
+        tokens = {"train_tokens": int(train_all.numel()), "valid_tokens": int(valid_data.numel()),
+                  "test_tokens": int(test_data.numel())}
+        log.write(_header(cfg, name, config_name, device, backend, world, corpus, tokens, sum(p.numel() for p in tr.params)))
 
-    def save_checkpoint() -> None:
-        mine = {
-            "gens": gens.state(),
-            "hidden": [(h.detach().cpu(), c.detach().cpu()) for h, c in hidden],
-            "acc": {
-                "loss": acc["loss"].cpu(),
-                "steps": acc["steps"],
-                "reg": {k: v.cpu() for k, v in acc["reg"].items()},
-            },
-        }
-        if world > 1:
-            ranks: list = [None] * world
-            dist.all_gather_object(ranks, mine)
-        else:
-            ranks = [mine]
-        if not is_main:
-            return
-        st.log_lines = log.lines
-        ckpt = {
-            "version": CKPT_VERSION,
-            "config": cfg,
-            "config_name": config_name,
-            "run_name": name,
-            "world_size": world,
-            "model": lm.state_dict(),
-            "optimizer": opt.state_dict(),
-            "loop": asdict(st),
-            "data_gen": data_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "ranks": ranks,
-        }
-        atomic_torch_save(ckpt, ckpt_path)
-
-    def run_eval() -> dict:
-        reg = dict(acc["reg"])
-        loss_sum = acc["loss"].clone()
-        if world > 1:
-            vals = [loss_sum] + [reg[k] for k in sorted(reg)]
-            _all_reduce_mean(vals, world)
-        steps = max(acc["steps"], 1)
-        train_loss = float(loss_sum) / steps if acc["steps"] else math.nan
-        vloss, _ = evaluate(lm, valid_data, cfg["bptt"])
-        if not math.isfinite(vloss) or (acc["steps"] and not math.isfinite(train_loss)):
-            raise DropcheckError(
-                f"training diverged at step {st.step}: train loss {train_loss}, valid loss {vloss} "
-                "(lower lr or check the config)"
-            )
-        vppl = _ppl(vloss)
-        clean_loss = evaluate(lm, train_eval, cfg["bptt"])[0] if train_eval is not None else math.nan
-        st.evals += 1
-        improved = vppl < st.best_valid
-        # patience and lr_decay count only improvements by more than min_improvement (relative)
-        significant = vppl < st.best_valid * (1.0 - cfg["min_improvement"])
-        if significant:
-            st.best_eval = st.evals
-        if improved:
-            st.best_valid, st.best_step = vppl, st.step
-            if is_main:
-                atomic_torch_save({"model": lm.state_dict(), "step": st.step, "valid_ppl": vppl, "config": cfg}, best_path)
-        tps = st.interval_tokens / st.interval_time if st.interval_time > 0 else math.nan
-        lr_now = cfg["lr"] * st.lr_scale  # the rate this interval trained with
-        if not significant:
-            st.lr_scale *= cfg["lr_decay"]  # annealing on a plateau (1: constant rate)
-        rec = {
-            "type": "eval",
-            "step": st.step,
-            "epoch": st.epoch + min(1.0, st.pos / max(nrows - 2, 1)),
-            "tokens_seen": st.tokens_seen,
-            "train_loss": train_loss,
-            "train_ppl": _ppl(train_loss) if acc["steps"] else math.nan,
-            "clean_train_loss": clean_loss,
-            "clean_train_ppl": _ppl(clean_loss) if train_eval is not None else math.nan,
-            "valid_loss": vloss,
-            "valid_ppl": vppl,
-            "best_valid_ppl": st.best_valid,
-            "lr": lr_now,
-            "next_lr": cfg["lr"] * st.lr_scale,
-            "reg": {k: float(v) / steps for k, v in sorted(reg.items())},
-            "wall_time": st.train_time,
-            "tokens_per_s": tps,
-        }
-        log.write(rec)
-        acc["loss"].zero_()
-        acc["steps"] = 0
-        acc["reg"] = {}
-        st.interval_time = 0.0
-        st.interval_tokens = 0
-        return rec
-
-    # ---- loop
-    total_steps = cfg["max_steps"] or None
-    if total_steps is None:
-        approx = max(1, int(nrows / cfg["bptt"]))
-        total_steps = approx * cfg["epochs"]
+    # ---- the loop
+    total = cfg["max_steps"] or max(1, int(nrows / cfg["bptt"])) * cfg["epochs"]
     bar = None
     if cfg["progress"] and is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=st.step, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True)
-
+        bar = tqdm(total=total, initial=c.step, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True)
     records: list = []
-    last_ckpt_step = st.step
-    stopped = False
-    stopped_early = False  # patience: no new best validation perplexity for ``patience`` evaluations
-    model.train()
+    last_ckpt_step, stopped, stopped_early = c.step, False, False
+    tr.model.train()
     try:
-        while True:
-            if cfg["max_steps"] and st.step >= cfg["max_steps"]:
-                break
-            if cfg["epochs"] and st.epoch >= cfg["epochs"]:
-                break
-            if stop_after is not None and st.step >= stop_after:
+        while not ((cfg["max_steps"] and c.step >= cfg["max_steps"]) or (cfg["epochs"] and c.epoch >= cfg["epochs"])):
+            if stop_after is not None and c.step >= stop_after:
                 stopped = True
                 break
-            # ---- one step
             t0 = time.perf_counter()
-            bptt = cfg["bptt"]
-            seq_len = sample_seq_len(data_gen, bptt) if cfg["variable_bptt"] else bptt
-            x, y = get_batch(train_data, st.pos, seq_len)
-            for g in opt.param_groups:
-                lr = cfg["lr"] * st.lr_scale
-                g["lr"] = lr * x.size(0) / bptt if cfg["variable_bptt"] else lr
-            loss, reg, hidden = train_step(ddp, model, rule, gens, opt, params, x, y, hidden, cfg["clip"], world)
-            acc["loss"] += loss.double()
-            acc["steps"] += 1
-            for k, v in reg.items():
-                acc["reg"][k] = acc["reg"].get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.double()
-            st.step += 1
-            st.pos += seq_len
-            ntok = x.numel() * world
-            st.tokens_seen += ntok
+            seq_len = sample_seq_len(st.data_gen, cfg["bptt"]) if cfg["variable_bptt"] else cfg["bptt"]
+            x, y = get_batch(train_data, c.pos, seq_len)
+            _loss, _reg, st.hidden = tr.step(x, y, st.hidden)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            st.train_time += dt
-            st.interval_time += dt
-            st.interval_tokens += ntok
+            dt, ntok = time.perf_counter() - t0, x.numel() * world
+            c.step, c.pos, c.tokens_seen = c.step + 1, c.pos + seq_len, c.tokens_seen + ntok
+            c.train_time, c.interval_time, c.interval_tokens = c.train_time + dt, c.interval_time + dt, c.interval_tokens + ntok
             if bar is not None:
                 bar.update(1)
-            # ---- evaluation / epoch end / checkpoint
-            epoch_end = st.pos >= nrows - 2
-            did_eval = False
-            if (cfg["eval_every"] and st.step % cfg["eval_every"] == 0) or (epoch_end and not cfg["eval_every"]):
-                rec = run_eval()
+            epoch_end = c.pos >= nrows - 2
+            did_eval = bool(cfg["eval_every"] and c.step % cfg["eval_every"] == 0) or (epoch_end and not cfg["eval_every"])
+            if did_eval:
+                rec = tr.evaluate(c.epoch + min(1.0, c.pos / max(nrows - 2, 1)))
+                log.write(rec)
                 records.append(rec)
-                did_eval = True
                 if bar is not None:
                     bar.set_postfix(valid_ppl=f"{rec['valid_ppl']:.2f}", train_ppl=f"{rec['train_ppl']:.2f}")
             if epoch_end:
-                st.epoch += 1
-                st.pos = 0
-                hidden = lm.init_hidden(per)
-            if did_eval or (cfg["checkpoint_every"] and st.step % cfg["checkpoint_every"] == 0):
-                save_checkpoint()
-                last_ckpt_step = st.step
-            if did_eval and cfg["patience"] and st.evals - st.best_eval >= cfg["patience"]:
+                c.epoch, c.pos = c.epoch + 1, 0
+                st.hidden = lm.init_hidden(per)
+            if did_eval or (cfg["checkpoint_every"] and c.step % cfg["checkpoint_every"] == 0):
+                ckpt.save(st, lm, tr.opt, log)
+                last_ckpt_step = c.step
+            if did_eval and tr.out_of_patience():
                 stopped_early = True
                 break
     finally:
@@ -716,38 +628,38 @@ def train(
 
     last_state = {k: v.detach().cpu().clone() for k, v in lm.state_dict().items()}
     if stopped:
-        if last_ckpt_step != st.step:
-            save_checkpoint()
-        return TrainResult(name, log_path, ckpt_path, best_path, st.step, False, st.best_valid, None, records, last_state)
+        if last_ckpt_step != c.step:
+            ckpt.save(st, lm, tr.opt, log)
+        return TrainResult(name, log_path, ckpt_path, best_path, c.step, False, c.best_valid, None, records, last_state)
 
     # ---- final: evaluate the last interval if needed, then test the best model
-    if acc["steps"] or st.evals == 0:
-        records.append(run_eval())
-    save_checkpoint()
+    if st.steps or c.evals == 0:
+        rec = tr.evaluate(c.epoch + min(1.0, c.pos / max(nrows - 2, 1)))
+        log.write(rec)
+        records.append(rec)
+    ckpt.save(st, lm, tr.opt, log)
     if world > 1:
         dist.barrier()
-    best = torch.load(best_path, map_location="cpu", weights_only=False)
-    lm.load_state_dict(best["model"])
+    lm.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
     tloss, tn = evaluate(lm, test_data, cfg["bptt"])
     vloss, _ = evaluate(lm, valid_data, cfg["bptt"])
     final = {
         "type": "final",
-        "step": st.step,
-        "best_step": st.best_step,
-        "best_valid_ppl": st.best_valid,
+        "step": c.step,
+        "best_step": c.best_step,
+        "best_valid_ppl": c.best_valid,
         "stop": "patience" if stopped_early else "budget",
         "valid_ppl": _ppl(vloss),
         "test_loss": tloss,
         "test_ppl": _ppl(tloss),
         "test_tokens": tn,
-        "wall_time": st.train_time,
-        "tokens_per_s": st.tokens_seen / st.train_time if st.train_time > 0 else math.nan,
+        "wall_time": c.train_time,
+        "tokens_per_s": c.tokens_seen / c.train_time if c.train_time > 0 else math.nan,
     }
     log.write(final)
     records.append(final)
-    return TrainResult(
-        name, log_path, ckpt_path, best_path, st.step, True, st.best_valid, final["test_ppl"], records, last_state
-    )
+    return TrainResult(name, log_path, ckpt_path, best_path, c.step, True, c.best_valid, final["test_ppl"], records,
+                       last_state)
 
 
 # --------------------------------------------------------------------------

@@ -78,16 +78,16 @@ def test_bench_rejects_bad_sizes(bad, capsys):
 
 
 def test_a_failing_arm_is_reported_and_the_others_go_on(tmp_path, capsys, monkeypatch):
-    import training.trainer as trainer
+    from training.trainer import Trainer
 
-    real = trainer.train_step
+    real = Trainer.step
 
-    def flaky(ddp, model, rule, *args):
-        if rule.name == "none":
+    def flaky(self, *args):
+        if self.rule.name == "none":
             raise RuntimeError("out of memory (simulated)")
-        return real(ddp, model, rule, *args)
+        return real(self, *args)
 
-    monkeypatch.setattr(trainer, "train_step", flaky)
+    monkeypatch.setattr(Trainer, "step", flaky)
     out = tmp_path / "b.json"
     args = ["bench", "--warmup", "1", "--repeats", "2", "--vocab", "20", "--no-progress", "--out", str(out),
             "--arms", "none,dropout-k4", *TINY]

@@ -1,0 +1,212 @@
+"""What a run must carry across an interruption, and where it goes.
+
+- ``RunState``: counters, the interval accumulators, the carried hidden state
+  and every generator (data order / BPTT lengths, the rule's noise), with
+  ``state_dict()`` / ``load_state_dict()``.  Resuming restores it exactly, so
+  a resumed run computes the numbers of an uninterrupted one.
+- ``RunLog``: the JSON-lines log (header, one line per evaluation, final).
+- ``Checkpointer``: writes and reads ``<run>.ckpt.pt`` atomically (model,
+  optimizer, config, torch's global RNG, and every rank's ``RunState``).
+
+The checkpoint layout (``CKPT_VERSION`` 1): ``loop`` (the counters),
+``data_gen`` (shared by all ranks), ``ranks`` (per rank: ``gens``,
+``hidden``, ``acc``), beside ``model``, ``optimizer``, ``config``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from dropcheck import DropcheckError
+
+from .configs import DEFAULTS
+from .files import atomic_torch_save, atomic_write_bytes
+from .rules import Gens
+
+CKPT_VERSION = 1
+# Keys that may differ between a checkpoint and a resumed run (they change no number).
+RESUME_MAY_DIFFER = ("progress", "threads", "checkpoint_every", "max_steps", "epochs", "patience", "device")
+
+__all__ = ["CKPT_VERSION", "RESUME_MAY_DIFFER", "Counters", "RunState", "RunLog", "Checkpointer"]
+
+
+@dataclass
+class Counters:
+    """Plain numbers of a run (the checkpoint's ``loop``)."""
+
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+    best_valid: float = math.inf
+    best_step: int = -1
+    best_eval: int = 0  # ``evals`` at the last improvement by more than ``min_improvement`` (patience)
+    lr_scale: float = 1.0  # times ``lr_decay`` after each evaluation without such an improvement
+    evals: int = 0
+    log_lines: int = 0
+    train_time: float = 0.0
+    interval_time: float = 0.0
+    interval_tokens: int = 0
+    tokens_seen: int = 0
+
+
+@dataclass
+class RunState:
+    """Everything of a run but the model and optimizer (module docstring)."""
+
+    data_gen: torch.Generator
+    gens: Gens
+    hidden: list
+    counters: Counters = field(default_factory=Counters)
+    loss_sum: Optional[torch.Tensor] = None  # float64 sum of the interval's step losses (on the device)
+    steps: int = 0  # steps in the interval
+    reg_sum: dict = field(default_factory=dict)  # float64 sums of the interval's regularizer values
+
+    def __post_init__(self):
+        if self.loss_sum is None:
+            dev = self.gens.local.device
+            self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+
+    # -- the interval accumulators ------------------------------------------
+    def accumulate(self, loss: torch.Tensor, reg: Mapping[str, torch.Tensor]) -> None:
+        self.loss_sum += loss.double()
+        self.steps += 1
+        for k, v in reg.items():
+            self.reg_sum[k] = self.reg_sum.get(k, torch.zeros_like(self.loss_sum)) + v.double()
+
+    def reset_interval(self) -> None:
+        self.loss_sum.zero_()
+        self.steps = 0
+        self.reg_sum = {}
+        self.counters.interval_time = 0.0
+        self.counters.interval_tokens = 0
+
+    # -- (de)serialisation ---------------------------------------------------
+    def rank_state(self) -> dict:
+        """This rank's part: generators, hidden state, accumulators (on the CPU)."""
+        snap = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731 - a copy, never a view of live state
+        return {
+            "gens": self.gens.state(),
+            "hidden": [(snap(h), snap(c)) for h, c in self.hidden],
+            "acc": {"loss": snap(self.loss_sum), "steps": self.steps,
+                    "reg": {k: snap(v) for k, v in self.reg_sum.items()}},
+        }
+
+    def state_dict(self) -> dict:
+        return {"loop": asdict(self.counters), "data_gen": self.data_gen.get_state(), "rank": self.rank_state()}
+
+    def load_state_dict(self, st: Mapping[str, Any]) -> None:
+        known = {f.name for f in fields(Counters)}
+        self.counters = Counters(**{k: v for k, v in st["loop"].items() if k in known})
+        self.data_gen.set_state(st["data_gen"])
+        mine = st["rank"]
+        self.gens.load_state(mine["gens"])
+        dev = self.loss_sum.device
+        self.hidden = [(h.to(dev), c.to(dev)) for h, c in mine["hidden"]]
+        self.loss_sum = mine["acc"]["loss"].to(dev)
+        self.steps = mine["acc"]["steps"]
+        self.reg_sum = {k: v.to(dev) for k, v in mine["acc"]["reg"].items()}
+
+
+class RunLog:
+    """The run's JSON-lines log; only the main rank writes (``enabled``)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+        self.lines = 0
+
+    def truncate_to(self, n: int) -> None:
+        """Keep the first ``n`` lines (those a checkpoint knew of)."""
+        if not self.enabled:
+            self.lines = n
+            return
+        if not self.path.exists():
+            raise DropcheckError(f"cannot resume: log {self.path} is missing")
+        kept = self.path.read_bytes().split(b"\n")[:n]
+        if len(kept) < n:
+            raise DropcheckError(f"cannot resume: log {self.path} has fewer lines than its checkpoint records")
+        atomic_write_bytes(self.path, b"".join(line + b"\n" for line in kept))
+        self.lines = n
+
+    def start(self) -> None:
+        if self.enabled:
+            atomic_write_bytes(self.path, b"")
+        self.lines = 0
+
+    def write(self, rec: Mapping[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec, allow_nan=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        self.lines += 1
+
+
+class Checkpointer:
+    """``<run>.ckpt.pt``: save and restore a run (module docstring)."""
+
+    def __init__(self, path: Path, *, cfg: Mapping[str, Any], config_name: str, run_name: str, world: int,
+                 is_main: bool):
+        self.path = path
+        self.cfg = dict(cfg)
+        self.config_name = config_name
+        self.run_name = run_name
+        self.world = world
+        self.is_main = is_main
+
+    def save(self, state: RunState, lm: torch.nn.Module, opt: torch.optim.Optimizer, log: RunLog) -> None:
+        mine = state.rank_state()
+        if self.world > 1:
+            ranks: list = [None] * self.world
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        if not self.is_main:
+            return
+        state.counters.log_lines = log.lines
+        device = state.loss_sum.device
+        ckpt = {
+            "version": CKPT_VERSION,
+            "config": self.cfg,
+            "config_name": self.config_name,
+            "run_name": self.run_name,
+            "world_size": self.world,
+            "model": lm.state_dict(),
+            "optimizer": opt.state_dict(),
+            "loop": asdict(state.counters),
+            "data_gen": state.data_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "ranks": ranks,
+        }
+        atomic_torch_save(ckpt, self.path)
+
+    def load(self, state: RunState, lm: torch.nn.Module, opt: torch.optim.Optimizer, log: RunLog, rank: int) -> None:
+        """Restore everything and truncate the log to the lines the checkpoint knew of."""
+        ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
+        if ckpt.get("version") != CKPT_VERSION:
+            raise DropcheckError(f"checkpoint {self.path}: unknown format version {ckpt.get('version')!r}")
+        diff = sorted(k for k in DEFAULTS if k not in RESUME_MAY_DIFFER and ckpt["config"].get(k) != self.cfg[k])
+        if diff:
+            pairs = ", ".join(f"{k}: {ckpt['config'].get(k)!r} -> {self.cfg[k]!r}" for k in diff)
+            raise DropcheckError(f"cannot resume {self.path}: the config differs ({pairs})")
+        if ckpt["world_size"] != self.world:
+            raise DropcheckError(
+                f"cannot resume {self.path}: it was written by {ckpt['world_size']} process(es), this run has {self.world}"
+            )
+        lm.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        state.load_state_dict({"loop": ckpt["loop"], "data_gen": ckpt["data_gen"], "rank": ckpt["ranks"][rank]})
+        torch.set_rng_state(ckpt["torch_rng"])
+        device = state.loss_sum.device
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        log.truncate_to(state.counters.log_lines)
