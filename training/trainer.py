@@ -71,10 +71,12 @@ Each step has two parts (``rules.py``):
    so it is the same draw on every rank, as in one process; per-sequence
    noise comes from a per-rank generator.
 
-The shared-probe fast path (``rule=explicit_implicit estimator=fd_shared``,
-``dc.analytic_dropout_objective``) has no separate noise: its implicit part
-is the gradient of a loss term (the central difference of the losses at
-``h(1 ± ε√λ v)``), so it lives in the objective (part 1) and goes through
+The shared-probe fast paths (``rule=explicit`` or ``explicit_implicit``
+with ``estimator=fd_shared``, or ``fd_mid`` which takes the loss and the
+carried hidden state at the midpoint of the two probe passes instead of a
+clean pass; ``dc.analytic_dropout_objective``) have no separate noise: the
+implicit part is the gradient of a loss term (first order in the logit
+perturbation of the probes ``h(1 ± ε√λ v)``), so it lives in the objective (part 1) and goes through
 the DDP backward with the rest, averaged over ranks like any loss
 gradient.  The probe ``v`` is then also the noise ``η``, so it must be
 independent per sequence at locked sites (each rank's ``local`` generator)
