@@ -11,6 +11,7 @@ Public API (docs/design.md)::
     dc.taylor_regularizer(model, inputs, targets)                      # R_taylor (4.2)
     dc.dropout_gap(model, inputs, targets, samples=1000)               # R_drop
     dc.implicit_noise(model, inputs, targets)                          # ξ_approx (4.5)
+    dc.implicit_noise(..., sites=["lm.drop_emb"], generator={"lm.drop_emb": g})  # per-site options
     dc.dropout_k_gradient(model, inputs, targets, k)                   # Algorithm 1
     dc.bound.mu(W, X, y), dc.bound.nu(W, X, y)                         # Theorem 4.1
 """
@@ -18,6 +19,7 @@ Public API (docs/design.md)::
 from ._analytic import (
     AnalyticSession,
     Occurrence,
+    SiteGenerators,
     analytic_mode,
     fixed_eta_policy,
     noise_policy,
@@ -74,6 +76,7 @@ __all__ = [
     "zero_probe",
     "AnalyticSession",
     "Occurrence",
+    "SiteGenerators",
     "find_sites",
     "SiteSpec",
     "LockedDropout",

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -84,6 +85,104 @@ def unlock_positions(occs: list[Occurrence]) -> list[Occurrence]:
     return occs
 
 
+# --------------------------------------------------------------------------
+# per-site options: which sites take part (``sites=``), per-site generators
+
+
+SiteNames = Union[str, SiteSpec, Iterable[Union[str, SiteSpec]]]
+
+
+def _names(sites: SiteNames, what: str) -> frozenset:
+    if isinstance(sites, (str, SiteSpec)):
+        sites = [sites]
+    out = set()
+    for s in sites:
+        if isinstance(s, SiteSpec):
+            out.add(s.name)
+        elif isinstance(s, str):
+            out.add(s)
+        else:
+            raise DropcheckError(f"{what}: expected site names, site keys ('name#1') or SiteSpecs, got {s!r}")
+    return frozenset(out)
+
+
+class SiteScope:
+    """The per-site options of one call (``sites=``, per-site generators).
+
+    ``sites``: the sites that take part, as site names (every call of the
+    module or functional site), occurrence keys (``"name#1"``: that call
+    only) or ``SiteSpec``s; ``None`` means all.  A site that does not take
+    part is the identity in every pass of the call: no occurrence, no probe,
+    no noise, no random draw, exactly as if its ``q`` were 0 (the remaining
+    sites' draws are those they would get then).  ``seen`` collects the
+    names and keys of every site occurrence met in the call's passes, so
+    that names that match none are reported (``check``)."""
+
+    def __init__(self, sites: Optional[SiteNames] = None):
+        self.names = None if sites is None else _names(sites, "sites")
+        self.seen: set = set()
+
+    def takes(self, name: str, key: str) -> bool:
+        self.seen.add(name)
+        self.seen.add(key)
+        return self.names is None or name in self.names or key in self.names
+
+    def check(self, names: Optional[Iterable[str]] = None, what: str = "sites") -> None:
+        """Raise ``DropcheckError`` for names (default: ``sites``) that match no
+        site occurrence of the passes run so far."""
+        names = self.names if names is None else names
+        if names is None or not self.seen:  # no pass met a site (the pass itself raised)
+            return
+        unknown = sorted(set(names) - self.seen)
+        if unknown:
+            raise DropcheckError(
+                f"{what} names unknown site(s) {unknown}; the sites of this forward pass are {sorted(self.seen)}"
+            )
+
+
+_SCOPE: contextvars.ContextVar = contextvars.ContextVar("dropcheck_site_scope", default=None)
+
+
+@contextlib.contextmanager
+def site_scope(sites: Optional[SiteNames] = None, generator=None) -> Iterator[SiteScope]:
+    """The public estimators' ``sites=`` and per-site ``generator=``: every
+    ``analytic_mode`` context inside the block uses ``sites`` (unless it is
+    given its own).  On normal exit, names in ``sites`` or in a generator
+    mapping that match no site of the passes raise ``DropcheckError``."""
+    outer = _SCOPE.get()
+    scope = outer if sites is None and outer is not None else SiteScope(sites)
+    token = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(token)
+    if scope is not outer:
+        scope.check()
+    if isinstance(generator, SiteGenerators):
+        generator = generator.mapping
+    if isinstance(generator, Mapping):
+        scope.check(generator.keys(), "generator")
+
+
+def selection_active() -> bool:
+    """Whether the current call leaves some sites out (``sites=`` given)."""
+    scope = _SCOPE.get()
+    return scope is not None and scope.names is not None
+
+
+def site_options(fn):
+    """Decorator of the public estimators: their keyword arguments ``sites``
+    and ``generator`` set the call's ``site_scope`` (a call inside another's
+    scope without ``sites`` keeps the outer one)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with site_scope(kwargs.get("sites"), kwargs.get("generator")):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 _DISCOVERED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -104,9 +203,11 @@ class AnalyticSession:
     """State of one ``analytic_mode`` context: the sites, the policy, and the
     occurrences recorded since the last ``reset()``."""
 
-    def __init__(self, model: nn.Module, sites: Sequence[SiteSpec], policy: Optional[Policy]):
+    def __init__(self, model: nn.Module, sites: Sequence[SiteSpec], policy: Optional[Policy],
+                 scope: Optional[SiteScope] = None):
         self.model = model
         self.sites = list(sites)
+        self.scope = scope  # which sites take part (None: all)
         self.policy = policy
         self.occurrences: list[Occurrence] = []
         self._calls: dict[str, int] = {}
@@ -132,6 +233,8 @@ class AnalyticSession:
         self.saw_forward = True
         idx = self._calls.get(site.name, 0)
         self._calls[site.name] = idx + 1
+        if self.scope is not None and not self.scope.takes(site.name, site.name if idx == 0 else f"{site.name}#{idx}"):
+            return h  # not taking part: the identity, as with q = 0
         occ = Occurrence(site, idx, h, site.mask_shape(h))
         self.occurrences.append(occ)
         if self.policy is None or self.detect_only:
@@ -193,6 +296,12 @@ class AnalyticSession:
         if not _same_state(state, _rng_state()):
             self._random_pass(fn)
         if len(self.occurrences) == before and not self.detect_only:
+            if self.scope is not None and self.scope.names is not None:
+                self.scope.check()  # names that match no site: say so first
+                raise NoDropoutSiteError(
+                    f"{type(self.model).__name__}: none of the sites {sorted(self.scope.names)} (sites=) was "
+                    "called in the forward pass"
+                )
             raise NoDropoutSiteError(
                 f"{type(self.model).__name__} has no dropout site with q > 0: a forward pass called none "
                 "(looked for dropout modules, functional and attention dropout, stochastic depth)"
@@ -240,7 +349,7 @@ def _keeps_eval(m: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def analytic_mode(
-    model: nn.Module, policy: Optional[Policy] = None, sites: Optional[Sequence[SiteSpec]] = None
+    model: nn.Module, policy: Optional[Policy] = None, sites: Optional[SiteNames] = None
 ) -> Iterator[AnalyticSession]:
     """Switch every dropout site of ``model`` to identity + ``policy``.
 
@@ -258,9 +367,18 @@ def analytic_mode(
     later one); any other random draw in a forward pass is refused naming the
     module.  Training flags, hooks and buffers are restored exactly on
     exit, even on error.
+
+    ``sites``: the sites that take part (site names, occurrence keys
+    ``"name#1"`` or ``SiteSpec``s; default all, or those of the enclosing
+    estimator call's ``sites=``).  The others are the identity, exactly as
+    if their ``q`` were 0: no occurrence is recorded and the policy is not
+    called for them.  A name that matches no site of the passes run inside
+    the context raises ``DropcheckError`` on exit.
     """
-    sites = find_sites(model, require=False) if sites is None else list(sites)
-    session = AnalyticSession(model, sites, policy)
+    own = sites is not None
+    scope = SiteScope(sites) if own else _SCOPE.get()
+    session = AnalyticSession(model, find_sites(model, require=False), policy, scope)
+    sites = session.sites
     site_ids = {id(s.module) for s in sites}
     flags = [(m, m.training) for m in model.modules()]
     buffers = [(m, n, b, b._version, b.detach().clone()) for m in model.modules()
@@ -302,6 +420,8 @@ def analytic_mode(
                     b.copy_(copy)
         if session.saw_forward and (known is None or known[0] != fp):
             _DISCOVERED[model] = (fp, session.functional_seen)
+    if own:
+        scope.check()
 
 
 def fired_sites(model: nn.Module, inputs) -> list[SiteSpec]:
@@ -345,6 +465,60 @@ def as_generator(generator, device=None) -> torch.Generator:
     return g
 
 
+Generator = Union[torch.Generator, int, None]
+
+
+class SiteGenerators:
+    """The random streams of one call: one generator for every site, or one
+    per site.  ``generator``: a ``torch.Generator``, an int seed, ``None``
+    (a seed from torch's global RNG), or a mapping ``{site name or key:
+    generator or seed}`` (an int becomes a generator of its own).  With a
+    mapping every site that takes part draws from its own entry (a key
+    ``"name#1"`` before the site's name) and must have one; the draws of a
+    site are then exactly those of a call with that site alone and that
+    generator.  Calling the object on an occurrence gives its generator."""
+
+    def __init__(self, generator: Union[Generator, Mapping[str, Generator]] = None, device=None):
+        self.mapping: Optional[dict] = None
+        self.single: Optional[torch.Generator] = None
+        if isinstance(generator, Mapping):
+            self.mapping = {}
+            for k, g in generator.items():
+                if not isinstance(k, str):
+                    raise DropcheckError(f"generator: a mapping's keys must be site names or keys, got {k!r}")
+                self.mapping[k] = as_generator(g, device)
+        else:
+            self.single = as_generator(generator, device)
+
+    def __call__(self, occ: "Occurrence") -> torch.Generator:
+        if self.single is not None:
+            return self.single
+        g = self.mapping.get(occ.key)
+        if g is None:
+            g = self.mapping.get(occ.site.name)
+        if g is None:
+            raise DropcheckError(
+                f"generator: the mapping gives no generator for site {occ.key!r}; it names {sorted(self.mapping)}"
+            )
+        return g
+
+    def one(self, what: str) -> torch.Generator:
+        """The generator of draws that belong to no site (e.g. sampled labels)."""
+        if self.single is not None:
+            return self.single
+        gens = {id(g): g for g in self.mapping.values()}
+        if len(gens) == 1:
+            return next(iter(gens.values()))
+        raise DropcheckError(f"{what} draws numbers shared by all sites, so it needs one generator, not a mapping "
+                             "with several")
+
+
+def site_generators(generator, device=None) -> SiteGenerators:
+    """``SiteGenerators`` from what a public function's ``generator=`` takes
+    (an existing ``SiteGenerators`` is returned as it is)."""
+    return generator if isinstance(generator, SiteGenerators) else SiteGenerators(generator, device)
+
+
 def _rand(shape, like: torch.Tensor, gen: torch.Generator, kind: str) -> torch.Tensor:
     """Draw on the generator's device, then move to ``like``'s device."""
     dev = gen.device
@@ -386,12 +560,14 @@ def rademacher(shape, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(u < 0.5, -torch.ones_like(u), torch.ones_like(u))
 
 
-def noise_policy(gen: torch.Generator, noise: Optional[str] = None, scale: float = 1.0) -> Policy:
+def noise_policy(gen, noise: Optional[str] = None, scale: float = 1.0) -> Policy:
     """Multiplicative noise: adds ``scale · η ⊙ h`` with ``η`` from ``sample_eta``;
-    the drawn ``η`` is kept in ``occ.extra['eta']``."""
+    the drawn ``η`` is kept in ``occ.extra['eta']``.  ``gen``: a generator, or
+    per-site generators (a mapping, see ``SiteGenerators``)."""
+    gens = site_generators(gen)
 
     def policy(occ: Occurrence) -> torch.Tensor:
-        eta = sample_eta(occ, gen, noise)
+        eta = sample_eta(occ, gens(occ), noise)
         occ.extra["eta"] = eta
         return scale * occ.expand(eta) * occ.h
 

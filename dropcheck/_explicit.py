@@ -27,10 +27,12 @@ from torch import nn
 
 from ._analytic import (
     Occurrence,
+    SiteNames,
     analytic_mode,
-    as_generator,
     fixed_eta_policy,
+    site_options,
     rademacher,
+    site_generators,
     unlock_positions,
     zero_probe,
 )
@@ -131,6 +133,7 @@ def unit_jacobian(Z: torch.Tensor, occ: Occurrence, create_graph: bool) -> torch
 
 
 @grad_aware
+@site_options
 def explicit_regularizer(
     model: nn.Module,
     inputs,
@@ -140,11 +143,12 @@ def explicit_regularizer(
     samples: int = 1,
     weighted: bool = True,
     hessian: str = "output",
-    generator: Union[torch.Generator, int, None] = None,
+    generator: Union[torch.Generator, int, None, Mapping] = None,
     eps: Optional[float] = None,
     per_site: bool = False,
     site_weights: Optional[Mapping[str, float]] = None,
     independent_positions: bool = False,
+    sites: Optional[SiteNames] = None,
 ) -> Value:
     """Explicit regularizer ``R_approx`` of dropout, eqs. (4.3)-(4.4).
 
@@ -175,6 +179,16 @@ def explicit_regularizer(
     ``independent_positions=True`` treats locked sites as per-position
     (dropping their cross-time terms), as the official code does.
 
+    ``sites`` (site names, occurrence keys ``"name#1"`` or ``SiteSpec``s;
+    default all) are the sites that take part: the others are the identity,
+    as if their ``q`` were 0 (no term, no probe, no draw), so the value and
+    the draws of the rest equal those of the model with the others' ``q``
+    set to 0.  ``generator``: a ``torch.Generator``, a seed, or a mapping
+    ``{site name or key: generator or seed}`` giving each site's probes
+    (``"hutchinson"``, ``"fd"``) a stream of its own (``SiteGenerators``);
+    ``"sampled"`` draws labels shared by all sites and needs one generator.
+    Unknown names in ``sites`` or in the mapping raise ``DropcheckError``.
+
     Returns a scalar tensor, differentiable in the parameters so it can be
     added to a loss; ``per_site=True`` returns ``{site key: value}``.
     """
@@ -203,11 +217,12 @@ def explicit_regularizer(
             per[o.key] = quad_form(p, w, hessian).sum(-1).mean()
         return _finish(per, occs, weighted, per_site, site_weights)
 
-    gen = as_generator(generator)
+    gens = site_generators(generator)
     probes = [o.delta for o in occs]
     acc = [Z.new_zeros(()) for _ in occs]
     if estimator == "sampled":
         for _ in range(samples):
+            gen = gens.one("estimator 'sampled' (its labels y' ~ p)")
             if hessian == "output":
                 yp = torch.multinomial(p.detach().to(gen.device), 1, generator=gen).squeeze(1).to(Z.device)
                 surrogate = F.cross_entropy(Z, yp, reduction="sum")
@@ -226,7 +241,7 @@ def explicit_regularizer(
         )
         for _ in range(samples):
             for j, (o, g) in enumerate(zip(occs, gs)):
-                d = o.expand(rademacher(o.mask_shape, o.h, gen)) * o.h
+                d = o.expand(rademacher(o.mask_shape, o.h, gens(o))) * o.h
                 if not g.requires_grad:  # site does not reach the logits
                     continue
                 (u,) = torch.autograd.grad(g, wdummy, grad_outputs=d, retain_graph=True, create_graph=cg)
@@ -245,11 +260,11 @@ def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_
     eps = default_eps(Z.dtype) if eps is None else float(eps)
     if not eps > 0:
         raise DropcheckError(f"eps must be > 0, got {eps!r}")
-    gen = as_generator(generator)
+    gens = site_generators(generator)
     groups = [[j] for j in range(len(occs))] if per_site else [list(range(len(occs)))]
     acc = [Z.new_zeros(()) for _ in groups]
     for _ in range(samples):
-        vs = [rademacher(o.mask_shape, o.h, gen) for o in occs]
+        vs = [rademacher(o.mask_shape, o.h, gens(o)) for o in occs]
         for gi, group in enumerate(groups):
             etas = [None] * len(occs)
             for j in group:
@@ -265,6 +280,7 @@ def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_
 
 
 @grad_aware
+@site_options
 def loss_jacobian_regularizer(
     model: nn.Module,
     inputs,
@@ -273,6 +289,7 @@ def loss_jacobian_regularizer(
     weighted: bool = True,
     per_site: bool = False,
     site_weights: Optional[Mapping[str, float]] = None,
+    sites: Optional[SiteNames] = None,
 ) -> Value:
     """Loss-Jacobian ablation ``R̃_approx`` of eq. (5.1).
 
@@ -280,7 +297,9 @@ def loss_jacobian_regularizer(
     ``(1/N) Σ_u (a_u · ∂(Σ_n ℓ(z_n, y_n))/∂h_i)²`` (for per-example models
     exactly the per-example ``Σ_k h_k² (∂ℓ/∂h_k)²`` averaged).  Unlike
     ``R_approx`` it is not an expectation over labels, so it is not PSD in
-    ``H_out`` and does not match dropout (Section 5.2).
+    ``H_out`` and does not match dropout (Section 5.2).  ``sites``: the
+    sites that take part (the others as if their ``q`` were 0; see
+    ``explicit_regularizer``).
     """
     Z, y, occs = probe_forward(model, inputs, targets)
     N = Z.shape[0]
@@ -297,6 +316,7 @@ def loss_jacobian_regularizer(
 
 
 @grad_aware
+@site_options
 def taylor_regularizer(
     model: nn.Module,
     inputs,
@@ -305,8 +325,9 @@ def taylor_regularizer(
     weighted: bool = True,
     estimator: str = "exact",
     samples: int = 1,
-    generator: Union[torch.Generator, int, None] = None,
+    generator: Union[torch.Generator, int, None, Mapping] = None,
     per_site: bool = False,
+    sites: Optional[SiteNames] = None,
 ) -> Value:
     """Second-order Taylor term of the dropout gap, eq. (4.2), model Hessian included.
 
@@ -317,7 +338,8 @@ def taylor_regularizer(
     products: ``"exact"`` along every unit direction ``a_u`` (cost ∝ units),
     ``"hutchinson"`` along ``Σ_u v_u a_u`` with Rademacher ``v``.
     Equals the weighted ``R_approx`` exactly where only the softmax follows
-    every site.
+    every site.  ``sites`` and per-site ``generator`` mappings as in
+    ``explicit_regularizer``.
     """
     check_estimator(estimator, ("exact", "hutchinson"))
     cg = needs_graph(model)
@@ -327,7 +349,7 @@ def taylor_regularizer(
         L, [o.delta for o in occs], create_graph=True, allow_unused=True, materialize_grads=True
     )
     per: dict[str, torch.Tensor] = {}
-    gen = as_generator(generator) if estimator == "hutchinson" else None
+    gens = site_generators(generator) if estimator == "hutchinson" else None
     for o, g in zip(occs, gs):
         if not g.requires_grad:
             per[o.key] = Z.new_zeros(())
@@ -349,7 +371,7 @@ def taylor_regularizer(
         else:
             total = Z.new_zeros(())
             for _ in range(int(samples)):
-                d = o.expand(rademacher(o.mask_shape, o.h, gen)) * o.h
+                d = o.expand(rademacher(o.mask_shape, o.h, gens(o))) * o.h
                 (Hv,) = torch.autograd.grad(g, o.delta, grad_outputs=d, retain_graph=True, create_graph=cg)
                 total = total + (Hv * d).sum()
             per[o.key] = total / int(samples)

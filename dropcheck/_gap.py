@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._analytic import analytic_mode, as_generator, fixed_eta_policy, noise_policy
+from ._analytic import SiteNames, analytic_mode, fixed_eta_policy, noise_policy, site_generators, site_options
 from ._common import call_model, check_inputs, flatten_logits, grad_aware, mean_loss, select_rows
 from ._errors import DropcheckError
 from ._explicit import clean_forward, probe_forward
@@ -42,6 +42,7 @@ class GapEstimate(tuple):
 
 
 @torch.no_grad()
+@site_options
 def dropout_gap(
     model: nn.Module,
     inputs,
@@ -49,11 +50,12 @@ def dropout_gap(
     *,
     samples: int = 1000,
     exact: bool = False,
-    generator: Union[torch.Generator, int, None] = None,
+    generator: Union[torch.Generator, int, None, Mapping] = None,
     noise: Optional[str] = None,
     antithetic: bool = False,
     control_variate: bool = False,
     max_units: int = 16,
+    sites: Optional[SiteNames] = None,
 ) -> GapEstimate:
     """Dropout gap ``R_drop = E_η[L(F(x, η))] - L(F(x))`` (Section 4, (4.1)).
 
@@ -74,6 +76,11 @@ def dropout_gap(
     passes, so a 12-example batch with 5 units per example costs 2⁵ passes,
     not 2⁶⁰ (``_enumerated_gap``).  ``max_units`` bounds the largest group.  ``noise`` overrides every site's distribution
     (``"bernoulli"`` or ``"gaussian"``, same variance ``q/(1-q)``).
+
+    ``sites`` (site names, occurrence keys or ``SiteSpec``s; default all):
+    the sites that drop; the others are the identity, as if their ``q`` were
+    0.  ``generator`` may map site names or keys to generators (or seeds),
+    each site's masks then come from its own stream (``SiteGenerators``).
     """
     check_inputs(inputs)
     Z, y, occs = clean_forward(model, inputs, targets)
@@ -94,7 +101,7 @@ def dropout_gap(
         raise DropcheckError("antithetic sampling needs symmetric (Gaussian) noise at every site")
     if int(samples) < 2:
         raise DropcheckError(f"Monte Carlo needs samples >= 2, got {samples!r}")
-    gen = as_generator(generator)
+    gen = site_generators(generator)
     if control_variate:
         with torch.enable_grad():
             Zp, _, pocc = probe_forward(model, inputs, targets)
@@ -124,7 +131,9 @@ def dropout_gap(
 
 
 @grad_aware
-def first_order_gap(model: nn.Module, inputs, targets: torch.Tensor, *, per_site: bool = False):
+@site_options
+def first_order_gap(model: nn.Module, inputs, targets: torch.Tensor, *, per_site: bool = False,
+                    sites: Optional[SiteNames] = None):
     """``lim_{q→0} R_drop/q = Σ_i Σ_u Δ_iu`` (docs/math.md, "When the second-order picture holds").
 
     ``Δ_iu = L(unit u of site i zeroed) - L + a_u · ∂L/∂h_i``: the deletion of
@@ -133,7 +142,8 @@ def first_order_gap(model: nn.Module, inputs, targets: torch.Tensor, *, per_site
     Its quadratic part is ``½ a_uᵀ D²L a_u``, i.e. the unweighted
     ``taylor_regularizer`` / 2; the two agree only when each unit's deletion
     is small (wide layers).  One forward pass per unit.  Returns a float (or
-    ``{site key: float}``).
+    ``{site key: float}``).  ``sites``: the sites that take part (the
+    others as if their ``q`` were 0).
     """
     Z, y, occs = probe_forward(model, inputs, targets)
     L = mean_loss(Z, y)

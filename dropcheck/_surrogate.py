@@ -87,7 +87,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _common
-from ._analytic import analytic_mode, as_generator, fixed_eta_policy, rademacher, unlock_positions
+from ._analytic import (
+    SiteNames,
+    analytic_mode,
+    fixed_eta_policy,
+    rademacher,
+    selection_active,
+    site_generators,
+    site_options,
+    unlock_positions,
+)
 from ._common import call_model, check_inputs, default_eps, mean_loss, site_weight_list
 from ._errors import DropcheckError
 from ._explicit import fd_pair
@@ -355,7 +364,8 @@ def _auto_decoder(model: nn.Module, inputs) -> Optional[nn.Module]:
         finally:
             watch.remove()
     found = watch.decoder(logits, len(session.occurrences))[0]
-    _FOUND[model] = (fp, found)
+    if not selection_active():  # sites left out of this call could run after the decoder
+        _FOUND[model] = (fp, found)
     return found
 
 
@@ -369,7 +379,7 @@ def _midpoint_objective(model, inputs, targets, dec, *, explicit_weight, implici
     eps = default_eps(W.dtype) if eps is None else float(eps)
     if not eps > 0:
         raise DropcheckError(f"eps must be > 0, got {eps!r}")
-    gen = as_generator(generator)
+    gens = site_generators(generator)
     occs, etas = [], []
 
     def draw(occ):  # the probes of the clean route, drawn in the same order, during the + pass
@@ -378,7 +388,7 @@ def _midpoint_objective(model, inputs, targets, dec, *, explicit_weight, implici
         w = 1.0 if site_weights is None else float(site_weights.get(occ.key, site_weights.get(occ.site.name, 1.0)))
         if not (w >= 0.0) or w == float("inf"):
             site_weight_list([occ], {occ.key: w})  # raises with the usual message
-        eta = math.sqrt(occ.site.lam * w) * rademacher(occ.mask_shape, occ.h, gen)
+        eta = math.sqrt(occ.site.lam * w) * rademacher(occ.mask_shape, occ.h, gens(occ))
         occs.append(occ)
         etas.append(eta)
         return eps * occ.expand(eta.to(occ.h.dtype)) * occ.h
@@ -411,6 +421,7 @@ def _assemble(loss, explicit, implicit, explicit_weight, implicit_weight) -> Ana
 # --------------------------------------------------------------------------
 
 
+@site_options
 def analytic_dropout_objective(
     model: nn.Module,
     inputs,
@@ -419,12 +430,13 @@ def analytic_dropout_objective(
     explicit_weight: float = 1.0,
     implicit_weight: float = 1.0,
     hessian: str = "output",
-    generator: Union[torch.Generator, int, None] = None,
+    generator: Union[torch.Generator, int, None, Mapping] = None,
     eps: Optional[float] = None,
     site_weights: Optional[Mapping[str, float]] = None,
     independent_positions: bool = False,
     decoder: Union[str, nn.Module, None] = "auto",
     center: str = "clean",
+    sites: Optional[SiteNames] = None,
 ) -> AnalyticObjective:
     """Surrogate of Algorithm 2 (``L + λ₁R_approx`` plus ``λ₂ξ_approx``) by
     finite differences; see the module docstring.  ``explicit_weight`` and
@@ -459,6 +471,15 @@ def analytic_dropout_objective(
     ``nn.Linear`` is taken to produce the logits (nothing after it is run).
     A stateful model's hidden state is then best read from the perturbed
     passes (their mean is the clean one up to ``O(ε²)``).
+
+    ``sites`` (site names, occurrence keys ``"name#1"`` or ``SiteSpec``s;
+    default all): the sites that are probed in (S1); the others are the
+    identity in every pass, as if their ``q`` were 0 (no probe, no draw), so
+    the result equals that of the model with their ``q`` set to 0.
+    ``generator`` may map site names or keys to generators (or seeds): each
+    site's probe ``v_i`` is then drawn from its own stream (``SiteGenerators``),
+    e.g. whole-batch sites from a generator seeded alike on every rank under
+    data parallelism.  Unknown names raise ``DropcheckError``.
     """
     if hessian not in ("output", "identity"):
         raise DropcheckError(f"unknown hessian {hessian!r}; expected 'output' or 'identity'")
@@ -495,7 +516,7 @@ def analytic_dropout_objective(
     occs = session.occurrences
     n_occ = len(occs)
     head, why = (None, "decoder=None") if watch is None else watch.decoder(logits, n_occ)
-    if decoder == "auto":
+    if decoder == "auto" and not selection_active():
         _FOUND[model] = (_fingerprint(model), head)
     if watch is not None:
         watch.last = None  # do not keep the clean pass's tensors alive
@@ -510,9 +531,9 @@ def analytic_dropout_objective(
         loss = mean_loss(Z0, y)
         zero = loss.new_zeros(())
         return AnalyticObjective(loss, loss, zero, zero)
-    gen = as_generator(generator)
+    gens = site_generators(generator)
     ws = site_weight_list(occs, site_weights)
-    etas = [math.sqrt(o.site.lam * w) * rademacher(o.mask_shape, o.h, gen) for o, w in zip(occs, ws)]
+    etas = [math.sqrt(o.site.lam * w) * rademacher(o.mask_shape, o.h, gens(o)) for o, w in zip(occs, ws)]
     delta = None
     if head is not None:  # (S4): stop at the decoder's input
         fs = [_decoder_features(model, inputs, head, fixed_eta_policy(etas, s * eps), n_occ) for s in (1.0, -1.0)]

@@ -80,16 +80,14 @@ computed before ``site_weights`` existed).  Dropout masks are drawn with
 ``dc.noise_policy`` (weight sites from ``gens.shared``, the others from
 ``gens.local``).
 
-A multiplier of 0 removes the group's sites from that call: their ``q`` is
-set to 0 for the duration of the call (``_sites_removed``), so they draw no
+A multiplier of 0 leaves the group's sites out of that call (dropcheck's
+``sites=``: they are the identity, as if their ``q`` were 0), so they draw no
 noise at all.  ``site_weights=0`` would give the same values but would still
 draw the sites' Rademacher numbers from the generator, shifting every later
-draw; removal keeps the draws of the other sites the same as if the group
-had no dropout (tested), and lets ``ξ_approx`` be split over two generators
-under data parallelism (``shared`` for the whole-batch sites, ``local`` for
-the others: one dropcheck call per generator, each with the other part's
-sites removed).  dropcheck has no way yet to leave a site out of a call or
-to give sites different generators, so that one workaround stays.
+draw; leaving them out keeps the draws of the other sites the same as if the
+group had no dropout (tested).  Under data parallelism ``ξ_approx`` takes
+per-site generators (``generator={site: generator}``): ``shared`` for the
+whole-batch sites, ``local`` for the others, in one dropcheck call.
 
 The shared-probe fast path (``estimator="fd_shared"``, rules
 ``explicit_implicit`` and ``explicit``) is ``dc.analytic_dropout_objective``:
@@ -221,21 +219,6 @@ def sites_off(model: nn.Module):
             m.training = t
 
 
-@contextlib.contextmanager
-def _sites_removed(mods):
-    """Inside the block the given site modules have ``q = 0``, so dropcheck
-    does not see them (no probe, no noise, no draw); restored on exit."""
-    mods = list(mods)
-    saved = [m.p for m in mods]
-    try:
-        for m in mods:
-            m.p = 0.0
-        yield
-    finally:
-        for m, q in zip(mods, saved):
-            m.p = q
-
-
 def _mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
@@ -276,6 +259,12 @@ def _record_hidden(model: StatefulLM):
         yield seen
     finally:
         handle.remove()
+
+
+def _only(on, active) -> Optional[list]:
+    """dropcheck's ``sites=``: the sites in ``on``, or ``None`` (all) when
+    every active site is on."""
+    return None if len(on) == len(active) else list(on)
 
 
 def _factor(weights: Mapping[str, float]):
@@ -460,8 +449,8 @@ class UpdateRule:
             R = torch.zeros((), dtype=p0.dtype, device=p0.device)
             return R, {"R": R}
         factor, site_weights = _factor(on)
-        with _sites_removed(self.modules[n] for n in active if n not in on):
-            R = factor * dc.explicit_regularizer(model, x, y, weighted=True, site_weights=site_weights, **common)
+        R = factor * dc.explicit_regularizer(model, x, y, weighted=True, site_weights=site_weights,
+                                             sites=_only(on, active), **common)
         return R, {"R": R.detach()}
 
     def _combine(self, per: Mapping[str, torch.Tensor], coefs: Mapping[str, float]):
@@ -485,26 +474,18 @@ class UpdateRule:
         cfg = self.cfg
         active = self._active()
         mults = {n: scale * self.implicit_mult(n) for n in active}
-        kw = dict(estimator=cfg["noise_estimator"], eps=self.eps, noise="rademacher",
-                  independent_positions=self.positions)
+        on = {n: mults[n] for n in active if mults[n] != 0}
+        if not on:
+            return None
         if gens.shared is gens.local:
-            parts = [(active, gens.local)]
+            gen = gens.local
         else:  # whole-batch sites from the generator seeded alike on every rank
-            parts = [
-                ([n for n in active if self._is_weight(n)], gens.shared),
-                ([n for n in active if not self._is_weight(n)], gens.local),
-            ]
-        out: Optional[dict] = None
-        for names, gen in parts:
-            on = {n: mults[n] for n in names if mults[n] != 0}
-            if not on:
-                continue
-            factor, site_weights = _factor(on)
-            with _sites_removed(self.modules[n] for n in active if n not in on):
-                xi = dc.implicit_noise(model, x, y, generator=gen, site_weights=site_weights, **kw)
-            xi = {k: factor * v for k, v in xi.items()}
-            out = xi if out is None else {k: out[k] + xi[k] for k in out}
-        return out
+            gen = {n: gens.shared if self._is_weight(n) else gens.local for n in on}
+        factor, site_weights = _factor(on)
+        xi = dc.implicit_noise(model, x, y, estimator=cfg["noise_estimator"], eps=self.eps, noise="rademacher",
+                               independent_positions=self.positions, generator=gen, site_weights=site_weights,
+                               sites=_only(on, active))
+        return {k: factor * v for k, v in xi.items()}
 
     def two_draw(self, model: StatefulLM, x, y, gens: Gens) -> dict:
         """``ξ̃_drop = ∇L_{η¹} - ∇L_{η²}`` with two fresh draws."""
