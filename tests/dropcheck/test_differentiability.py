@@ -22,13 +22,16 @@ import dropcheck as dc
 
 
 
-import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
+import dc_cases as cases
+import dc_references as refs
+import dc_stats as stats
+import dc_strategies as strategies
 STEP = 1e-5
 FD_TOL = 1e-6
 
 
 def param_direction(model, seed):
-    g = H.gen(seed)
+    g = cases.gen(seed)
     return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
 
 
@@ -52,32 +55,32 @@ def central_difference(fn, model, d, step=STEP):
 
 def check_grad(fn, model, seed=0):
     d = param_direction(model, seed)
-    return H.rel(backward_dot(fn, model, d), central_difference(fn, model, d))
+    return stats.rel(backward_dot(fn, model, d), central_difference(fn, model, d))
 
 
-@given(H.mlp_cases(acts=tuple(H.SMOOTH_ACTS)))
-@example(H.TINY_Q)
-@example(H.LAST_ONLY | dict(acts=["sigmoid", "tanh"]))
+@given(strategies.mlp_cases(acts=tuple(cases.SMOOTH_ACTS)))
+@example(cases.TINY_Q)
+@example(cases.LAST_ONLY | dict(acts=["sigmoid", "tanh"]))
 def test_exact_gradient_is_derivative_of_value(case):
-    model, X, y = H.build(case)
+    model, X, y = cases.build(case)
     err = check_grad(lambda: dc.explicit_regularizer(model, X, y), model, case["seed"] % 1000)
     assert err < FD_TOL, err
 
 
 def dense_value(model, X, y):
-    return torch.tensor(sum(H.bf_explicit(model, X, y).values()), dtype=torch.float64)
+    return torch.tensor(sum(refs.bf_explicit(model, X, y).values()), dtype=torch.float64)
 
 
-@given(H.mlp_cases(acts=tuple(H.SMOOTH_ACTS), max_hidden=1))
-@example(H.TINY_Q)
+@given(strategies.mlp_cases(acts=tuple(cases.SMOOTH_ACTS), max_hidden=1))
+@example(cases.TINY_Q)
 def test_exact_gradient_is_gradient_of_dense_value(case):
     """∇ of explicit_regularizer (autograd) vs a central difference of the
     independent dense-route value: the gradient is that of the right quantity
     (catches a wrong λ or H_out that the self-consistency check above cannot)."""
-    model, X, y = H.build(case)
+    model, X, y = cases.build(case)
     d = param_direction(model, case["seed"] % 1000 + 1)
     an = backward_dot(lambda: dc.explicit_regularizer(model, X, y), model, d)
-    assert H.rel(an, central_difference(lambda: dense_value(model, X, y), model, d)) < FD_TOL
+    assert stats.rel(an, central_difference(lambda: dense_value(model, X, y), model, d)) < FD_TOL
 
 
 @pytest.mark.parametrize("estimator", ["hutchinson", "fd", "exact"])
@@ -93,12 +96,12 @@ def test_gradient_is_derivative_of_the_same_probe_value(estimator, which):
 
 def model_case(which):
     if which == "mlp":
-        return H.build(dict(sizes=[3, 4, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=1.5, n=3, seed=4))
+        return cases.build(dict(sizes=[3, 4, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=1.5, n=3, seed=4))
     if which == "locked_rnn":
-        m = H.ElmanLocked(seed=3)
-        return (m, *H.seq_data(3, 2, 2, 3, seed=3))
-    m = H.WeightDropRNN(seed=4)
-    return (m, *H.seq_data(3, 2, 2, 3, seed=4))
+        m = cases.ElmanLocked(seed=3)
+        return (m, *cases.seq_data(3, 2, 2, 3, seed=3))
+    m = cases.WeightDropRNN(seed=4)
+    return (m, *cases.seq_data(3, 2, 2, 3, seed=4))
 
 
 @pytest.mark.parametrize("which", ["mlp", "locked_rnn", "dropconnect"])
@@ -118,7 +121,7 @@ def test_fd_gradient_equals_hutchinson_gradient_same_probe(which):
                 lambda: dc.explicit_regularizer(model, X, y, estimator="fd", generator=seed, per_site=True)[key],
                 model, d,
             )
-            assert H.rel(gf, gh) < 1e-5, (key, gf, gh)
+            assert stats.rel(gf, gh) < 1e-5, (key, gf, gh)
 
 
 @pytest.mark.parametrize("estimator", ["hutchinson", "fd"])
@@ -127,13 +130,13 @@ def test_stochastic_gradient_unbiased_light(estimator):
     model, X, y = model_case("mlp")
     d = param_direction(model, 3)
     target = backward_dot(lambda: dc.explicit_regularizer(model, X, y), model, d)
-    g = H.gen(21)
+    g = cases.gen(21)
     vals = [
         backward_dot(lambda: dc.explicit_regularizer(model, X, y, estimator=estimator, samples=4, generator=g), model, d)
         for _ in range(100)
     ]
-    z = H.zscore(vals, target)
-    assert abs(z) < H.Z_MAX, z
+    z = stats.zscore(vals, target)
+    assert abs(z) < stats.Z_MAX, z
 
 
 @pytest.mark.heavy
@@ -143,13 +146,13 @@ def test_stochastic_gradient_unbiased_heavy(estimator, which):
     model, X, y = model_case(which)
     d = param_direction(model, 3)
     target = backward_dot(lambda: dc.explicit_regularizer(model, X, y), model, d)
-    g = H.gen(22)
+    g = cases.gen(22)
     vals = [
         backward_dot(lambda: dc.explicit_regularizer(model, X, y, estimator=estimator, samples=4, generator=g), model, d)
         for _ in range(1000)
     ]
-    z = H.zscore(vals, target)
-    assert abs(z) < H.Z_MAX, z
+    z = stats.zscore(vals, target)
+    assert abs(z) < stats.Z_MAX, z
 
 
 @pytest.mark.parametrize("which", ["mlp", "locked_rnn", "dropconnect"])

@@ -12,7 +12,7 @@ import dropcheck as dc
 
 
 
-import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
+import dc_cases as cases  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
 
 # every public entry point that takes (model, inputs, targets)
 API = {
@@ -36,8 +36,8 @@ API = {
 
 
 def good():
-    model = H.mlp([3, 2, 3], ["tanh"], {0: 0.3}, seed=0)
-    X, y = H.data(2, 3, 3, seed=0)
+    model = cases.mlp([3, 2, 3], ["tanh"], {0: 0.3}, seed=0)
+    X, y = cases.data(2, 3, 3, seed=0)
     return model, X, y
 
 
@@ -147,8 +147,8 @@ def test_alpha_dropout_rejected(alpha, fn):
 def test_exact_enumeration_with_too_many_units():
     """``max_units`` bounds the largest group of dependent units: per-example
     dropout on 2 examples is two groups of 5 + 4 = 9 units, not one of 18."""
-    model = H.mlp([5, 4, 3], ["tanh"], {0: 0.3, 1: 0.2}, seed=1)
-    X, y = H.data(2, 5, 3, seed=1)  # 2·(5 + 4) = 18 units
+    model = cases.mlp([5, 4, 3], ["tanh"], {0: 0.3, 1: 0.2}, seed=1)
+    X, y = cases.data(2, 5, 3, seed=1)  # 2·(5 + 4) = 18 units
     assert dc.dropout_gap(model, X, y, exact=True, max_units=9).samples == 2 * 2**9
     with pytest.raises(dc.DropcheckError, match=r"group of at least \d+ dependent noise units.*max_units=8"):
         dc.dropout_gap(model, X, y, exact=True, max_units=8)
@@ -157,7 +157,7 @@ def test_exact_enumeration_with_too_many_units():
 
 
 def test_exact_enumeration_rejects_gaussian_noise():
-    model = H.mlp([3, 2, 3], ["tanh"], {1: 0.3}, seed=0, site_cls=dc.GaussianDropout)
+    model = cases.mlp([3, 2, 3], ["tanh"], {1: 0.3}, seed=0, site_cls=dc.GaussianDropout)
     _, X, y = good()
     with pytest.raises(dc.DropcheckError, match="Bernoulli"):
         dc.dropout_gap(model, X, y, exact=True)

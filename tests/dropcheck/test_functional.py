@@ -7,7 +7,7 @@ hooks instead of the torch-function mode); the analytic attention formula
 against torch's own SDPA kernel; ``nn.MultiheadAttention``'s two internal
 paths (``need_weights=True``: ``F.dropout`` on the weights; ``False``:
 SDPA) against each other; an ``ignore_index`` batch against the same batch
-with those rows removed; brute-force float64 references of dc_helpers.
+with those rows removed; brute-force float64 references of dc_references.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dc_helpers as H
+import dc_cases as cases
+import dc_references as refs
+import dc_stats as stats
 import dropcheck as dc
 import model_zoo as Z
 
@@ -77,10 +79,10 @@ def test_functional_dropout_equals_module_dropout(kind, channel):
     fun = TwoLayer(kind, channel=channel).double()
     fun.load_state_dict(mods.state_dict())
     if channel:
-        X = torch.randn(2, 2, 2, generator=H.gen(1), dtype=DT)  # 2·2 + 3 = 7 units per example
-        y = torch.randint(0, 3, (2, 2), generator=H.gen(2))
+        X = torch.randn(2, 2, 2, generator=cases.gen(1), dtype=DT)  # 2·2 + 3 = 7 units per example
+        y = torch.randint(0, 3, (2, 2), generator=cases.gen(2))
     else:
-        X, y = H.data(3, 3, 3, seed=1)  # 3 + 4 = 7 units per example
+        X, y = cases.data(3, 3, 3, seed=1)  # 3 + 4 = 7 units per example
     sites = dc.find_sites(fun, X)
     second = ("dropout1d" if kind == "F" else "feature_dropout") if channel else "dropout"
     assert [(s.name, s.q) for s in sites] == [("<root>:dropout", 0.3), (f"<root>:{second}", 0.4)]
@@ -100,11 +102,11 @@ def test_functional_dropout_equals_module_dropout(kind, channel):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-15), k
         else:
             assert a == pytest.approx(b, rel=1e-12), k
-    # and against the brute-force reference (module form, dc_helpers' own wiring)
-    bf = sum(H.bf_explicit(mods, X, y).values())
+    # and against the brute-force reference (module form, dc_references' own wiring)
+    bf = sum(refs.bf_explicit(mods, X, y).values())
     assert vals["functional"]["exact"] == pytest.approx(float(bf), rel=1e-10)
     # the test's own joint enumeration, example by example (equal row counts per example)
-    own = sum(H.bf_gap_enum(mods, X[i : i + 1], y[i : i + 1]) for i in range(X.shape[0])) / X.shape[0]
+    own = sum(refs.bf_gap_enum(mods, X[i : i + 1], y[i : i + 1]) for i in range(X.shape[0])) / X.shape[0]
     assert vals["functional"]["gap"] == pytest.approx(own, rel=1e-10)
 
 
@@ -118,7 +120,7 @@ def test_functional_site_keys_name_the_calling_module():
             return F.dropout(self.lin(F.dropout(x, 0.2)), 0.3)
 
     model = nn.Sequential(Inner(), nn.Tanh(), Inner(), nn.Linear(3, 2)).double()
-    X, _ = H.data(2, 3, 2, seed=0)
+    X, _ = cases.data(2, 3, 2, seed=0)
     sites = dc.find_sites(model, X)
     assert [(s.name, s.q, s.functional) for s in sites] == [
         ("0:dropout", 0.2, True), ("0:dropout", 0.3, True), ("2:dropout", 0.2, True), ("2:dropout", 0.3, True)]
@@ -180,14 +182,14 @@ def _attn_pair(mask: str, seed=0):
     sd, man = Attn("sdpa", **kw).double(), Attn("manual", **kw).double()
     _seeded(sd, seed)
     man.load_state_dict(sd.state_dict())
-    X = torch.randn(2, 3, 4, generator=H.gen(seed + 1), dtype=DT)
-    y = torch.randint(0, 3, (2, 3), generator=H.gen(seed + 2))
+    X = torch.randn(2, 3, 4, generator=cases.gen(seed + 1), dtype=DT)
+    y = torch.randint(0, 3, (2, 3), generator=cases.gen(seed + 2))
     if mask == "bool":
         m = torch.ones(2, 1, 3, 3, dtype=torch.bool)
         m[1, :, :, 2] = False  # example 1 cannot attend to its last position
         sd.mask = man.mask = m
     if mask == "float":
-        f = torch.randn(1, 2, 3, 3, generator=H.gen(seed + 3), dtype=DT)
+        f = torch.randn(1, 2, 3, 3, generator=cases.gen(seed + 3), dtype=DT)
         sd.mask = man.mask = f
     return sd, man, X, y
 
@@ -219,7 +221,7 @@ def test_sdpa_attention_dropout_equals_dropout_on_the_probabilities(mask):
     a, b = _flat(dc.implicit_noise(sd, X, y, generator=1)), _flat(dc.implicit_noise(man, X, y, generator=1))
     assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
     ex = dc.explicit_regularizer(sd, X, y)
-    bf = sum(H.bf_explicit(man, X, y).values())
+    bf = sum(refs.bf_explicit(man, X, y).values())
     assert _f(ex) == pytest.approx(float(bf), rel=1e-10)
 
 
@@ -240,8 +242,8 @@ def test_multihead_attention_both_paths_agree():
 
     a, b = _seeded(M(True).double(), 0), M(False).double()
     b.load_state_dict(a.state_dict())
-    X = torch.randn(2, 3, 4, generator=H.gen(1), dtype=DT)
-    y = torch.randint(0, 3, (2, 3), generator=H.gen(2))
+    X = torch.randn(2, 3, 4, generator=cases.gen(1), dtype=DT)
+    y = torch.randint(0, 3, (2, 3), generator=cases.gen(2))
     assert [s.name for s in dc.find_sites(a, X)] == ["mha:attention"]
     assert [s.name for s in dc.find_sites(b, X)] == ["mha:attention"]
     assert _f(dc.explicit_regularizer(a, X, y)) == pytest.approx(_f(dc.explicit_regularizer(b, X, y)), rel=1e-11)
@@ -250,7 +252,7 @@ def test_multihead_attention_both_paths_agree():
     own, own_se = zoo.own_gap(800, seed=3)
     ours = dc.dropout_gap(a, X, y, samples=800, generator=4)
     assert own > 4 * own_se
-    assert abs(ours.value - own) < H.Z_MAX * math.hypot(own_se, ours.stderr)
+    assert abs(ours.value - own) < stats.Z_MAX * math.hypot(own_se, ours.stderr)
 
 
 # -- train mode, refusals, buffers -----------------------------------------------
@@ -283,7 +285,7 @@ class Noisy(nn.Module):
 def test_unknown_randomness_is_refused_naming_the_module(how, mode):
     model = nn.Sequential(nn.Linear(3, 4), Noisy(how), nn.Dropout(0.3), nn.Linear(4, 3)).double()
     model.train(mode == "train")
-    X, y = H.data(2, 3, 3, seed=0)
+    X, y = cases.data(2, 3, 3, seed=0)
     for call in (lambda: dc.explicit_regularizer(model, X, y, estimator="fd", generator=0),
                  lambda: dc.explicit_regularizer(model, X, y)):
         with pytest.raises(dc.DropcheckError, match="random") as e:
@@ -299,7 +301,7 @@ def test_randomness_after_the_first_call_is_caught():
     later ones."""
     noisy = Noisy("randn")
     model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.3), noisy, nn.Linear(4, 3)).double()
-    X, y = H.data(2, 3, 3, seed=0)
+    X, y = cases.data(2, 3, 3, seed=0)
     noisy.how = "none"
     noisy.forward = lambda x: x  # no randomness at first
     dc.explicit_regularizer(model, X, y)
@@ -343,7 +345,7 @@ def test_buffers_and_flags_are_restored_exactly():
     with torch.no_grad():
         model[1].running_mean.uniform_(-1, 1)
         model[1].running_var.uniform_(0.5, 2)
-    X, y = H.data(5, 3, 3, seed=0)
+    X, y = cases.data(5, 3, 3, seed=0)
     for mode in (True, False):
         model.train(mode)
         model[3].eval()  # a mixed state must come back as it was
@@ -370,8 +372,8 @@ def test_buffers_and_flags_are_restored_exactly():
 
 
 def test_ignore_index_equals_dropping_the_rows():
-    model = H.mlp([3, 4, 3], ["tanh"], {0: 0.3, 1: 0.2}, seed=0)
-    X, y = H.data(6, 3, 3, seed=1)
+    model = cases.mlp([3, 4, 3], ["tanh"], {0: 0.3, 1: 0.2}, seed=0)
+    X, y = cases.data(6, 3, 3, seed=1)
     y_ign = y.clone()
     y_ign[[1, 4]] = -100
     keep = torch.tensor([0, 2, 3, 5])
@@ -408,7 +410,7 @@ def test_dict_inputs_and_model_outputs():
         def __init__(self, kind):
             super().__init__()
             self.kind = kind
-            self.net = H.mlp([3, 4, 3], ["tanh"], {1: 0.3}, seed=0)
+            self.net = cases.mlp([3, 4, 3], ["tanh"], {1: 0.3}, seed=0)
 
         def forward(self, x, scale=None):
             z = self.net(x) * (1.0 if scale is None else scale)
@@ -418,7 +420,7 @@ def test_dict_inputs_and_model_outputs():
                 return type("Out", (), {"logits": z})()
             return (z, "hidden")
 
-    X, y = H.data(4, 3, 3, seed=0)
+    X, y = cases.data(4, 3, 3, seed=0)
     ref = _f(dc.explicit_regularizer(DictModel("tuple").net, X, y))
     for kind in ("dict", "attr", "tuple"):
         m = DictModel(kind)
@@ -426,8 +428,8 @@ def test_dict_inputs_and_model_outputs():
 
 
 def test_dtype_mismatch_and_empty_batch_are_clear_errors():
-    model = H.mlp([3, 4, 3], ["tanh"], {0: 0.3}, seed=0)
-    X, y = H.data(4, 3, 3, seed=0)
+    model = cases.mlp([3, 4, 3], ["tanh"], {0: 0.3}, seed=0)
+    X, y = cases.data(4, 3, 3, seed=0)
     with pytest.raises(dc.DropcheckError, match=r"inputs have dtype torch.float32 but the model's parameters are torch.float64"):
         dc.explicit_regularizer(model, X.float(), y)
     with pytest.raises(dc.DropcheckError, match="empty batch"):
@@ -446,8 +448,8 @@ def test_enumeration_factorizes_over_examples_and_batches_masks():
     2^5 mask passes shared by all groups (plus one NaN-taint pass per unit and
     the clean pass), and the value equals the mean of the test's own
     per-example enumerations."""
-    model = H.mlp([4, 5, 3], ["tanh"], {1: 0.3}, seed=2, scale=2.0)
-    X, y = H.data(12, 4, 3, seed=3)
+    model = cases.mlp([4, 5, 3], ["tanh"], {1: 0.3}, seed=2, scale=2.0)
+    X, y = cases.data(12, 4, 3, seed=3)
     calls = [0]
     handle = model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
     try:
@@ -456,7 +458,7 @@ def test_enumeration_factorizes_over_examples_and_batches_masks():
         handle.remove()
     assert est.samples == 12 * 2**5
     assert calls[0] == 1 + 12 * 5 + 2**5
-    ref = sum(H.bf_gap_enum(model, X[i : i + 1], y[i : i + 1]) for i in range(12)) / 12
+    ref = sum(refs.bf_gap_enum(model, X[i : i + 1], y[i : i + 1]) for i in range(12)) / 12
     assert est.value == pytest.approx(ref, rel=1e-11)
 
 
@@ -464,9 +466,9 @@ def test_enumeration_groups_locked_dropout_by_sequence():
     """Locked dropout shares one mask over time: a sequence's units form one
     group, sequences are independent (the test's own joint enumeration of the
     one-sequence batches as reference)."""
-    model = H.ElmanLocked(2, 3, 2, q_in=0.3, q_out=0.4, seed=0)
-    X, y = H.seq_data(3, 3, 2, 2, seed=1)  # (T, B, D): 3 sequences, 2 + 3 units each
+    model = cases.ElmanLocked(2, 3, 2, q_in=0.3, q_out=0.4, seed=0)
+    X, y = cases.seq_data(3, 3, 2, 2, seed=1)  # (T, B, D): 3 sequences, 2 + 3 units each
     est = dc.dropout_gap(model, X, y, exact=True)
     assert est.samples == 3 * 2 ** (2 + 3)
-    ref = sum(H.bf_gap_enum(model, X[:, b : b + 1], y[:, b : b + 1]) for b in range(3)) / 3
+    ref = sum(refs.bf_gap_enum(model, X[:, b : b + 1], y[:, b : b + 1]) for b in range(3)) / 3
     assert est.value == pytest.approx(ref, rel=1e-11)

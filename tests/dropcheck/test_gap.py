@@ -24,9 +24,13 @@ import dropcheck as dc
 
 
 
-import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
+import dc_cases as cases
+import dc_checks as checks
+import dc_references as refs
+import dc_stats as stats
+import dc_strategies as strategies
 
-with_q = H.with_q
+with_q = cases.with_q
 
 
 def n_units(case):
@@ -48,7 +52,7 @@ FIRST_ORDER_TOL = 1e-3
 
 
 def _assert_first_order(model, X, y):
-    r = H.check_first_order(model, X, y, Q_SMALL)
+    r = checks.check_first_order(model, X, y, Q_SMALL)
     assert r["gap/q vs first_order"] < FIRST_ORDER_TOL, r
     assert r["first_order vs loop"] < 1e-12, r
     assert r["own gap/q vs first_order"] < FIRST_ORDER_TOL, r
@@ -60,7 +64,7 @@ def _assert_first_order(model, X, y):
 
 
 
-@given(H.mlp_cases(acts=tuple(H.SMOOTH_ACTS), max_hidden=1, max_n=2, max_width=3))
+@given(strategies.mlp_cases(acts=tuple(cases.SMOOTH_ACTS), max_hidden=1, max_n=2, max_width=3))
 @example(dict(sizes=[3, 3, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=2.0, n=1, seed=0))
 @example(dict(sizes=[2, 4], acts=[], sites={0: 0.5}, scale=3.0, n=2, seed=3))  # softmax regression
 def test_first_order_identity_mlp(case):
@@ -69,12 +73,12 @@ def test_first_order_identity_mlp(case):
     remainder), first_order_gap vs the test's own deletion loop (< 1e-12),
     dc's enumeration vs the test's own (to rounding)."""
     assume(n_units(case) <= 12)
-    model, X, y = H.build(case)
+    model, X, y = cases.build(case)
     _assert_first_order(model, X, y)
 
 
 def test_exact_gap_reports_enumeration():
-    model, X, y = H.build(dict(sizes=[3, 3, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n=1, seed=4))
+    model, X, y = cases.build(dict(sizes=[3, 3, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n=1, seed=4))
     got = dc.dropout_gap(model, X, y, exact=True)
     assert got.stderr == 0.0 and got.samples == 2**6
 
@@ -83,15 +87,15 @@ def test_exact_gap_matches_own_enumeration_moderate_q():
     """The exact enumeration is a float64 reference: it must agree with the
     test's own enumeration of the same masks to rounding (64 masks: < 1e-12).
     (Found failing at 1e-8: η was built in float32; fixed in 862eae8.)"""
-    model, X, y = H.build(dict(sizes=[3, 3, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n=1, seed=4))
-    assert H.rel(dc.dropout_gap(model, X, y, exact=True).value, H.bf_gap_enum(model, X, y)) < 1e-12
+    model, X, y = cases.build(dict(sizes=[3, 3, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n=1, seed=4))
+    assert stats.rel(dc.dropout_gap(model, X, y, exact=True).value, refs.bf_gap_enum(model, X, y)) < 1e-12
 
 
 def test_exact_gap_matches_own_enumeration_tiny_q():
     """At q = 1e-5 (where the first-order identity is checked): agreement to the
     rounding bound of summing 2^M terms of size L (helpers.check_first_order)."""
-    model, X, y = H.build(dict(sizes=[1, 2], acts=[], sites={0: 0.5}, scale=1.0, n=1, seed=0))
-    r = H.check_first_order(model, X, y, Q_SMALL)
+    model, X, y = cases.build(dict(sizes=[1, 2], acts=[], sites={0: 0.5}, scale=1.0, n=1, seed=0))
+    r = checks.check_first_order(model, X, y, Q_SMALL)
     assert r["gap abs err"] <= 1e-9 * abs(r["first_order"] * Q_SMALL) + r["rounding bound"], r
 
 
@@ -103,19 +107,19 @@ def test_exact_gap_matches_own_enumeration_tiny_q():
 def test_monte_carlo_gap_unbiased_light(control_variate):
     """One call with 3000 draws: |value − exact| < 4.5 stderr (6.8e-6 for a
     Gaussian statistic; the mean of 3000 draws is close to Gaussian)."""
-    model, X, y = H.build(dict(sizes=[3, 3, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n=1, seed=4))
-    exact = H.bf_gap_enum(model, X, y)
+    model, X, y = cases.build(dict(sizes=[3, 3, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n=1, seed=4))
+    exact = refs.bf_gap_enum(model, X, y)
     est = dc.dropout_gap(model, X, y, samples=3000, generator=21, control_variate=control_variate)
     assert est.samples == 3000
-    assert abs(est.value - exact) < H.Z_MAX * est.stderr, (est, exact)
+    assert abs(est.value - exact) < stats.Z_MAX * est.stderr, (est, exact)
 
 
 def test_monte_carlo_stderr_is_honest_light():
     """40 independent calls of 100 draws: the spread of the values matches the
     reported stderr.  With k = 40, s²/σ² ~ χ²_39/39; P(ratio ∉ [0.5, 1.6]) ≈ 4e-4
     (two-sided, for the sample std over the mean reported stderr)."""
-    model, X, y = H.build(dict(sizes=[3, 3, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n=1, seed=4))
-    g = H.gen(3)
+    model, X, y = cases.build(dict(sizes=[3, 3, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n=1, seed=4))
+    g = cases.gen(3)
     ests = [dc.dropout_gap(model, X, y, samples=100, generator=g) for _ in range(40)]
     vals = [e.value for e in ests]
     mean = sum(vals) / len(vals)
@@ -128,13 +132,13 @@ def test_monte_carlo_stderr_is_honest_light():
 def test_monte_carlo_gap_unbiased_heavy():
     """20 independent calls × 5000 draws each on a locked RNN: every |z| < 4.5
     (Bonferroni: < 1.4e-4 for the whole test)."""
-    model = H.ElmanLocked(d=2, hidden=2, seed=2)
-    X, y = H.seq_data(3, 2, 2, 3, seed=2)
-    exact = H.bf_gap_enum(model, X, y)
-    g = H.gen(8)
+    model = cases.ElmanLocked(d=2, hidden=2, seed=2)
+    X, y = cases.seq_data(3, 2, 2, 3, seed=2)
+    exact = refs.bf_gap_enum(model, X, y)
+    g = cases.gen(8)
     for _ in range(20):
         est = dc.dropout_gap(model, X, y, samples=5000, generator=g)
-        assert abs(est.value - exact) < H.Z_MAX * est.stderr, (est, exact)
+        assert abs(est.value - exact) < stats.Z_MAX * est.stderr, (est, exact)
 
 
 # ---------------------------------------------------------------------------
@@ -145,10 +149,10 @@ def test_bernoulli_ratio_tends_to_deletion_limit_not_one():
     """Width-5 tanh net with large weights: ``R_drop/R_taylor`` at q = 1e-2 and
     1e-3 (exact enumeration) approaches ``first_order_gap/(R_taylor(unweighted)/2)``
     with an O(q) error, and that limit is far from 1 (2.12 here)."""
-    base = H.mlp([3, 5, 3], ["tanh"], {1: 0.01}, seed=2, scale=3.0, out_scale=6.0)
-    X, y = H.data(1, 3, 3, seed=2)
-    lim, lim_e = H.limit_ratio(base, X, y)
-    assert H.rel(lim, lim_e) < 1e-9  # only softmax follows: taylor = explicit
+    base = cases.mlp([3, 5, 3], ["tanh"], {1: 0.01}, seed=2, scale=3.0, out_scale=6.0)
+    X, y = cases.data(1, 3, 3, seed=2)
+    lim, lim_e = checks.limit_ratio(base, X, y)
+    assert stats.rel(lim, lim_e) < 1e-9  # only softmax follows: taylor = explicit
     assert lim > 1.5, lim
     errs = []
     for q in (1e-2, 1e-3):
@@ -166,10 +170,10 @@ WIDTHS_LIGHT = (4, 16, 64)
 def _width_ratios(seed, widths):
     out = []
     for w in widths:
-        model = H.width_net(w, seed=seed)
-        X, y = H.data(8, 4, 3, seed=seed)
-        r_t, r_e = H.limit_ratio(model, X, y)
-        assert H.rel(r_t, r_e) < 1e-9  # two routes to R_taylor agree (linear tail)
+        model = cases.width_net(w, seed=seed)
+        X, y = cases.data(8, 4, 3, seed=seed)
+        r_t, r_e = checks.limit_ratio(model, X, y)
+        assert stats.rel(r_t, r_e) < 1e-9  # two routes to R_taylor agree (linear tail)
         out.append(r_t)
     return out
 
@@ -209,12 +213,12 @@ def test_gaussian_gap_over_taylor_tends_to_one_quadrature():
     Bernoulli net with the same weights stays far from 1."""
     devs = []
     for q in (0.2, 0.05, 0.0125):
-        model, X, y = H.gaussian_net(q)
-        devs.append(abs(H.bf_gaussian_gap(model, X, y, q) / taylor(model, X, y) - 1))
+        model, X, y = cases.gaussian_net(q)
+        devs.append(abs(refs.bf_gaussian_gap(model, X, y, q) / taylor(model, X, y) - 1))
     assert all(b < 0.5 * a for a, b in zip(devs, devs[1:])), devs
     assert devs[-1] < 2e-3, devs
-    bern = with_q(H.mlp([3, 3, 3], ["tanh"], {1: 0.0125}, seed=4, scale=2.0, out_scale=3.0), 0.0125)
-    _, X, y = H.gaussian_net(0.0125)
+    bern = with_q(cases.mlp([3, 3, 3], ["tanh"], {1: 0.0125}, seed=4, scale=2.0, out_scale=3.0), 0.0125)
+    _, X, y = cases.gaussian_net(0.0125)
     rb = dc.dropout_gap(bern, X, y, exact=True).value / taylor(bern, X, y)
     assert abs(rb - 1) > 0.1, rb
 
@@ -223,10 +227,10 @@ def test_gaussian_gap_over_taylor_tends_to_one_quadrature():
 def test_gaussian_monte_carlo_gap_matches_quadrature_light(q):
     """``dropout_gap(antithetic=True)`` on a GaussianDropout site vs quadrature:
     |z| < 4.5 (6.8e-6), 4000 antithetic pairs."""
-    model, X, y = H.gaussian_net(q)
-    ref = H.bf_gaussian_gap(model, X, y, q)
+    model, X, y = cases.gaussian_net(q)
+    ref = refs.bf_gaussian_gap(model, X, y, q)
     est = dc.dropout_gap(model, X, y, samples=4000, antithetic=True, generator=5)
-    assert abs(est.value - ref) < H.Z_MAX * est.stderr, (est, ref)
+    assert abs(est.value - ref) < stats.Z_MAX * est.stderr, (est, ref)
 
 
 def test_gaussian_gap_over_taylor_near_one_at_small_q_light():
@@ -237,27 +241,27 @@ def test_gaussian_gap_over_taylor_near_one_at_small_q_light():
     ratio is off by > 5%."""
     q = 1e-3
     case = dict(sizes=[3, 3, 3], acts=["tanh"], sites={0: q, 1: q}, scale=2.5, n=1, seed=6)
-    model, X, y = H.build(case | dict(site_cls=dc.GaussianDropout))
+    model, X, y = cases.build(case | dict(site_cls=dc.GaussianDropout))
     t = taylor(model, X, y)
     est = dc.dropout_gap(model, X, y, samples=4000, antithetic=True, generator=9)
-    assert abs(est.value / t - 1) < H.Z_MAX * est.stderr / t + 5e-3, (est, t)
-    bern, _, _ = H.build(case)
+    assert abs(est.value / t - 1) < stats.Z_MAX * est.stderr / t + 5e-3, (est, t)
+    bern, _, _ = cases.build(case)
     rb = dc.dropout_gap(bern, X, y, exact=True).value / taylor(bern, X, y)
     assert abs(rb - 1) > 0.05, rb
 
 
 @pytest.mark.heavy
 @settings(max_examples=5)
-@given(H.mlp_cases(acts=("tanh", "softplus", "sigmoid"), min_hidden=1, max_hidden=1))
+@given(strategies.mlp_cases(acts=("tanh", "softplus", "sigmoid"), min_hidden=1, max_hidden=1))
 def test_gaussian_gap_over_taylor_near_one_heavy(case):
     """Drawn nets with Gaussian sites at q = 1e-3, 20000 antithetic pairs:
     |gap/taylor − 1| < 4.5 stderr/taylor + 5e-3."""
     case = case | dict(sites={k: 1e-3 for k in case["sites"]}, site_cls=dc.GaussianDropout)
-    model, X, y = H.build(case)
+    model, X, y = cases.build(case)
     t = taylor(model, X, y)
     assume(t > 1e-8)
     est = dc.dropout_gap(model, X, y, samples=20000, antithetic=True, generator=case["seed"] % 997)
-    assert abs(est.value / t - 1) < H.Z_MAX * est.stderr / t + 5e-3, (est, t)
+    assert abs(est.value / t - 1) < stats.Z_MAX * est.stderr / t + 5e-3, (est, t)
 
 
 def test_gap_estimate_unpacks_as_value_and_stderr():

@@ -20,7 +20,7 @@ import torch
 
 import dropcheck as dc
 import model_zoo as Z
-from dc_helpers import Z_MAX
+from dc_stats import Z_MAX
 
 MODELS = list(Z.BUILDERS)
 DRAWS = 600

@@ -31,7 +31,10 @@ import dropcheck._sites
 
 
 
-import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
+import dc_cases as cases
+import dc_checks as checks
+import dc_references as refs
+import dc_stats as stats
 TOL = 1e-9
 
 MLP = dict(sizes=[3, 4, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=1.5, n=3, seed=1)
@@ -42,7 +45,7 @@ TINY = dict(sizes=[2, 2, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n
 def _with_q(model, q):
     m = copy.deepcopy(model)
     for mod in m.modules():
-        if H.classify(mod) is not None and mod.p > 0:
+        if refs.classify(mod) is not None and mod.p > 0:
             mod.p = q
     return m
 
@@ -52,29 +55,29 @@ def _with_q(model, q):
 
 
 def fam_explicit_exact():
-    model, X, y = H.build(MLP)
-    e1 = H.check_explicit_exact(model, X, y)
-    e2 = H.check_explicit_exact(*H.build(H.SATURATED))
+    model, X, y = cases.build(MLP)
+    e1 = checks.check_explicit_exact(model, X, y)
+    e2 = checks.check_explicit_exact(*cases.build(cases.SATURATED))
     return {"mlp": (e1, e1 < TOL), "saturated": (e2, e2 < TOL)}
 
 
 def fam_closed_form():
-    e = H.check_softmax_regression(4, 3, 5, 0.3, 0)
+    e = checks.check_softmax_regression(4, 3, 5, 0.3, 0)
     return {"softmax regression": (e, e < TOL)}
 
 
 def fam_taylor():
-    model, X, y = H.build(MLP)
-    e1 = H.check_taylor(model, X, y)
-    e2 = H.check_taylor_equals_explicit(*H.build(LAST))
-    e3, size = H.check_model_hessian_term(model, X, y)
+    model, X, y = cases.build(MLP)
+    e1 = checks.check_taylor(model, X, y)
+    e2 = checks.check_taylor_equals_explicit(*cases.build(LAST))
+    e3, size = checks.check_model_hessian_term(model, X, y)
     return {"vs dense Hessian": (e1, e1 < TOL), "= explicit (linear tail)": (e2, e2 < TOL),
             "model-Hessian term": (e3, e3 < TOL and size > 1e-2)}
 
 
 def fam_first_order():
-    model, X, y = H.build(dict(sizes=[3, 3, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=2.0, n=1, seed=0))
-    r = H.check_first_order(model, X, y, 1e-5)
+    model, X, y = cases.build(dict(sizes=[3, 3, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=2.0, n=1, seed=0))
+    r = checks.check_first_order(model, X, y, 1e-5)
     return {"gap/q vs first_order": (r["gap/q vs first_order"], r["gap/q vs first_order"] < 1e-3),
             "first_order vs loop": (r["first_order vs loop"], r["first_order vs loop"] < 1e-12)}
 
@@ -82,93 +85,93 @@ def fam_first_order():
 def fam_width_limit():
     out, devs = {}, []
     for w in (4, 16, 64):
-        model = H.width_net(w, seed=0)
-        X, y = H.data(8, 4, 3, seed=0)
-        rt, re = H.limit_ratio(model, X, y)
+        model = cases.width_net(w, seed=0)
+        X, y = cases.data(8, 4, 3, seed=0)
+        rt, re = checks.limit_ratio(model, X, y)
         devs.append(abs(rt - 1))
-        out[f"routes agree w={w}"] = (H.rel(rt, re), H.rel(rt, re) < 1e-9)
+        out[f"routes agree w={w}"] = (stats.rel(rt, re), stats.rel(rt, re) < 1e-9)
     out["monotone, <2% at 64"] = (devs[-1], devs[0] > devs[1] > devs[2] and devs[-1] < 0.02)
     return out
 
 
 def fam_gaussian_gap():
     def net(q):
-        m = H.mlp([3, 3, 3], ["tanh"], {1: q}, seed=4, scale=2.0, out_scale=3.0, site_cls=dc.GaussianDropout)
-        return (m, *H.data(1, 3, 3, seed=4))
+        m = cases.mlp([3, 3, 3], ["tanh"], {1: q}, seed=4, scale=2.0, out_scale=3.0, site_cls=dc.GaussianDropout)
+        return (m, *cases.data(1, 3, 3, seed=4))
 
     devs, out = [], {}
     for q in (0.2, 0.05, 0.0125):
         m, X, y = net(q)
-        quad = H.bf_gaussian_gap(m, X, y, q)
+        quad = refs.bf_gaussian_gap(m, X, y, q)
         devs.append(abs(quad / float(dc.taylor_regularizer(m, X, y).detach()) - 1))
         r_e = quad / float(dc.explicit_regularizer(m, X, y).detach())  # second route (linear tail)
     out["quadrature trend"] = (devs[-1], all(b < 0.5 * a for a, b in zip(devs, devs[1:])) and devs[-1] < 2e-3)
     out["R_approx route"] = (abs(r_e - 1), abs(r_e - 1) < 2e-3)
     m, X, y = net(0.0125)
     est = dc.dropout_gap(m, X, y, samples=4000, antithetic=True, generator=5)
-    z = (est.value - H.bf_gaussian_gap(m, X, y, 0.0125)) / est.stderr
-    out["MC vs quadrature"] = (z, abs(z) < H.Z_MAX)
+    z = (est.value - refs.bf_gaussian_gap(m, X, y, 0.0125)) / est.stderr
+    out["MC vs quadrature"] = (z, abs(z) < stats.Z_MAX)
     return out
 
 
 def fam_estimators():
-    model, X, y = H.build(MLP)
+    model, X, y = cases.build(MLP)
     out = {}
     for est in ("sampled", "hutchinson", "fd"):
-        z = H.check_estimator_unbiased(model, X, y, est, calls=100, samples=8, seed=11)
-        out[est] = (z, abs(z) < H.Z_MAX)
+        z = checks.check_estimator_unbiased(model, X, y, est, calls=100, samples=8, seed=11)
+        out[est] = (z, abs(z) < stats.Z_MAX)
     return out
 
 
 def fam_fd_bias():
-    ratio, size = H.fd_bias_ratio(*H.build(MLP), 0.08)
+    ratio, size = checks.fd_bias_ratio(*cases.build(MLP), 0.08)
     return {"ratio ≈ 4": (ratio, abs(ratio - 4) < 0.05 and size > 1e-6)}
 
 
 def fam_noise_cov_exact():
-    e = H.check_noise_cov_exact(*H.build(MLP))
+    e = checks.check_noise_cov_exact(*cases.build(MLP))
     return {"Cov(ξ_approx) vs Jacobian route": (e, e < 1e-10)}
 
 
 def fam_noise_cov_empirical():
-    z = H.check_noise_cov_empirical(*H.build(MLP), n=300, seed=4)
-    return {k: (v, abs(v) < H.Z_MAX) for k, v in z.items()}
+    z = checks.check_noise_cov_empirical(*cases.build(MLP), n=300, seed=4)
+    return {k: (v, abs(v) < stats.Z_MAX) for k, v in z.items()}
 
 
 def fam_dropout_noise():
-    model, X, y = H.build(TINY)
+    model, X, y = cases.build(TINY)
     out = {}
-    z = H.check_two_draw(model, X, y, n=300, seed=2)
-    out["two-draw = 2 Cov"] = (z, abs(z) < H.Z_MAX)
-    z = H.check_dropout_k(model, X, y, 2, n=200, seed=2)
-    out["DROPOUT_2 = Cov/2"] = (z, abs(z) < H.Z_MAX)
-    z = H.check_dropout_k(model, X, y, 2, n=200, seed=12, injected=True)
-    out["injected = Cov"] = (z, abs(z) < H.Z_MAX)
+    z = checks.check_two_draw(model, X, y, n=300, seed=2)
+    out["two-draw = 2 Cov"] = (z, abs(z) < stats.Z_MAX)
+    z = checks.check_dropout_k(model, X, y, 2, n=200, seed=2)
+    out["DROPOUT_2 = Cov/2"] = (z, abs(z) < stats.Z_MAX)
+    z = checks.check_dropout_k(model, X, y, 2, n=200, seed=12, injected=True)
+    out["injected = Cov"] = (z, abs(z) < stats.Z_MAX)
     return out
 
 
 def fam_structures():
-    model = H.ElmanLocked(d=2, hidden=3, classes=3, seed=1)
-    X, y = H.seq_data(4, 2, 2, 3, seed=1)
-    wd = H.WeightDropRNN(seed=2)
-    Xw, yw = H.seq_data(4, 2, 2, 3, seed=2)
+    model = cases.ElmanLocked(d=2, hidden=3, classes=3, seed=1)
+    X, y = cases.seq_data(4, 2, 2, 3, seed=1)
+    wd = cases.WeightDropRNN(seed=2)
+    Xw, yw = cases.seq_data(4, 2, 2, 3, seed=2)
     out = {}
     for name, (m, a, b) in {"locked": (model, X, y), "dropconnect": (wd, Xw, yw)}.items():
-        e = H.check_explicit_exact(m, a, b)
+        e = checks.check_explicit_exact(m, a, b)
         out[f"{name} exact"] = (e, e < TOL)
-        e = H.check_taylor(m, a, b)
+        e = checks.check_taylor(m, a, b)
         out[f"{name} taylor"] = (e, e < TOL)
         for est in ("sampled", "hutchinson", "fd"):
-            z = H.check_estimator_unbiased(m, a, b, est, calls=60, samples=8, seed=17)
-            out[f"{name} {est}"] = (z, abs(z) < H.Z_MAX)
+            z = checks.check_estimator_unbiased(m, a, b, est, calls=60, samples=8, seed=17)
+            out[f"{name} {est}"] = (z, abs(z) < stats.Z_MAX)
     return out
 
 
 def fam_differentiability():
     """∇ explicit_regularizer (exact) vs central differences of its own value
     (self-consistency) and of the dense-route value (the right quantity)."""
-    model, X, y = H.build(MLP)
-    g = H.gen(0)
+    model, X, y = cases.build(MLP)
+    g = cases.gen(0)
     d = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     dc.explicit_regularizer(model, X, y).backward()
@@ -185,8 +188,8 @@ def fam_differentiability():
                     p.sub_(s * v)
         return (vals[0] - vals[1]) / 2e-5
 
-    e1 = H.rel(an, cdiff(lambda: dc.explicit_regularizer(model, X, y)))
-    e2 = H.rel(an, cdiff(lambda: sum(H.bf_explicit(model, X, y).values())))
+    e1 = stats.rel(an, cdiff(lambda: dc.explicit_regularizer(model, X, y)))
+    e2 = stats.rel(an, cdiff(lambda: sum(refs.bf_explicit(model, X, y).values())))
     return {"grad vs FD of own value": (e1, e1 < 1e-6), "grad vs FD of dense value": (e2, e2 < 1e-6)}
 
 
@@ -274,10 +277,10 @@ def test_per_estimator_hessian_mutation():
     """Under hess_identity: exact, hutchinson and fd are caught individually;
     the sampled estimator draws labels y' ~ p (E[ggᵀ] = JᵀH_out J) and never
     calls quad_form, so it is unaffected (this mutation cannot reach it)."""
-    model, X, y = H.build(MLP)
+    model, X, y = cases.build(MLP)
     with pytest.MonkeyPatch.context() as mp:
         apply(mp, "hess_identity")
-        zs = {est: H.check_estimator_unbiased(model, X, y, est, calls=100, samples=8, seed=11)
+        zs = {est: checks.check_estimator_unbiased(model, X, y, est, calls=100, samples=8, seed=11)
               for est in ("sampled", "hutchinson", "fd")}
-    assert abs(zs["sampled"]) < H.Z_MAX
+    assert abs(zs["sampled"]) < stats.Z_MAX
     assert abs(zs["hutchinson"]) > 10 and abs(zs["fd"]) > 10, zs

@@ -14,7 +14,9 @@ import dropcheck as dc
 
 
 
-import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
+import dc_cases as cases
+import dc_references as refs
+import dc_stats as stats
 
 
 # ---------------------------------------------------------------------------
@@ -42,7 +44,7 @@ def test_every_positive_dropout_is_a_site_zero_is_not(ps):
         assert s.structure == "position" and s.noise == "bernoulli"
         assert s.lam == pytest.approx(s.q / (2 * (1 - s.q)), rel=1e-15)
         assert s.variance == pytest.approx(s.q / (1 - s.q), rel=1e-15)
-    X, y = H.data(2, 3, 2, seed=0)
+    X, y = cases.data(2, 3, 2, seed=0)
     assert set(dc.explicit_regularizer(model, X, y, per_site=True)) == set(expected)
 
 
@@ -85,15 +87,15 @@ class Twice(nn.Module):
 def test_module_called_twice_gives_two_occurrences():
     torch.manual_seed(0)
     model = Twice()
-    X, y = H.data(2, 3, 3, seed=1)
+    X, y = cases.data(2, 3, 3, seed=1)
     with dc.analytic_mode(model) as session:
         model(X)
     assert [o.key for o in session.occurrences] == ["drop", "drop#1"]
     assert [o.index for o in session.occurrences] == [0, 1]
     got = {k: float(v.detach()) for k, v in dc.explicit_regularizer(model, X, y, per_site=True).items()}
-    ref = H.bf_explicit(model, X, y)
+    ref = refs.bf_explicit(model, X, y)
     assert set(got) == {"drop", "drop#1"} == set(ref)
-    assert all(H.rel(got[k], ref[k]) < 1e-9 for k in ref)
+    assert all(stats.rel(got[k], ref[k]) < 1e-9 for k in ref)
     # independent noise per occurrence: 2 × 6 units enumerated
     assert dc.dropout_gap(model, X[:1], y[:1], exact=True).samples == 2**6
 
@@ -131,7 +133,7 @@ def test_flags_and_hooks_restored_even_on_exception(mode):
     calls = []
     model.d0.register_forward_hook(lambda m, a, o: calls.append(1))  # a user's own hook survives
     before = _state(model)
-    X, y = H.data(2, 3, 3, seed=0)
+    X, y = cases.data(2, 3, 3, seed=0)
 
     with pytest.raises(RuntimeError, match="boom"):
         with dc.analytic_mode(model):
@@ -150,10 +152,10 @@ def test_flags_and_hooks_restored_even_on_exception(mode):
 
 def test_analytic_mode_makes_sites_the_identity():
     model = _model_with_all_sites().train()
-    X, _ = H.data(4, 3, 3, seed=2)
+    X, _ = cases.data(4, 3, 3, seed=2)
     with dc.analytic_mode(model):
         a = model(X)
-    ref = H.Wired(model).logits(X)  # every site replaced by the identity
+    ref = refs.Wired(model).logits(X)  # every site replaced by the identity
     assert torch.equal(a, ref)
     b = model(X)  # dropout is active again in training mode
     assert not torch.allclose(a, b)
@@ -194,8 +196,8 @@ def test_weightdrop_keeps_parameters_in_place_and_trains():
 
 def test_weightdrop_rnn_trains():
     torch.manual_seed(1)
-    model = H.WeightDropRNN(seed=1).train()
-    X, y = H.seq_data(3, 2, 2, 3, seed=1)
+    model = cases.WeightDropRNN(seed=1).train()
+    X, y = cases.seq_data(3, 2, 2, 3, seed=1)
     loss = torch.nn.functional.cross_entropy(model(X).reshape(-1, 3), y.reshape(-1))
     loss.backward()
     g = model.rnn.module.weight_hh_l0.grad
@@ -223,8 +225,8 @@ def test_gaussian_dropout_moments_light():
     q = 0.3
     h = torch.full((200_000,), 2.0, dtype=torch.float64)
     eta = dc.GaussianDropout(q).train()(h) / h - 1
-    assert abs(H.zscore(eta, 0.0)) < H.Z_MAX
-    assert abs(H.zscore(eta**2, q / (1 - q))) < H.Z_MAX
+    assert abs(stats.zscore(eta, 0.0)) < stats.Z_MAX
+    assert abs(stats.zscore(eta**2, q / (1 - q))) < stats.Z_MAX
 
 
 def test_dropconnect_module_one_mask_per_call():

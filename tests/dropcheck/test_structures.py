@@ -25,21 +25,24 @@ import dropcheck as dc
 
 
 
-import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
+import dc_cases as cases
+import dc_checks as checks
+import dc_references as refs
+import dc_stats as stats
 TOL = 1e-9
 
 
 def locked_rnn(hidden=3, T=4, B=2, seed=1, q_in=0.3, q_out=0.2):
     """Input correlated over time (x_t = x_0 + 0.3 noise_t, like repeated
     tokens), so the cross-time terms of the input site are large."""
-    model = H.ElmanLocked(d=2, hidden=hidden, classes=3, q_in=q_in, q_out=q_out, seed=seed)
-    X, y = H.seq_data(T, B, 2, 3, seed=seed)
+    model = cases.ElmanLocked(d=2, hidden=hidden, classes=3, q_in=q_in, q_out=q_out, seed=seed)
+    X, y = cases.seq_data(T, B, 2, 3, seed=seed)
     return model, X[:1].expand_as(X) + 0.3 * X, y
 
 
 def weightdrop_rnn(hidden=3, T=4, B=2, seed=2, q=0.3):
-    model = H.WeightDropRNN(d=2, hidden=hidden, classes=3, q=q, seed=seed)
-    X, y = H.seq_data(T, B, 2, 3, seed=seed)
+    model = cases.WeightDropRNN(d=2, hidden=hidden, classes=3, q=q, seed=seed)
+    X, y = cases.seq_data(T, B, 2, 3, seed=seed)
     return model, X, y
 
 
@@ -49,14 +52,14 @@ def weightdrop_linear(seed=3, q=0.4, n=4):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)
-    X, y = H.data(n, 3, 3, seed=seed)
+    X, y = cases.data(n, 3, 3, seed=seed)
     return model, X, y
 
 
 def dropconnect_module(seed=4, q=0.3, n=4):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 3).double(), nn.Tanh(), H.DropConnectLinear(3, 3, q, seed=seed))
-    X, y = H.data(n, 3, 3, seed=seed)
+    model = nn.Sequential(nn.Linear(3, 3).double(), nn.Tanh(), cases.DropConnectLinear(3, 3, q, seed=seed))
+    X, y = cases.data(n, 3, 3, seed=seed)
     return model, X, y
 
 
@@ -78,7 +81,7 @@ def mixed(seed=5):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(2.5)
-    X, y = H.seq_data(3, 2, 2, 3, seed=seed)
+    X, y = cases.seq_data(3, 2, 2, 3, seed=seed)
     return model, X, y
 
 
@@ -104,14 +107,14 @@ def test_sites_have_their_structure(case):
 
 def test_exact_matches_dense_route(case):
     model, X, y = case
-    assert H.check_explicit_exact(model, X, y) < TOL
-    assert H.check_explicit_exact(model, X, y, weighted=False) < TOL
-    assert H.check_explicit_exact(model, X, y, hessian="identity") < TOL
+    assert checks.check_explicit_exact(model, X, y) < TOL
+    assert checks.check_explicit_exact(model, X, y, weighted=False) < TOL
+    assert checks.check_explicit_exact(model, X, y, hessian="identity") < TOL
 
 
 def test_taylor_matches_dense_hessian(case):
     model, X, y = case
-    assert H.check_taylor(model, X, y) < TOL
+    assert checks.check_taylor(model, X, y) < TOL
 
 
 @pytest.mark.parametrize("estimator", ["sampled", "hutchinson", "fd"])
@@ -119,16 +122,16 @@ def test_stochastic_estimators_unbiased_light(case, estimator):
     """60 calls × 8 probes vs the dense structured value; |z| < 4.5 (6.8e-6 per
     test for a Gaussian statistic)."""
     model, X, y = case
-    z = H.check_estimator_unbiased(model, X, y, estimator, calls=60, samples=8, seed=17)
-    assert abs(z) < H.Z_MAX, z
+    z = checks.check_estimator_unbiased(model, X, y, estimator, calls=60, samples=8, seed=17)
+    assert abs(z) < stats.Z_MAX, z
 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("estimator", ["sampled", "hutchinson", "fd"])
 def test_stochastic_estimators_unbiased_heavy(case, estimator):
     model, X, y = case
-    z = H.check_estimator_unbiased(model, X, y, estimator, calls=600, samples=8, seed=99)
-    assert abs(z) < H.Z_MAX, z
+    z = checks.check_estimator_unbiased(model, X, y, estimator, calls=600, samples=8, seed=99)
+    assert abs(z) < stats.Z_MAX, z
 
 
 def test_fd_equals_hutchinson_same_probe(case):
@@ -139,7 +142,7 @@ def test_fd_equals_hutchinson_same_probe(case):
         h = dc.explicit_regularizer(model, X, y, estimator="hutchinson", generator=seed, per_site=True)
         f = dc.explicit_regularizer(model, X, y, estimator="fd", generator=seed, per_site=True)
         for k in h:
-            assert H.rel(float(f[k].detach()), float(h[k].detach())) < 1e-6
+            assert stats.rel(float(f[k].detach()), float(h[k].detach())) < 1e-6
 
 
 def test_locked_is_not_the_per_position_formula():
@@ -152,19 +155,19 @@ def test_locked_is_not_the_per_position_formula():
     identically (J_n touches one time step), so both forms agree."""
     model, X, y = locked_rnn(hidden=3, T=4, B=2, seed=1)
     got = {k: float(v.detach()) for k, v in dc.explicit_regularizer(model, X, y, per_site=True).items()}
-    locked = H.bf_explicit(model, X, y)
-    perpos = H.bf_explicit(model, X, y, moment=H.per_position_moment)
-    cross = H.bf_explicit(model, X, y, moment=lambda c: H.second_moment(c) - H.per_position_moment(c))
+    locked = refs.bf_explicit(model, X, y)
+    perpos = refs.bf_explicit(model, X, y, moment=refs.per_position_moment)
+    cross = refs.bf_explicit(model, X, y, moment=lambda c: refs.second_moment(c) - refs.per_position_moment(c))
     for k in got:
-        assert H.rel(got[k], locked[k]) < TOL
+        assert stats.rel(got[k], locked[k]) < TOL
         assert abs((got[k] - perpos[k]) - cross[k]) < 1e-9 * abs(got[k])
-    assert H.rel(got["drop_in"], perpos["drop_in"]) > 0.05, (got, perpos)
+    assert stats.rel(got["drop_in"], perpos["drop_in"]) > 0.05, (got, perpos)
     assert abs(cross["drop_out"]) < 1e-12 * got["drop_out"]
     # the same for the full Hessian (taylor) and for the gap's first-order limit
     t = {k: float(v.detach()) for k, v in dc.taylor_regularizer(model, X, y, per_site=True).items()}
-    tp = H.bf_taylor(model, X, y, moment=H.per_position_moment)
-    assert H.rel(t["drop_in"], H.bf_taylor(model, X, y)["drop_in"]) < TOL
-    assert H.rel(t["drop_in"], tp["drop_in"]) > 0.05, (t, tp)
+    tp = refs.bf_taylor(model, X, y, moment=refs.per_position_moment)
+    assert stats.rel(t["drop_in"], refs.bf_taylor(model, X, y)["drop_in"]) < TOL
+    assert stats.rel(t["drop_in"], tp["drop_in"]) > 0.05, (t, tp)
 
 
 @pytest.mark.parametrize("estimator", ["sampled", "hutchinson", "fd"])
@@ -175,12 +178,12 @@ def test_locked_estimators_follow_the_locked_structure(estimator):
     locked value (|z| < 4.5, 6.8e-6) and reject the per-position value
     (|z| > 4.5; measured |z| ≈ 6.5 for sampled, ≈ 25 for hutchinson/fd)."""
     model, X, y = locked_rnn()
-    perpos = H.bf_explicit(model, X, y, moment=H.per_position_moment)["drop_in"]
-    z = H.check_estimator_unbiased(model, X, y, estimator, calls=200, samples=8, seed=23, key="drop_in")
-    z_pp = H.check_estimator_unbiased(model, X, y, estimator, calls=200, samples=8, seed=23, key="drop_in",
+    perpos = refs.bf_explicit(model, X, y, moment=refs.per_position_moment)["drop_in"]
+    z = checks.check_estimator_unbiased(model, X, y, estimator, calls=200, samples=8, seed=23, key="drop_in")
+    z_pp = checks.check_estimator_unbiased(model, X, y, estimator, calls=200, samples=8, seed=23, key="drop_in",
                                       target=perpos)
-    assert abs(z) < H.Z_MAX, z
-    assert abs(z_pp) > H.Z_MAX, z_pp
+    assert abs(z) < stats.Z_MAX, z
+    assert abs(z_pp) > stats.Z_MAX, z_pp
 
 
 # tiny versions (≤ 9 noise units) for enumeration
@@ -201,7 +204,7 @@ def test_first_order_identity_with_real_masks(name):
     both match ``first_order_gap`` to O(q) (< 1e-3), and ``first_order_gap``
     matches the test's own deletion loop."""
     model, X, y = TINY[name]()
-    r = H.check_first_order(model, X, y, 1e-5)
+    r = checks.check_first_order(model, X, y, 1e-5)
     assert r["own gap/q vs first_order"] < 1e-3, r
     assert r["gap/q vs first_order"] < 1e-3, r
     assert r["first_order vs loop"] < 1e-12, r
@@ -213,22 +216,22 @@ def test_monte_carlo_gap_unbiased_structured_light(name):
     """Monte Carlo gap with the site's own structure vs the test's enumeration,
     3000 draws, |z| < 4.5."""
     model, X, y = TINY[name]()
-    exact = H.bf_gap_enum(model, X, y)
+    exact = refs.bf_gap_enum(model, X, y)
     est = dc.dropout_gap(model, X, y, samples=3000, generator=4)
-    assert abs(est.value - exact) < H.Z_MAX * est.stderr, (est, exact)
+    assert abs(est.value - exact) < stats.Z_MAX * est.stderr, (est, exact)
 
 
 def test_implicit_noise_covariance_structured(case):
     """ξ_approx draws one η per sequence and unit (locked) / per weight
     (DropConnect): its covariance matches the dense Jacobian route."""
     model, X, y = case
-    assert H.check_noise_cov_exact(model, X, y) < 1e-10
+    assert checks.check_noise_cov_exact(model, X, y) < 1e-10
 
 
 def test_implicit_noise_empirical_covariance_locked_light():
     model, X, y = locked_rnn()
-    z = H.check_noise_cov_empirical(model, X, y, n=300, seed=6)
-    assert all(abs(v) < H.Z_MAX for v in z.values()), z
+    z = checks.check_noise_cov_empirical(model, X, y, n=300, seed=6)
+    assert all(abs(v) < stats.Z_MAX for v in z.values()), z
 
 
 def test_independent_positions_option_drops_exactly_the_cross_time_terms():

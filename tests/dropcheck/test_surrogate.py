@@ -13,7 +13,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-import dc_helpers as H  # tests/dropcheck is on pytest's pythonpath
+import dc_cases as cases
+import dc_references as refs
+import dc_stats as stats
 import dropcheck as dc
 from dropcheck._cases import CASES
 
@@ -96,12 +98,12 @@ def test_explicit_part_is_unbiased_and_noise_covariance_is_xi_approx():
     """Over independent probes: the mean of ``R̂`` is the dense ``R_approx``
     (4.4), and the noise gradient has ξ_approx's covariance ``Σ_u Var(η_u) b_u
     b_uᵀ`` (dense reference) along a fixed direction and in trace, mean 0."""
-    model, X, y = H.build(H_SMALL)
+    model, X, y = cases.build(H_SMALL)
     params = list(model.parameters())
-    target = sum(H.bf_explicit(model, X, y).values())
-    C = H.bf_noise_cov(model, X, y)
-    r = H.direction(C.shape[0], 5)
-    g = H.gen(4)
+    target = sum(refs.bf_explicit(model, X, y).values())
+    C = refs.bf_noise_cov(model, X, y)
+    r = stats.direction(C.shape[0], 5)
+    g = cases.gen(4)
     vals, proj, sq, lin = [], [], [], []
     for _ in range(300):
         obj = dc.analytic_dropout_objective(model, X, y, explicit_weight=1.0, implicit_weight=1.0, generator=g)
@@ -110,9 +112,9 @@ def test_explicit_part_is_unbiased_and_noise_covariance_is_xi_approx():
         proj.append(float(xi @ r) ** 2)
         sq.append(float(xi @ xi))
         lin.append(float(xi @ r))
-    z = {"R": H.zscore(vals, target), "proj": H.zscore(proj, float(r @ C @ r)),
-         "trace": H.zscore(sq, float(C.trace())), "mean": H.zscore(lin, 0.0)}
-    assert all(abs(v) < H.Z_MAX for v in z.values()), z
+    z = {"R": stats.zscore(vals, target), "proj": stats.zscore(proj, float(r @ C @ r)),
+         "trace": stats.zscore(sq, float(C.trace())), "mean": stats.zscore(lin, 0.0)}
+    assert all(abs(v) < stats.Z_MAX for v in z.values()), z
 
 
 class _Scaled(nn.Module):

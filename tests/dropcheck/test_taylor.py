@@ -16,36 +16,40 @@ import dropcheck as dc
 
 
 
-import dc_helpers as H  # noqa: E402  (tests/dropcheck is on pytest's pythonpath)
+import dc_cases as cases
+import dc_checks as checks
+import dc_references as refs
+import dc_stats as stats
+import dc_strategies as strategies
 TOL = 1e-9
 
 
-@given(H.mlp_cases())
-@example(H.SATURATED)
-@example(H.TINY_Q)
-@example(H.LAST_ONLY)
+@given(strategies.mlp_cases())
+@example(cases.SATURATED)
+@example(cases.TINY_Q)
+@example(cases.LAST_ONLY)
 def test_taylor_matches_dense_hessian(case):
-    model, X, y = H.build(case)
-    assert H.check_taylor(model, X, y, weighted=True) < TOL
-    assert H.check_taylor(model, X, y, weighted=False) < TOL
+    model, X, y = cases.build(case)
+    assert checks.check_taylor(model, X, y, weighted=True) < TOL
+    assert checks.check_taylor(model, X, y, weighted=False) < TOL
 
 
-@given(H.mlp_cases(last_only=True))
-@example(H.LAST_ONLY)
-@example(H.SATURATED | dict(sites={1: 0.3}))
+@given(strategies.mlp_cases(last_only=True))
+@example(cases.LAST_ONLY)
+@example(cases.SATURATED | dict(sites={1: 0.3}))
 def test_taylor_equals_weighted_explicit_when_only_softmax_follows(case):
     """Site on the input of the last linear layer: D²_h(ℓ∘F) = JᵀH_out J exactly."""
-    model, X, y = H.build(case)
-    assert H.check_taylor_equals_explicit(model, X, y) < TOL
+    model, X, y = cases.build(case)
+    assert checks.check_taylor_equals_explicit(model, X, y) < TOL
 
 
-@given(H.mlp_cases(acts=tuple(H.SMOOTH_ACTS), min_hidden=1))
-@example(H.TINY_Q)
+@given(strategies.mlp_cases(acts=tuple(cases.SMOOTH_ACTS), min_hidden=1))
+@example(cases.TINY_Q)
 def test_taylor_minus_explicit_is_the_model_hessian_term(case):
     """Wherever a site is followed by a nonlinearity, ``taylor − explicit`` is the
     model-Hessian term ``Σ_c ∂ℓ/∂z_c ⟨D²_h F_c, C⟩``, the same as on the dense route."""
-    model, X, y = H.build(case)
-    err, _ = H.check_model_hessian_term(model, X, y)
+    model, X, y = cases.build(case)
+    err, _ = checks.check_model_hessian_term(model, X, y)
     assert err < TOL
 
 
@@ -63,32 +67,32 @@ def test_taylor_differs_from_explicit_where_a_nonlinearity_follows(case):
     """On these drawn-once cases the model-Hessian term is far above rounding:
     R_taylor and the weighted R_approx must differ by > 1% (they agree to
     1e-15 where only the softmax follows)."""
-    model, X, y = H.build(case)
-    err, size = H.check_model_hessian_term(model, X, y)
+    model, X, y = cases.build(case)
+    err, size = checks.check_model_hessian_term(model, X, y)
     assert err < TOL
     assert size > 1e-2, size
     t = float(dc.taylor_regularizer(model, X, y).detach())
     e = float(dc.explicit_regularizer(model, X, y).detach())
-    assert H.rel(t, e) > 1e-2
+    assert stats.rel(t, e) > 1e-2
 
 
 def test_taylor_hutchinson_unbiased_light():
     """``taylor_regularizer(estimator="hutchinson")``: 100 calls × 8 probes,
     z-test against the dense value (|z| < 4.5: 6.8e-6 for a Gaussian statistic)."""
-    model, X, y = H.build(dict(sizes=[3, 4, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=2.0, n=3, seed=3))
-    ref = sum(H.bf_taylor(model, X, y).values())
-    g = H.gen(7)
+    model, X, y = cases.build(dict(sizes=[3, 4, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=2.0, n=3, seed=3))
+    ref = sum(refs.bf_taylor(model, X, y).values())
+    g = cases.gen(7)
     vals = [
         float(dc.taylor_regularizer(model, X, y, estimator="hutchinson", samples=8, generator=g).detach())
         for _ in range(100)
     ]
-    z = H.zscore(vals, ref)
-    assert abs(z) < H.Z_MAX, z
+    z = stats.zscore(vals, ref)
+    assert abs(z) < stats.Z_MAX, z
 
 
 def test_taylor_cross_site_terms_absent():
     """The total is the sum of per-site values (independent masks: no cross terms)."""
-    model, X, y = H.build(dict(sizes=[3, 4, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=2.0, n=3, seed=3))
+    model, X, y = cases.build(dict(sizes=[3, 4, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=2.0, n=3, seed=3))
     per = dc.taylor_regularizer(model, X, y, per_site=True)
     tot = float(dc.taylor_regularizer(model, X, y).detach())
-    assert H.rel(sum(float(v.detach()) for v in per.values()), tot) < 1e-13
+    assert stats.rel(sum(float(v.detach()) for v in per.values()), tot) < 1e-13
