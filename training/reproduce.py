@@ -196,7 +196,7 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
                      if j.state != "done" and j.name not in running and j.name not in failed])
                 bar.total = max(total, done_count)
                 bar.update(1)
-            bar.set_postfix_str(" | ".join(_progress_line(runs_dir, n) for n in running))
+            bar.set_postfix_str(" | ".join(_progress_line(runs_dir, n) for n in running), refresh=False)
     except KeyboardInterrupt:
         stop_all()
         bar.write("interrupted: running jobs were stopped; run the same command again to resume them")
