@@ -55,9 +55,20 @@ class Plan:
         return {**self.extra, **self.arm(arm).overrides, "seed": seed, "run_name": self.run_name(arm, seed)}
 
 
-def _paper_arms(explicit_route: Mapping[str, Any], implicit_route: Mapping[str, Any],
-                shared_route: Mapping[str, Any], l2s, identity_mults, lj_mults,
-                identity_route: Mapping[str, Any] = {"estimator": "fd"}) -> tuple[Arm, ...]:
+# The first-order routes (fused LSTM, no double backward).  R_approx alone goes through the
+# shared-probe surrogate: one clean and two probe passes, one backward, 2.1x the dropout step
+# in results/bench/cpu-ptb.json against 4.3x for the plain fd estimator.
+_EXPLICIT = {"estimator": "fd_shared"}
+_IMPLICIT = {"noise_estimator": "fd"}
+_IDENTITY = {"estimator": "fd"}
+# Coefficients of the ablations: on the CPU pilot's DROPOUT_1 model (epoch 3, 6 training batches,
+# fd estimator, 4 probes each) R_approx / R_approx(H_out -> I/c) was 6.3 and R_approx / R̃_approx
+# 0.68, so each ablation runs at the derived λ and near the multiplier that matches R_approx's size.
+_IDENTITY_MULTS = (1.0, 6.0)
+_LJ_MULTS = (0.5, 1.0)
+
+
+def _paper_arms(l2s, identity_mults=_IDENTITY_MULTS, lj_mults=_LJ_MULTS) -> tuple[Arm, ...]:
     """The arms of issue 10 in the order they run (cheap baselines first)."""
     arms = [
         Arm("none", {"rule": "none"}, "baseline", key=True),
@@ -66,15 +77,15 @@ def _paper_arms(explicit_route: Mapping[str, Any], implicit_route: Mapping[str, 
         *(Arm(f"dropout-k{k}", {"rule": "dropout", "k": k}, "C1") for k in (2, 4, 8)),
         Arm("inject-k4", {"rule": "dropout_inject", "k": 4}, "C2"),
         *(
-            Arm(f"explicit-x{m:g}", {"rule": "explicit", "explicit_mult": m, **explicit_route}, "C3")
+            Arm(f"explicit-x{m:g}", {"rule": "explicit", "explicit_mult": m, **_EXPLICIT}, "C3")
             for m in (1.0, 1.5, 2.0)
         ),
-        Arm("explicit-implicit", {"rule": "explicit_implicit", **shared_route}, "C5", key=True),
+        Arm("explicit-implicit", {"rule": "explicit_implicit", **_EXPLICIT}, "C5", key=True),
         Arm("explicit-implicit-positions",
-            {"rule": "explicit_implicit", "noise_structure": "positions", **shared_route}, "C5"),
-        *(Arm(f"dropout-implicit-k{k}", {"rule": "dropout_implicit", "k": k, **implicit_route}, "C4")
+            {"rule": "explicit_implicit", "noise_structure": "positions", **_EXPLICIT}, "C5"),
+        *(Arm(f"dropout-implicit-k{k}", {"rule": "dropout_implicit", "k": k, **_IMPLICIT}, "C4")
           for k in (2, 4, 8)),
-        *(Arm(f"identity-x{m:g}", {"rule": "identity_hessian", "explicit_mult": m, **identity_route}, "C6")
+        *(Arm(f"identity-x{m:g}", {"rule": "identity_hessian", "explicit_mult": m, **_IDENTITY}, "C6")
           for m in identity_mults),
         *(Arm(f"loss-jacobian-x{m:g}", {"rule": "loss_jacobian", "explicit_mult": m}, "C6")
           for m in lj_mults),
@@ -85,41 +96,11 @@ def _paper_arms(explicit_route: Mapping[str, Any], implicit_route: Mapping[str, 
 _EXPLICIT_GROUP = ("explicit-x1", "explicit-x1.5", "explicit-x2")
 
 PLANS: dict[str, Plan] = {
-    "cpu-ptb": Plan(
-        "cpu-ptb",
-        "cpu-ptb",
-        _paper_arms(
-            # R_approx alone through the shared-probe surrogate (one clean and two probe passes, one
-            # backward: 2.1x the dropout step in results/bench/cpu-ptb.json, against 4.3x for fd)
-            explicit_route={"estimator": "fd_shared"},
-            implicit_route={"noise_estimator": "fd"},
-            shared_route={"estimator": "fd_shared"},
-            l2s=(1e-5, 3e-5, 1e-4),
-            # Coefficients of the ablations: on the pilot's DROPOUT_1 model (epoch 3, 6 training
-            # batches, fd estimator, 4 probes each) R_approx / R_approx(H_out -> I/c) was 6.3 and
-            # R_approx / R̃_approx 0.68, so each ablation runs at the derived λ and near the
-            # multiplier that matches R_approx's size.
-            identity_mults=(1.0, 6.0),
-            lj_mults=(0.5, 1.0),
-        ),
-        best_of=(_EXPLICIT_GROUP,),
-        note="2-core CPU study (one thread per run); see the README's 'CPU study' section",
-    ),
-    # The paper's size, for a GPU (mini-ptb: short runs at 2 x 512; ptb: the paper's AWD-LSTM).
-    "ptb": Plan(
-        "ptb",
-        "ptb",
-        _paper_arms(
-            explicit_route={"estimator": "fd_shared"},
-            implicit_route={"noise_estimator": "fd"},
-            shared_route={"estimator": "fd_shared"},
-            l2s=(1e-6, 1e-5, 1e-4),
-            identity_mults=(1.0, 10.0),
-            lj_mults=(1.0, 2.0),
-        ),
-        best_of=(_EXPLICIT_GROUP,),
-        note="the paper's AWD-LSTM on PTB; a GPU run (several GPU-days for every arm)",
-    ),
+    "cpu-ptb": Plan("cpu-ptb", "cpu-ptb", _paper_arms(l2s=(1e-5, 3e-5, 1e-4)), best_of=(_EXPLICIT_GROUP,),
+                    note="2-core CPU study (one thread per run); see the README's 'CPU study' section"),
+    # The paper's size, for a GPU (ptb: the paper's AWD-LSTM; the same arms).
+    "ptb": Plan("ptb", "ptb", _paper_arms(l2s=(1e-6, 1e-5, 1e-4)), best_of=(_EXPLICIT_GROUP,),
+                note="the paper's AWD-LSTM on PTB; a GPU run (several GPU-days for every arm)"),
     # A few steps per arm, for the driver's tests and a quick look at the pipeline.
     "tiny": Plan(
         "tiny",
