@@ -215,7 +215,9 @@ def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
     from paper_figures.tables import table1
 
     problems: list[str] = []
-    runs = [r for r in read_runs(runs_dir, problems) if r.header.get("run_name", "").startswith(plan.name + "-")]
+    # complete runs only: a run still going (or interrupted) would cut the seed-mean curves short
+    runs = [r for r in read_runs(runs_dir, problems)
+            if r.header.get("run_name", "").startswith(plan.name + "-") and r.final is not None]
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
     if not runs:
