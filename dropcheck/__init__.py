@@ -40,7 +40,7 @@ from ._implicit import (
     two_draw_noise,
 )
 from ._surrogate import AnalyticObjective, analytic_dropout_objective
-from ._sites import DropConnect, GaussianDropout, LockedDropout, SiteSpec, WeightDrop, find_sites
+from ._sites import DropConnect, GaussianDropout, LockedDropout, SiteSpec, WeightDrop, dropout_lambda, find_sites
 
 __version__ = "0.1.0"
 
@@ -54,6 +54,7 @@ def __getattr__(name):  # dropcheck.bound and dropcheck.linear are imported on f
 
 
 __all__ = [
+    "dropout_lambda",
     "explicit_regularizer",
     "taylor_regularizer",
     "loss_jacobian_regularizer",

@@ -54,16 +54,28 @@ __all__ = [
     "WeightDrop",
     "SiteSpec",
     "find_sites",
+    "dropout_lambda",
     "BERNOULLI",
     "GAUSSIAN",
 ]
 
 
 def _check_q(q: float, what: str) -> float:
-    q = float(q)
+    try:
+        q = float(q)
+    except (TypeError, ValueError) as exc:
+        raise DropcheckError(f"{what}: drop probability q must be a number, got {q!r}") from exc
     if not (0.0 <= q < 1.0) or q != q:
         raise DropcheckError(f"{what}: drop probability q must lie in [0, 1), got {q!r}")
     return q
+
+
+def dropout_lambda(q: float) -> float:
+    """``λ = q/(2(1-q))``: half of dropout's noise variance ``Var η = q/(1-q)``,
+    the weight that matches dropout to second order, eq. (4.2) (docs/math.md).
+    The one place this constant is written; ``q ∈ [0, 1)``."""
+    q = _check_q(q, "dropout_lambda")
+    return q / (2.0 * (1.0 - q))
 
 
 def _bernoulli_noise_mul(h: torch.Tensor, q: float, mask_shape: Sequence[int]) -> torch.Tensor:
@@ -213,7 +225,7 @@ class SiteSpec:
     @property
     def lam(self) -> float:
         """λ = q/(2(1-q)): half the noise variance, the weight matching dropout (4.2)."""
-        return self.q / (2.0 * (1.0 - self.q))
+        return dropout_lambda(self.q)
 
     def mask_shape(self, h: torch.Tensor) -> tuple[int, ...]:
         m = self.module

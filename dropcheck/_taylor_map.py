@@ -24,6 +24,7 @@ from torch import nn
 
 from ._explicit import explicit_regularizer, taylor_regularizer
 from ._gap import dropout_gap, first_order_gap
+from ._sites import dropout_lambda
 from ._verify import set_q
 
 DEFAULT_QS = (0.01, 0.03, 0.1, 0.2, 0.4, 0.6)
@@ -125,7 +126,7 @@ def map_model(
         lim = float(first_order_gap(model, inputs, targets)) / (0.5 * taylor_u)
     rows = []
     for q in qs:
-        lam = q / (2.0 * (1.0 - q))
+        lam = dropout_lambda(q)
         with set_q(model, q):
             for noise in noises:
                 kw = dict(control_variate=True) if noise == "bernoulli" else dict(antithetic=True)

@@ -19,14 +19,15 @@ from typing import Optional
 import torch
 
 from ._errors import DropcheckError
+from ._sites import dropout_lambda as _site_lambda
 from .bound import _DTYPE, _check_model, _check_q, _is_torch, _out, _to_float
 
 __all__ = ["dropout_lambda", "explicit_penalty_linear", "implicit_noise_linear"]
 
 def dropout_lambda(q) -> float:
-    """The dropout-matched coefficient ``λ = q / (2(1-q))`` (docs/math.md), ``q ∈ [0, 1)``."""
-    q = _check_q(q)
-    return q / (2.0 * (1.0 - q))
+    """The dropout-matched coefficient ``λ = q / (2(1-q))`` (docs/math.md), ``q ∈ [0, 1)``
+    (``dropcheck.dropout_lambda``)."""
+    return _site_lambda(_check_q(q))
 
 
 def explicit_penalty_linear(W, X, q, *, coef=None):

@@ -161,7 +161,7 @@ SHARED_PROBE_ESTIMATORS = ("fd_shared", "fd_mid")
 
 def lam(q: float) -> float:
     """λ = q/(2(1-q)), the coefficient matching dropout to second order (4.2)."""
-    return q / (2.0 * (1.0 - q))
+    return dc.dropout_lambda(q)
 
 
 @dataclass
