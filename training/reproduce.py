@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import math
 import os
 import signal
@@ -58,22 +57,12 @@ class RunJob:
 
 
 def _read_log(path: Path) -> tuple[Optional[dict], list[dict], Optional[dict]]:
-    header, evals, final = None, [], None
-    if not path.exists():
-        return header, evals, final
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        t = rec.get("type") if isinstance(rec, dict) else None
-        if t == "header":
-            header = rec
-        elif t == "eval":
-            evals.append(rec)
-        elif t == "final":
-            final = rec
-    return header, evals, final
+    """``(header, evals, final)`` of a run log, read by ``paper_figures.logs``
+    (damaged lines skipped); nothing for a missing or header-less file."""
+    from paper_figures.logs import read_run
+
+    run = read_run(path, []) if path.exists() else None
+    return (run.header, run.evals, run.final) if run is not None else (None, [], None)
 
 
 def run_state(runs_dir: Path, name: str) -> str:
@@ -165,14 +154,16 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
         while True:
             todo = [j for j in plan_jobs(plan, runs_dir, seeds, patterns)
                     if j.state != "done" and j.name not in running and j.name not in failed]
-            while todo and len(running) < jobs:
-                job = todo.pop(0)
+            started = todo[: max(0, jobs - len(running))]
+            for job in started:
                 out = open(runs_dir / f"{job.name}.out", "a", encoding="utf-8")
                 cmd = _command(plan, job, runs_dir, data)
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
                 p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
                 running[job.name] = (p, job, out)
                 bar.write(f"start  {job.name} ({job.state})")
+            # runs known so far (a best_of winner's extra seeds join once the group has finished)
+            bar.total = done_count + len(running) + len(todo) - len(started)
             if not running:
                 break
             time.sleep(poll)
@@ -191,10 +182,6 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
                     _, _, final = _read_log(runs_dir / f"{name}.jsonl")
                     bar.write(f"done   {name}: best valid {final['best_valid_ppl']:.2f} at step "
                               f"{final['best_step']}, test {final['test_ppl']:.2f}")
-                total = done_count + len(running) + len(
-                    [j for j in plan_jobs(plan, runs_dir, seeds, patterns)
-                     if j.state != "done" and j.name not in running and j.name not in failed])
-                bar.total = max(total, done_count)
                 bar.update(1)
             bar.set_postfix_str(" | ".join(_progress_line(runs_dir, n) for n in running), refresh=False)
     except KeyboardInterrupt:

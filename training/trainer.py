@@ -590,6 +590,14 @@ def train(
         bar = tqdm(total=total, initial=c.step, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True)
     records: list = []
     last_ckpt_step, stopped, stopped_early = c.step, False, False
+
+    def eval_and_log() -> dict:
+        """Evaluate (fractional epoch from the stream position), log and keep the record."""
+        rec = tr.evaluate(st.counters.epoch + min(1.0, st.counters.pos / max(nrows - 2, 1)))
+        log.write(rec)
+        records.append(rec)
+        return rec
+
     tr.model.train()
     try:
         while not ((cfg["max_steps"] and c.step >= cfg["max_steps"]) or (cfg["epochs"] and c.epoch >= cfg["epochs"])):
@@ -610,9 +618,7 @@ def train(
             epoch_end = c.pos >= nrows - 2
             did_eval = bool(cfg["eval_every"] and c.step % cfg["eval_every"] == 0) or (epoch_end and not cfg["eval_every"])
             if did_eval:
-                rec = tr.evaluate(c.epoch + min(1.0, c.pos / max(nrows - 2, 1)))
-                log.write(rec)
-                records.append(rec)
+                rec = eval_and_log()
                 if bar is not None:
                     bar.set_postfix(valid_ppl=f"{rec['valid_ppl']:.2f}", train_ppl=f"{rec['train_ppl']:.2f}")
             if epoch_end:
@@ -636,9 +642,7 @@ def train(
 
     # ---- final: evaluate the last interval if needed, then test the best model
     if st.steps or c.evals == 0:
-        rec = tr.evaluate(c.epoch + min(1.0, c.pos / max(nrows - 2, 1)))
-        log.write(rec)
-        records.append(rec)
+        eval_and_log()
     ckpt.save(st, lm, tr.opt, log)
     if world > 1:
         dist.barrier()
