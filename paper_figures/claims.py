@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from training.rules import REGISTRY
+
 from .logs import Run
 
 REL_FLOOR = 0.01
@@ -110,6 +112,9 @@ def collect(runs: list[Run]) -> dict[str, ArmStats]:
 # --- recognising arms from their configs ------------------------------------
 
 def _is(rule: str, **kw) -> Callable[[dict], bool]:
+    if rule not in REGISTRY:
+        raise ValueError(f"no update rule {rule!r}; registered: {list(REGISTRY)}")
+
     def pred(c: dict) -> bool:
         if c.get("rule") != rule:
             return False
@@ -257,7 +262,7 @@ def judge(arms: dict[str, ArmStats], scale: str) -> list[dict]:
     # C6: identity in place of H_out no better than l2; R̃_approx (loss-Jacobian) short of dropout
     ident = _find(arms, _is("identity_hessian"))
     l2 = _find(arms, _is("l2"))
-    lj = _find(arms, lambda c: c.get("rule") == "loss_jacobian")
+    lj = _find(arms, lambda c: c.get("rule") == "loss_jacobian")  # with or without ablation_noise
     missing = ([] if ident else ["identity H_out"]) + ([] if l2 else ["ℓ2"]) + ([] if lj else ["R̃_approx"]) + (
         [] if d[1] else ["DROPOUT_1"])
     if missing:

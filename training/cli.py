@@ -33,14 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import configs
+    from . import configs, study
 
     if args.list:
         for name, over in configs.CONFIGS.items():
             print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in over.items()))
-        print("\npaper arms (overrides):")
-        for name, over in configs.PAPER_ARMS.items():
-            print(f"  {name}: " + " ".join(f"{k}={v}" for k, v in over.items()))
+        for plan in study.PLANS.values():
+            print(f"\nstudy plan {plan.name!r} (config {plan.config}; `dropcheck reproduce --plan {plan.name}`), "
+                  "arms as overrides:")
+            for a in plan.arms:
+                print(f"  {a.name} [{a.claim}]: " + " ".join(f"{k}={v}" for k, v in a.overrides.items()))
         return 0
     if args.list_keys:
         for k, v in configs.DEFAULTS.items():

@@ -27,8 +27,8 @@ Named configs:
   DROPOUT_1 / explicit / implicit arm; DROPOUT_k costs about k times
   DROPOUT_1 (k = 32: several minutes), and ``loss_jacobian`` has no
   first-order estimator in dropcheck, so it needs the loop LSTM (double
-  backward), several minutes.  ``PAPER_ARMS`` lists the overrides of the
-  arms behind the paper's claims C1-C6.
+  backward), several minutes.  The arms behind the paper's claims C1-C6
+  are the study plans of ``study.py`` (``dropcheck train --list`` prints them).
 """
 
 from __future__ import annotations
@@ -40,18 +40,10 @@ from typing import Any, Iterable, Mapping
 
 from dropcheck import DropcheckError
 
-RULES = (
-    "none",
-    "l2",
-    "dropout",
-    "dropout_inject",
-    "explicit",
-    "dropout_implicit",
-    "explicit_implicit",
-    "identity_hessian",
-    "loss_jacobian",
-)
-GROUP_NAMES = ("embedding", "hidden", "output", "weights", "rows")
+from .model import GROUPS
+from .rules import REGISTRY
+
+RULES = tuple(REGISTRY)  # the values of config key "rule", one class each in rules.py
 
 DEFAULTS: dict[str, Any] = {
     # data
@@ -83,8 +75,8 @@ DEFAULTS: dict[str, Any] = {
     "eps": 0.0,  # finite-difference step; 0: dropcheck's default for the dtype
     "explicit_mult": 1.0,  # explicit coefficient = λ_g · explicit_mult · explicit_mult_<g>
     "implicit_mult": 1.0,  # noise coefficient = implicit_mult · implicit_mult_<g>
-    **{f"explicit_mult_{g}": 1.0 for g in GROUP_NAMES},
-    **{f"implicit_mult_{g}": 1.0 for g in GROUP_NAMES},
+    **{f"explicit_mult_{g}": 1.0 for g in GROUPS},
+    **{f"implicit_mult_{g}": 1.0 for g in GROUPS},
     "ablation_noise": False,  # identity_hessian / loss_jacobian: also add ξ_approx
     "l2": 1e-5,  # coefficient of (l2/2)·Σ‖W‖² for rule l2
     # optimisation
@@ -131,8 +123,8 @@ POSITIVE_INT = ("emb", "hidden", "layers", "k", "samples", "bptt", "batch_size",
 NONNEG_INT = ("train_tokens", "valid_tokens", "test_tokens", "train_eval_tokens", "epochs", "patience", "max_steps", "eval_every", "checkpoint_every", "threads", "seed")
 NONNEG_FLOAT = (
     "eps", "explicit_mult", "implicit_mult", "l2", "lr", "clip", "weight_decay", "lr_decay", "min_improvement",
-    *(f"explicit_mult_{g}" for g in GROUP_NAMES),
-    *(f"implicit_mult_{g}" for g in GROUP_NAMES),
+    *(f"explicit_mult_{g}" for g in GROUPS),
+    *(f"implicit_mult_{g}" for g in GROUPS),
 )
 PROBS = ("q_embedding", "q_hidden", "q_output", "q_weights", "q_rows")
 
@@ -239,21 +231,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "mini-wikitext2": {**_PAPER, **_MINI, "corpus": "wikitext-2", "epochs": 2},
 }
 
-# The arms behind the paper's claims (PAPER_RESULTS.md), as overrides of a config.
-PAPER_ARMS: dict[str, dict[str, Any]] = {
-    "none": {"rule": "none"},
-    **{f"dropout-k{k}": {"rule": "dropout", "k": k} for k in (1, 2, 4, 8, 16, 32)},  # C1
-    "inject-k4": {"rule": "dropout_inject", "k": 4},  # C2
-    "explicit": {"rule": "explicit"},  # C3
-    **{f"dropout-implicit-k{k}": {"rule": "dropout_implicit", "k": k} for k in (2, 4, 8)},  # C4
-    "explicit-implicit": {"rule": "explicit_implicit"},  # C5
-    "identity-hessian": {"rule": "identity_hessian"},  # C6
-    "loss-jacobian": {"rule": "loss_jacobian"},  # C6
-    "loss-jacobian-noise": {"rule": "loss_jacobian", "ablation_noise": True},  # C6
-    "l2": {"rule": "l2"},  # C6
-}
-
-
 def _err(key: str, msg: str) -> DropcheckError:
     return DropcheckError(f"config key {key!r}: {msg}")
 
@@ -356,8 +333,8 @@ def validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise _err("device", f"expected auto, cpu, cuda or cuda:N, got {dev!r}")
     if out["epochs"] == 0 and out["max_steps"] == 0:
         raise _err("epochs", "epochs and max_steps are both 0: the run would never stop")
-    if out["noise_structure"] == "positions" and out["rule"] == "loss_jacobian":
-        raise _err("noise_structure", "'positions' is not available for rule 'loss_jacobian' (R̃_approx keeps "
+    if out["noise_structure"] == "positions" and not REGISTRY[out["rule"]].positions_ok:
+        raise _err("noise_structure", f"'positions' is not available for rule {out['rule']!r} (it keeps "
                    "the sites' own structure); use noise_structure=locked")
     if out["run_name"] and any(c in out["run_name"] for c in "/\\\0"):
         raise _err("run_name", f"must be a plain file name, got {out['run_name']!r}")
@@ -425,5 +402,5 @@ def run_name(config_name: str, cfg: Mapping[str, Any]) -> str:
     if cfg["run_name"]:
         return cfg["run_name"]
     rule = cfg["rule"]
-    k = f"-k{cfg['k']}" if rule in ("dropout", "dropout_inject", "dropout_implicit") else ""
+    k = f"-k{cfg['k']}" if REGISTRY[rule].takes_k else ""
     return f"{config_name}-{rule}{k}-s{cfg['seed']}"

@@ -54,11 +54,9 @@ from torch import nn
 from dropcheck import DropcheckError
 from dropcheck import DropConnect, LockedDropout
 
-from .configs import GROUP_NAMES
-
 BACKENDS = ("loop", "fused")
 INITS = ("uniform", "xavier")
-GROUPS = GROUP_NAMES  # the site groups (one list, in configs.py, which the coefficient keys are built from)
+GROUPS = ("embedding", "hidden", "output", "weights", "rows")  # the site groups; configs builds its per-group keys from them
 
 # cuDNN warns when the weights it gets are not one flat buffer; ours never are
 # (DropConnect makes a fresh w_hh every pass), as in AWD-LSTM.

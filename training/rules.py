@@ -1,5 +1,12 @@
 """The update rules of the paper, each one config value ``rule``.
 
+``REGISTRY`` maps each value to one small class (``NoDropout``, ``L2``,
+``Dropout``, ...): its ``objective`` and ``noise``, its label in the
+paper's terms, whether it takes ``k`` draws, which estimator keys it reads
+and whether it needs a double backward.  Everything else (config
+validation, run names, the trainer, the bench, the figures' labels) reads
+the registry instead of comparing rule names.
+
 Every rule splits its update direction ``g`` into two parts:
 
 - ``objective(...)``: a differentiable scalar whose parameter gradient is the
@@ -131,32 +138,31 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import dropcheck as dc
-from dropcheck._errors import DropcheckError
+from dropcheck import DropcheckError
 
-from .configs import RULES
 from .model import StatefulLM, all_sites, detach_hidden, site_groups
 
 __all__ = [
+    "REGISTRY",
     "Gens",
     "StepResult",
     "UpdateRule",
     "make_rule",
     "needs_double_backward",
+    "rule_class",
     "sites_off",
     "lam",
 ]
 
-DROPOUT_RULES = ("dropout", "dropout_inject", "dropout_implicit")
-EXPLICIT_RULES = ("explicit", "explicit_implicit", "identity_hessian", "loss_jacobian")
-SHARED_PROBE_RULES = ("explicit", "explicit_implicit")  # estimator="fd_shared" or "fd_mid"
 SHARED_PROBE_ESTIMATORS = ("fd_shared", "fd_mid")
+FIRST_ORDER_ESTIMATORS = ("fd", *SHARED_PROBE_ESTIMATORS)  # R_approx without a double backward
 
 
 def lam(q: float) -> float:
@@ -185,24 +191,6 @@ class StepResult(NamedTuple):
     loss: torch.Tensor  # detached data loss (dropout loss for dropout rules, clean loss otherwise)
     reg: dict  # detached regularizer values
     hidden: list  # detached hidden state to carry to the next batch
-
-
-def needs_double_backward(cfg: Mapping[str, Any]) -> bool:
-    """Whether the rule differentiates through a gradient (no cuDNN then)."""
-    rule = cfg["rule"]
-    if rule in SHARED_PROBE_RULES and cfg["estimator"] in SHARED_PROBE_ESTIMATORS:
-        return False  # three forward passes, one first-order backward
-    noise = rule in ("dropout_implicit", "explicit_implicit") or (
-        rule in ("identity_hessian", "loss_jacobian") and cfg["ablation_noise"]
-    )
-    if noise and cfg["noise_estimator"] == "autograd":
-        if rule != "dropout_implicit" or cfg["k"] > 1:
-            return True
-    if rule == "loss_jacobian":
-        return True
-    if rule in ("explicit", "explicit_implicit", "identity_hessian") and cfg["estimator"] not in ("fd", "fd_shared", "fd_mid"):
-        return True
-    return False
 
 
 @contextlib.contextmanager
@@ -276,25 +264,77 @@ def _factor(weights: Mapping[str, float]):
     return 1.0, dict(weights)
 
 
-class UpdateRule:
-    """One update rule (module docstring); built by ``make_rule(cfg, model)``."""
+def _mult(cfg: Mapping[str, Any], key: str) -> str:
+    m = cfg.get(key, 1.0)
+    return "" if m in (1, 1.0, None) else f" (×{m:g})"
 
+
+class UpdateRule:
+    """The pieces every rule is built from; one subclass per rule (the
+    ``REGISTRY`` below) says which pieces make its ``objective`` and its
+    ``noise``.  Built by ``make_rule(cfg, model)``.
+
+    The class attributes and class methods describe a rule from its config
+    alone (no model), for the trainer, the bench, ``run_name`` and the
+    figures' labels."""
+
+    name: ClassVar[str]
+    takes_k: ClassVar[bool] = False  # k draws per step (DROPOUT_k); run names end in -k<k>
+    explicit: ClassVar[bool] = False  # adds an explicit regularizer R (needs a site with q > 0)
+    shared_probe_ok: ClassVar[bool] = False  # estimator fd_shared / fd_mid is its fast path
+    positions_ok: ClassVar[bool] = True  # takes noise_structure=positions
+
+    # -- what the rule is, from its config -----------------------------------
+    @classmethod
+    def label(cls, cfg: Mapping[str, Any]) -> str:
+        """The paper's name (Figures 1-5, Table 1); ``cfg`` may be a log header's
+        partial config."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_noise(cls, cfg: Mapping[str, Any]) -> bool:
+        """Whether ``noise`` adds a term (``ξ_approx`` or ``ξ̃_drop``)."""
+        return cls.uses_xi_approx(cfg)
+
+    @classmethod
+    def uses_xi_approx(cls, cfg: Mapping[str, Any]) -> bool:
+        """Whether the noise is ``ξ_approx`` (``dc.implicit_noise``)."""
+        return False
+
+    @classmethod
+    def uses_shared_probe(cls, cfg: Mapping[str, Any]) -> bool:
+        return cls.shared_probe_ok and cfg["estimator"] in SHARED_PROBE_ESTIMATORS
+
+    @classmethod
+    def uses_estimator(cls, cfg: Mapping[str, Any]) -> bool:
+        """Whether config key ``estimator`` matters."""
+        return False
+
+    @classmethod
+    def uses_noise_estimator(cls, cfg: Mapping[str, Any]) -> bool:
+        """Whether config key ``noise_estimator`` matters (the shared probe ignores it)."""
+        return cls.uses_xi_approx(cfg) and not cls.uses_shared_probe(cfg)
+
+    @classmethod
+    def needs_double_backward(cls, cfg: Mapping[str, Any]) -> bool:
+        """Whether the rule differentiates through a gradient (no cuDNN then)."""
+        return cls.uses_noise_estimator(cfg) and cfg["noise_estimator"] == "autograd"
+
+    # -- built on a model ----------------------------------------------------
     def __init__(self, cfg: Mapping[str, Any], model: StatefulLM):
-        if cfg["rule"] not in RULES:
-            raise DropcheckError(f"config key 'rule': expected one of {list(RULES)}, got {cfg['rule']!r}")
         self.cfg = dict(cfg)
-        self.name = cfg["rule"]
         self.k = int(cfg["k"])
         self.groups = site_groups(model)
         self.modules = dict(all_sites(model))  # name -> site module
         self.eps = float(cfg["eps"]) or None
         self.positions = cfg.get("noise_structure", "locked") == "positions"
-        self.shared_probe = self.name in EXPLICIT_RULES and cfg["estimator"] in SHARED_PROBE_ESTIMATORS
+        self.shared_probe = self.uses_shared_probe(cfg)
         self.center = "midpoint" if cfg["estimator"] == "fd_mid" else "clean"
-        if self.shared_probe and self.name not in SHARED_PROBE_RULES:
+        if self.explicit and cfg["estimator"] in SHARED_PROBE_ESTIMATORS and not self.shared_probe:
+            fast = [n for n, c in REGISTRY.items() if c.shared_probe_ok]
             raise DropcheckError(
                 f"config key 'estimator': {cfg['estimator']!r} (one probe shared by the explicit and the implicit "
-                f"term) is the fast path of rules 'explicit' and 'explicit_implicit' only, not of "
+                f"term) is the fast path of rules {' and '.join(repr(n) for n in fast)} only, not of "
                 f"{self.name!r}; use 'fd'"
             )
         if self.shared_probe and int(cfg["samples"]) != 1:
@@ -302,13 +342,30 @@ class UpdateRule:
                 f"config key 'samples': estimator {cfg['estimator']!r} draws one probe per step, "
                 f"got samples={cfg['samples']}"
             )
-        if self.name in EXPLICIT_RULES or self._has_noise():
-            if not self._active():
-                raise DropcheckError(
-                    f"rule {self.name!r} needs at least one dropout site with q > 0; all q_* are 0"
-                )
+        if (self.explicit or self.has_noise(cfg)) and not self._active():
+            raise DropcheckError(f"rule {self.name!r} needs at least one dropout site with q > 0; all q_* are 0")
         if self.shared_probe:
             self.shared_probe_weights()  # raises when the multipliers cannot share one probe
+
+    def objective(self, model: StatefulLM, x: torch.Tensor, y: torch.Tensor, gens: Gens) -> StepResult:
+        """The differentiable part of the update (module docstring)."""
+        raise NotImplementedError
+
+    def noise(self, model: StatefulLM, x: torch.Tensor, y: torch.Tensor, gens: Gens) -> Optional[dict]:
+        """The additive gradient term ``{parameter name: tensor}``, or ``None``."""
+        return None
+
+    def gradient(self, model: StatefulLM, x, y, gens: Gens) -> tuple[dict, StepResult]:
+        """The full update direction ``{name: tensor}`` in one process
+        (objective gradient + noise), without touching ``.grad``."""
+        res = self.objective(model, x, y, gens)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        gs = torch.autograd.grad(res.objective, [p for _, p in named], allow_unused=True, materialize_grads=True)
+        g = {n: v for (n, _), v in zip(named, gs)}
+        xi = self.noise(model, x, y, gens)
+        if xi is not None:
+            g = {n: v + xi[n] for n, v in g.items()}
+        return g, res
 
     # -- coefficients ---------------------------------------------------
     def explicit_weight(self, site_name: str) -> float:
@@ -318,9 +375,7 @@ class UpdateRule:
 
     def explicit_coef(self, site_name: str) -> float:
         """``c_g = λ(q) · explicit_mult · explicit_mult_<g>``."""
-        g = self.groups[site_name]
-        q = self.modules[site_name].p
-        return lam(q) * self.cfg["explicit_mult"] * self.cfg[f"explicit_mult_{g}"]
+        return lam(self.modules[site_name].p) * self.explicit_weight(site_name)
 
     def implicit_mult(self, site_name: str) -> float:
         g = self.groups[site_name]
@@ -333,7 +388,7 @@ class UpdateRule:
         Raises ``DropcheckError`` when no such triple exists."""
         active = self._active()
         e = {n: self.explicit_weight(n) for n in active}
-        if self.name == "explicit":  # no noise: the probe serves R̂ only
+        if not self.uses_xi_approx(self.cfg):  # no noise: the probe serves R̂ only
             return 1.0, 0.0, e
         m = {n: self.implicit_mult(n) for n in active}
         if all(v == 0 for v in e.values()):  # noise only: the probe is the noise
@@ -358,15 +413,6 @@ class UpdateRule:
                 "Use estimator=fd with noise_estimator=fd for independent coefficients"
             )
         return 1.0, m[first] / math.sqrt(e[first]), e
-
-    def _has_noise(self) -> bool:
-        if self.name in ("dropout_inject", "dropout_implicit"):
-            return self.k > 1
-        if self.name == "explicit_implicit":
-            return True
-        if self.name in ("identity_hessian", "loss_jacobian"):
-            return bool(self.cfg["ablation_noise"])
-        return False
 
     def _active(self) -> list[str]:
         return [n for n, m in self.modules.items() if m.p > 0]
@@ -422,18 +468,15 @@ class UpdateRule:
         return total / k, hid0
 
     def explicit_term(self, model: StatefulLM, x, y, gens: Gens):
-        """``Σ_sites c_g R_site`` and its per-group values (detached)."""
+        """``Σ_sites c_g R_site`` (``R_approx`` (4.3)-(4.4) with ``H_out`` or, for
+        ``hessian="identity"``, ``I/c``) and its per-group values (detached)."""
         cfg = self.cfg
         active = self._active()
         coefs = {n: self.explicit_coef(n) for n in active}
-        if self.name == "loss_jacobian":
-            per = dc.loss_jacobian_regularizer(model, x, y, weighted=False, per_site=True)
-            return self._combine(per, coefs)
-        hessian = "identity" if self.name == "identity_hessian" else "output"
         common = dict(
             estimator=cfg["estimator"],
             samples=cfg["samples"],
-            hessian=hessian,
+            hessian=self.hessian,
             generator=gens.local,
             eps=self.eps,
             independent_positions=self.positions,
@@ -525,46 +568,213 @@ class UpdateRule:
         hid = detach_hidden(hiddens[0])
         return StepResult(res.objective, res.loss.detach(), {"R": (a * res.explicit).detach()}, hid)
 
-    # -- the two halves --------------------------------------------------
-    def objective(self, model: StatefulLM, x: torch.Tensor, y: torch.Tensor, gens: Gens) -> StepResult:
-        r = self.name
-        if r in DROPOUT_RULES:
-            loss, hid = self.dropout_k(model, x, y, gens, self.k)
-            return StepResult(loss, loss.detach(), {}, hid)
+
+# --- the rules: one class each, in the order `dropcheck train --list-keys` shows them ---
+
+class NoDropout(UpdateRule):
+    """``L`` with every site off."""
+
+    name = "none"
+
+    @classmethod
+    def label(cls, cfg):
+        return "no dropout"
+
+    def objective(self, model, x, y, gens):
+        loss, hid = self.clean(model, x, y)
+        return StepResult(loss, loss.detach(), {}, hid)
+
+
+class L2(UpdateRule):
+    """``L + (l2/2) Σ‖W‖²`` over every trained parameter."""
+
+    name = "l2"
+
+    @classmethod
+    def label(cls, cfg):
+        return f"ℓ2 ({cfg['l2']:g})" if "l2" in cfg else "ℓ2"
+
+    def objective(self, model, x, y, gens):
+        loss, hid = self.clean(model, x, y)
+        sq = sum((p * p).sum() for p in model.parameters() if p.requires_grad)
+        reg = 0.5 * self.cfg["l2"] * sq
+        return StepResult(loss + reg, loss.detach(), {"R": reg.detach()}, hid)
+
+
+class Dropout(UpdateRule):
+    """DROPOUT_k, Algorithm 1: the mean loss over ``k`` independent draws."""
+
+    name = "dropout"
+    takes_k = True
+
+    @classmethod
+    def label(cls, cfg):
+        return f"DROPOUT_{int(cfg.get('k', 1) or 1)}"
+
+    def objective(self, model, x, y, gens):
+        loss, hid = self.dropout_k(model, x, y, gens, self.k)
+        return StepResult(loss, loss.detach(), {}, hid)
+
+
+class DropoutInject(Dropout):
+    """DROPOUT_k plus ``sqrt((1-1/k)/2) · ξ̃_drop`` (Sec. 3.1)."""
+
+    name = "dropout_inject"
+
+    @classmethod
+    def label(cls, cfg):
+        return super().label(cfg) + " + ξ̃_drop"
+
+    @classmethod
+    def has_noise(cls, cfg):
+        return int(cfg["k"]) > 1
+
+    def noise(self, model, x, y, gens):
+        if not self.has_noise(self.cfg):
+            return None
+        c = math.sqrt((1.0 - 1.0 / self.k) / 2.0)
+        return {n: c * v for n, v in self.two_draw(model, x, y, gens).items()}
+
+
+class DropoutImplicit(Dropout):
+    """DROPOUT_k plus ``sqrt(1-1/k) · ξ_approx`` (Algorithm 4)."""
+
+    name = "dropout_implicit"
+
+    @classmethod
+    def label(cls, cfg):
+        return super().label(cfg) + " + ξ_approx" + _mult(cfg, "implicit_mult")
+
+    @classmethod
+    def uses_xi_approx(cls, cfg):
+        return int(cfg["k"]) > 1
+
+    def noise(self, model, x, y, gens):
+        if not self.has_noise(self.cfg):
+            return None
+        return self.implicit_noise(model, x, y, gens, math.sqrt(1.0 - 1.0 / self.k))
+
+
+class Explicit(UpdateRule):
+    """``L + Σ_g c_g R_g`` ((4.3)-(4.4)); with ``estimator`` fd_shared/fd_mid
+    the shared-probe objective with noise weight 0."""
+
+    name = "explicit"
+    explicit = True
+    shared_probe_ok = True
+    hessian: ClassVar[str] = "output"
+
+    @classmethod
+    def label(cls, cfg):
+        return "R_approx" + _mult(cfg, "explicit_mult")
+
+    @classmethod
+    def uses_estimator(cls, cfg):
+        return True
+
+    @classmethod
+    def needs_double_backward(cls, cfg):
+        if cls.uses_shared_probe(cfg):
+            return False  # three forward passes, one first-order backward
+        if cls.uses_estimator(cfg) and cfg["estimator"] not in FIRST_ORDER_ESTIMATORS:
+            return True
+        return super().needs_double_backward(cfg)
+
+    def objective(self, model, x, y, gens):
         if self.shared_probe:
             return self.shared_probe_objective(model, x, y, gens)
         loss, hid = self.clean(model, x, y)
-        if r == "none":
-            return StepResult(loss, loss.detach(), {}, hid)
-        if r == "l2":
-            sq = sum((p * p).sum() for p in model.parameters() if p.requires_grad)
-            reg = 0.5 * self.cfg["l2"] * sq
-            return StepResult(loss + reg, loss.detach(), {"R": reg.detach()}, hid)
         R, reg = self.explicit_term(model, x, y, gens)
         return StepResult(loss + R, loss.detach(), reg, hid)
 
-    def noise(self, model: StatefulLM, x: torch.Tensor, y: torch.Tensor, gens: Gens) -> Optional[dict]:
-        if not self._has_noise() or self.shared_probe:  # fd_shared: the noise is in the objective
+    def noise(self, model, x, y, gens):
+        if not self.has_noise(self.cfg) or self.shared_probe:  # shared probe: the noise is in the objective
             return None
-        if self.name == "dropout_inject":
-            c = math.sqrt((1.0 - 1.0 / self.k) / 2.0)
-            xi = self.two_draw(model, x, y, gens)
-            return {n: c * v for n, v in xi.items()}
-        scale = math.sqrt(1.0 - 1.0 / self.k) if self.name == "dropout_implicit" else 1.0
-        return self.implicit_noise(model, x, y, gens, scale)
+        return self.implicit_noise(model, x, y, gens, 1.0)
 
-    def gradient(self, model: StatefulLM, x, y, gens: Gens) -> tuple[dict, StepResult]:
-        """The full update direction ``{name: tensor}`` in one process
-        (objective gradient + noise), without touching ``.grad``."""
-        res = self.objective(model, x, y, gens)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        gs = torch.autograd.grad(res.objective, [p for _, p in named], allow_unused=True, materialize_grads=True)
-        g = {n: v for (n, _), v in zip(named, gs)}
-        xi = self.noise(model, x, y, gens)
-        if xi is not None:
-            g = {n: v + xi[n] for n, v in g.items()}
-        return g, res
+
+class ExplicitImplicit(Explicit):
+    """``R_approx + ξ_approx`` in place of dropout (Algorithm 2)."""
+
+    name = "explicit_implicit"
+
+    @classmethod
+    def label(cls, cfg):
+        pos = " (per-position)" if cfg.get("noise_structure") == "positions" else ""
+        return "R_approx + ξ_approx" + _mult(cfg, "explicit_mult") + pos
+
+    @classmethod
+    def uses_xi_approx(cls, cfg):
+        return True
+
+
+class _Ablation(Explicit):
+    """An ablation of ``R_approx`` (Sec. 5): no shared-probe route, and
+    ``ξ_approx`` added only if ``ablation_noise``."""
+
+    shared_probe_ok = False
+    short: ClassVar[str]
+
+    @classmethod
+    def label(cls, cfg):
+        noise = " + ξ_approx" if cfg.get("ablation_noise") else ""
+        return cls.short + noise + _mult(cfg, "explicit_mult")
+
+    @classmethod
+    def uses_xi_approx(cls, cfg):
+        return bool(cfg["ablation_noise"])
+
+
+class IdentityHessian(_Ablation):
+    """``R_approx`` with ``H_out → I/c``."""
+
+    name = "identity_hessian"
+    short = "identity H_out"
+    hessian = "identity"
+
+
+class LossJacobian(_Ablation):
+    """The ablation ``L + Σ_g c_g R̃_g`` with the loss Jacobian (5.1); always a
+    double backward (``dc.loss_jacobian_regularizer``)."""
+
+    name = "loss_jacobian"
+    short = "R̃_approx"
+    positions_ok = False  # dc.loss_jacobian_regularizer keeps the sites' own structure
+
+    @classmethod
+    def uses_estimator(cls, cfg):
+        return False
+
+    @classmethod
+    def needs_double_backward(cls, cfg):
+        return True
+
+    def explicit_term(self, model, x, y, gens):
+        """``Σ_sites c_g R̃_site`` and its per-group values (detached)."""
+        coefs = {n: self.explicit_coef(n) for n in self._active()}
+        per = dc.loss_jacobian_regularizer(model, x, y, weighted=False, per_site=True)
+        return self._combine(per, coefs)
+
+
+REGISTRY: dict[str, type[UpdateRule]] = {
+    c.name: c
+    for c in (NoDropout, L2, Dropout, DropoutInject, Explicit, DropoutImplicit, ExplicitImplicit,
+              IdentityHessian, LossJacobian)
+}
+
+
+def rule_class(name: str) -> type[UpdateRule]:
+    """The registered class of config value ``rule``."""
+    if name not in REGISTRY:
+        raise DropcheckError(f"config key 'rule': expected one of {list(REGISTRY)}, got {name!r}")
+    return REGISTRY[name]
+
+
+def needs_double_backward(cfg: Mapping[str, Any]) -> bool:
+    """Whether the config's rule differentiates through a gradient (no cuDNN then)."""
+    return rule_class(cfg["rule"]).needs_double_backward(cfg)
 
 
 def make_rule(cfg: Mapping[str, Any], model: StatefulLM) -> UpdateRule:
-    return UpdateRule(cfg, model)
+    """The update rule of ``cfg`` on ``model``."""
+    return rule_class(cfg["rule"])(cfg, model)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from dropcheck import DropcheckError
-from training.configs import CONFIGS, DEFAULTS, PAPER_ARMS, get_config, make_config, parse_overrides, run_name
+from training.configs import CONFIGS, DEFAULTS, get_config, make_config, parse_overrides, run_name
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -27,8 +27,6 @@ def test_paper_settings():
         assert cfg["optimizer"] == "sgd"
     smoke = make_config("smoke")
     assert smoke["train_tokens"] > 0 and smoke["device"] == "cpu"
-    for arm in PAPER_ARMS.values():
-        make_config("mini-ptb", **arm)
 
 
 def test_overrides_take_the_type_of_the_default():

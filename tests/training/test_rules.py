@@ -11,8 +11,8 @@ import torch
 
 import dropcheck as dc
 from dropcheck import DropcheckError
-from training.configs import RULES, make_config
-from training.rules import lam, needs_double_backward
+from training.configs import RULES, make_config, run_name
+from training.rules import REGISTRY, lam, make_rule, needs_double_backward, rule_class
 
 from rule_fixtures import Q, V, X, Y, _clean_loss, _gens, _grad, _setup, _train_briefly  # noqa: F401
 
@@ -213,3 +213,34 @@ def test_double_backward_requirement():
     assert need(rule="explicit") and not need(rule="explicit", estimator="fd")
     assert not need(rule="explicit_implicit", estimator="fd", noise_estimator="fd")
     assert need(rule="loss_jacobian", estimator="fd")
+    assert need(rule="identity_hessian") and not need(rule="identity_hessian", estimator="fd")
+    assert need(rule="identity_hessian", estimator="fd", ablation_noise=True)  # autograd ξ_approx
+    assert not need(rule="identity_hessian", estimator="fd", ablation_noise=True, noise_estimator="fd")
+    for est in ("fd_shared", "fd_mid"):  # the shared probe ignores noise_estimator
+        assert not need(rule="explicit_implicit", estimator=est, noise_estimator="autograd")
+        assert not rule_class("explicit_implicit").uses_noise_estimator({**base, "estimator": est})
+
+
+def test_registry_describes_every_rule():
+    """One class per config value: its name, a label for the figures (from a
+    log header's partial config too), run names with -k<k> exactly for the
+    rules that take k draws, and make_rule builds that class."""
+    assert RULES == tuple(REGISTRY)
+    labels = set()
+    for name, cls in REGISTRY.items():
+        assert cls.name == name
+        labels.add(cls.label({"rule": name}))
+        cfg = make_config("smoke", rule=name, k=3)
+        assert run_name("smoke", cfg).endswith(f"{name}-k3-s{cfg['seed']}" if cls.takes_k else f"{name}-s{cfg['seed']}")
+    assert len(labels) == len(REGISTRY)
+    cfg, model, rule = _setup("dropout_implicit", k=2)
+    assert type(rule) is REGISTRY["dropout_implicit"] and type(make_rule(cfg, model)) is type(rule)
+    with pytest.raises(DropcheckError, match="expected one of"):
+        rule_class("dropconnect")
+
+
+def test_shared_probe_estimators_only_for_the_rules_that_have_them():
+    fast = [n for n, c in REGISTRY.items() if c.shared_probe_ok]
+    assert fast == ["explicit", "explicit_implicit"]
+    with pytest.raises(DropcheckError, match="fast path of rules 'explicit' and 'explicit_implicit' only"):
+        _setup("identity_hessian", estimator="fd_shared")
