@@ -40,7 +40,16 @@ from ._implicit import (
     two_draw_noise,
 )
 from ._surrogate import AnalyticObjective, analytic_dropout_objective
-from ._sites import DropConnect, GaussianDropout, LockedDropout, SiteSpec, WeightDrop, dropout_lambda, find_sites
+from ._sites import (
+    DropConnect,
+    GaussianDropout,
+    LockedDropout,
+    SiteSpec,
+    WeightDrop,
+    dropout_lambda,
+    find_sites,
+    with_drop_probability,
+)
 
 __version__ = "0.1.0"
 
@@ -79,6 +88,7 @@ __all__ = [
     "Occurrence",
     "SiteGenerators",
     "find_sites",
+    "with_drop_probability",
     "SiteSpec",
     "LockedDropout",
     "DropConnect",

@@ -36,6 +36,7 @@ no change.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -54,6 +55,7 @@ __all__ = [
     "WeightDrop",
     "SiteSpec",
     "find_sites",
+    "with_drop_probability",
     "dropout_lambda",
     "BERNOULLI",
     "GAUSSIAN",
@@ -366,3 +368,19 @@ def find_sites(model: nn.Module, inputs=None, *, require: bool = True) -> list[S
             "pass: find_sites(model, inputs)"
         )
     return sites
+
+
+def with_drop_probability(model: nn.Module, q: float) -> nn.Module:
+    """A deep copy of ``model`` in which every dropout *module* with ``q > 0``
+    (``find_sites(model)``) has drop probability ``q``; sites at ``q = 0``
+    stay off and ``model`` itself is untouched.  Functional sites (the ``p``
+    of an ``F.dropout`` or attention call) keep theirs: their ``q`` lives in
+    the caller's code, so a check that varies ``q`` must skip models that
+    have them.  Used to trace a quantity against ``q`` (the ``q → 0`` limits
+    of ``dropcheck verify``, ``dropcheck taylor-map``)."""
+    q = _check_q(q, "with_drop_probability")
+    copy_ = copy.deepcopy(model)
+    for s in find_sites(copy_, require=False):
+        # timm's DropPath keeps q in drop_prob; every other module site in p
+        setattr(s.module, "drop_prob" if type(s.module).__name__ == "DropPath" else "p", q)
+    return copy_

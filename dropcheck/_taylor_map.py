@@ -24,8 +24,7 @@ from torch import nn
 
 from ._explicit import explicit_regularizer, taylor_regularizer
 from ._gap import dropout_gap, first_order_gap
-from ._sites import dropout_lambda
-from ._verify import set_q
+from ._sites import dropout_lambda, with_drop_probability
 
 DEFAULT_QS = (0.01, 0.03, 0.1, 0.2, 0.4, 0.6)
 DEFAULT_WIDTHS = (4, 16, 64, 256)
@@ -127,21 +126,21 @@ def map_model(
     rows = []
     for q in qs:
         lam = dropout_lambda(q)
-        with set_q(model, q):
-            for noise in noises:
-                kw = dict(control_variate=True) if noise == "bernoulli" else dict(antithetic=True)
-                gap = dropout_gap(model, inputs, targets, samples=samples, generator=seed, noise=noise, **kw)
-                ra, rt = lam * approx_u, lam * taylor_u
-                rg = gap.stderr / abs(gap.value) if gap.value else 0.0
-                sa = abs(gap.value / ra) * math.hypot(rg, rel_se_a) if rel_se_a else gap.stderr / abs(ra)
-                st = abs(gap.value / rt) * math.hypot(rg, rel_se_t) if rel_se_t else gap.stderr / abs(rt)
-                rows.append(MapRow(
-                    name, width, q, noise, gap.value, gap.stderr, ra, rt,
-                    gap.value / ra, sa, gap.value / rt, st,
-                    lim if noise == "bernoulli" else None, estimator, rel_se_a * abs(ra), rel_se_t * abs(rt),
-                ))
-                if progress:
-                    progress()
+        model_q = with_drop_probability(model, q)
+        for noise in noises:
+            kw = dict(control_variate=True) if noise == "bernoulli" else dict(antithetic=True)
+            gap = dropout_gap(model_q, inputs, targets, samples=samples, generator=seed, noise=noise, **kw)
+            ra, rt = lam * approx_u, lam * taylor_u
+            rg = gap.stderr / abs(gap.value) if gap.value else 0.0
+            sa = abs(gap.value / ra) * math.hypot(rg, rel_se_a) if rel_se_a else gap.stderr / abs(ra)
+            st = abs(gap.value / rt) * math.hypot(rg, rel_se_t) if rel_se_t else gap.stderr / abs(rt)
+            rows.append(MapRow(
+                name, width, q, noise, gap.value, gap.stderr, ra, rt,
+                gap.value / ra, sa, gap.value / rt, st,
+                lim if noise == "bernoulli" else None, estimator, rel_se_a * abs(ra), rel_se_t * abs(rt),
+            ))
+            if progress:
+                progress()
     return rows
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -24,7 +23,7 @@ from ._explicit import clean_forward, explicit_regularizer, taylor_regularizer
 from ._gap import dropout_gap, first_order_gap
 from ._implicit import implicit_noise, implicit_noise_jacobian
 from ._errors import DropcheckError
-from ._sites import BERNOULLI, find_sites
+from ._sites import BERNOULLI, with_drop_probability
 
 Z_TOL = 4.5
 DENSE_LIMIT = 4096  # largest numel(h) for the dense O(numel²) references
@@ -56,21 +55,6 @@ def rel_err(a: float, b: float, floor: float = 1e-300) -> float:
 
 def _f(t) -> float:
     return float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
-
-
-@contextmanager
-def set_q(model, q: float) -> Iterator[None]:
-    """Temporarily give every dropout module of ``model`` drop probability ``q``
-    (functional sites keep theirs: callers skip models that have them)."""
-    sites = find_sites(model)
-    saved = [(s.module, s.module.p) for s in sites]
-    try:
-        for m, _ in saved:
-            m.p = q
-        yield
-    finally:
-        for m, p in saved:
-            m.p = p
 
 
 def _draws(fn: Callable[[torch.Generator], float], n: int, seed: int) -> tuple[float, float]:
@@ -225,9 +209,9 @@ def run_case(case: Case, *, draws: int = 300, seed: int = 0, symbolic: Optional[
                        "functional sites: q cannot be changed")
                 return
             t0 = time.perf_counter()
-            with set_q(model, 0.01):
-                gap = dropout_gap(model, X, y, samples=4000, generator=seed, antithetic=True)
-                tay = _f(taylor_regularizer(model, X, y))
+            m = with_drop_probability(model, 0.01)
+            gap = dropout_gap(m, X, y, samples=4000, generator=seed, antithetic=True)
+            tay = _f(taylor_regularizer(m, X, y))
             R.z("Gaussian R_drop -> R_taylor as q -> 0", "MC gap, q=0.01 (antithetic)", "R_taylor",
                 gap.value, tay, gap.stderr, t0, "tolerates O(q) = 5% bias", slack=0.05 * abs(tay))
             return
@@ -248,9 +232,9 @@ def run_case(case: Case, *, draws: int = 300, seed: int = 0, symbolic: Optional[
             return
         t0 = time.perf_counter()
         q0 = 1e-4
-        with set_q(model, q0):
-            ex0 = dropout_gap(model, X, y, exact=True, max_units=ENUM_LIMIT).value / q0
-            lim = first_order_gap(model, X, y)
+        m = with_drop_probability(model, q0)
+        ex0 = dropout_gap(m, X, y, exact=True, max_units=ENUM_LIMIT).value / q0
+        lim = first_order_gap(m, X, y)
         R.rel("lim R_drop/q = sum Delta_ik", f"exact R_drop/q at q={q0}", "sum of deletions Delta_ik",
               ex0, lim, 1e-2, t0, "error O(q)")
 

@@ -4,7 +4,6 @@ Every model is rebuilt from integer seeds."""
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Callable, Optional
 
@@ -168,14 +167,3 @@ def gaussian_net(q):
     model = mlp([3, 3, 3], ["tanh"], {1: q}, seed=4, scale=2.0, out_scale=3.0, site_cls=dc.GaussianDropout)
     X, y = data(1, 3, 3, seed=4)
     return model, X, y
-
-
-def with_q(model, q):
-    """A copy of ``model`` with every dropout site (q > 0) at drop probability ``q``."""
-    from dc_references import classify  # dc_references builds on this module
-
-    m = copy.deepcopy(model)
-    for mod in m.modules():
-        if classify(mod) is not None and mod.p > 0:
-            mod.p = q
-    return m

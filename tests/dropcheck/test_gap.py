@@ -30,7 +30,7 @@ import dc_references as refs
 import dc_stats as stats
 import dc_strategies as strategies
 
-with_q = cases.with_q
+with_q = dc.with_drop_probability
 
 
 def n_units(case):

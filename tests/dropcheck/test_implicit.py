@@ -30,7 +30,7 @@ import dc_references as refs
 import dc_stats as stats
 import dc_strategies as strategies
 
-with_q = cases.with_q
+with_q = dc.with_drop_probability
 
 # 8 noise units (256 masks): dropout's gradient moments exactly by enumeration
 TINY = dict(sizes=[2, 2, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n=2, seed=2)

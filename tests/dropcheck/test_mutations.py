@@ -18,7 +18,6 @@ constant at all, must still pass (so the table is verified, not assumed).
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -40,14 +39,6 @@ TOL = 1e-9
 MLP = dict(sizes=[3, 4, 3], acts=["tanh"], sites={0: 0.3, 1: 0.2}, scale=1.5, n=3, seed=1)
 LAST = dict(sizes=[3, 4, 3], acts=["tanh"], sites={1: 0.3}, scale=2.0, n=3, seed=2)
 TINY = dict(sizes=[2, 2, 3], acts=["tanh"], sites={0: 0.3, 1: 0.4}, scale=2.0, n=2, seed=2)
-
-
-def _with_q(model, q):
-    m = copy.deepcopy(model)
-    for mod in m.modules():
-        if refs.classify(mod) is not None and mod.p > 0:
-            mod.p = q
-    return m
 
 
 # ---------------------------------------------------------------------------

@@ -236,3 +236,21 @@ def test_dropconnect_module_one_mask_per_call():
     out = d(W)
     assert set(torch.round(out / W * 1e6).unique().tolist()) <= {0.0, round(1e6 / 0.75)}
     assert d.eval()(W) is W
+
+
+def test_with_drop_probability_copies_and_sets_every_active_module_site():
+    """Sites at q > 0 (nn.Dropout, LockedDropout, timm-style DropPath, which
+    keeps q in ``drop_prob``) get the new q in a copy; a q = 0 module stays
+    off; the original model is untouched; q outside [0, 1) is refused."""
+    from model_zoo import DropPath
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.3), dc.LockedDropout(0.2), nn.Dropout(0.0), DropPath(0.1))
+    moved = dc.with_drop_probability(model, 0.05)
+    assert sorted((s.name, s.q) for s in dc.find_sites(moved)) == [("1", 0.05), ("2", 0.05), ("4", 0.05)]
+    assert moved[3].p == 0.0 and not hasattr(moved[4], "p")
+    assert [s.q for s in dc.find_sites(model)] == [0.3, 0.2, 0.1]
+    assert moved[0].weight is not model[0].weight
+    torch.testing.assert_close(moved[0].weight, model[0].weight)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(dc.DropcheckError, match="drop probability q must lie in"):
+            dc.with_drop_probability(model, bad)
