@@ -172,16 +172,6 @@ def _check_delta(delta) -> float:
     return f
 
 
-def _check_q(q) -> float:
-    try:
-        f = float(q)
-    except (TypeError, ValueError) as exc:
-        raise DropcheckError(f"the dropout probability q must be a number, got {q!r}") from exc
-    if not (0.0 <= f < 1.0):
-        raise DropcheckError(f"the dropout probability q must lie in [0, 1), got {q!r}")
-    return f
-
-
 def _check_n(n) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) < 3:
         raise DropcheckError(f"the sample size n must be an integer ≥ 3 (so that log log n > 0), got {n!r}")

@@ -19,15 +19,10 @@ from typing import Optional
 import torch
 
 from ._errors import DropcheckError
-from ._sites import dropout_lambda as _site_lambda
-from .bound import _DTYPE, _check_model, _check_q, _is_torch, _out, _to_float
+from ._sites import _check_q, dropout_lambda
+from .bound import _DTYPE, _check_model, _is_torch, _out, _to_float
 
-__all__ = ["dropout_lambda", "explicit_penalty_linear", "implicit_noise_linear"]
-
-def dropout_lambda(q) -> float:
-    """The dropout-matched coefficient ``λ = q / (2(1-q))`` (docs/math.md), ``q ∈ [0, 1)``
-    (``dropcheck.dropout_lambda``)."""
-    return _site_lambda(_check_q(q))
+__all__ = ["dropout_lambda", "explicit_penalty_linear", "implicit_noise_linear"]  # dropout_lambda: re-exported
 
 
 def explicit_penalty_linear(W, X, q, *, coef=None):
@@ -77,7 +72,7 @@ def implicit_noise_linear(W, X, y, q, *, eta=None, generator: Optional[torch.Gen
     ``W (c, d)``, ``X (n, d)``, ``y (n,)``; returns ``(c, d)`` float64 (torch
     tensor if any input is one, else numpy), detached.
     """
-    qf = _check_q(q)
+    qf = _check_q(q, "linear dropout")
     Wt, Xt, yt = _check_model(W, X, y)
     n, d = Xt.shape
     if eta is None:
