@@ -67,7 +67,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dropcheck._errors import DropcheckError
+from dropcheck import DropcheckError
+
+from .files import atomic_write_text
 
 SCHEMA = "dropcheck-bench/1"
 DEFAULT_CONFIG = "smoke"
@@ -219,7 +221,7 @@ def bench(
     import torch
 
     from . import configs
-    from .rules import needs_double_backward
+    from .rules import needs_double_backward, rule_class
     from .trainer import Trainer, build_lm, git_commit, stream_seed
 
     if warmup < 0 or repeats < 1:
@@ -351,9 +353,9 @@ def bench(
                 "what": arm.what,
                 "rule": cfg["rule"],
                 "k": cfg["k"],
-                "estimator": cfg["estimator"] if cfg["rule"] in ("explicit", "explicit_implicit") else None,
-                "noise_estimator": cfg["noise_estimator"] if cfg["rule"] == "explicit_implicit"
-                and cfg["estimator"] != "fd_shared" else None,
+                "estimator": cfg["estimator"] if rule_class(cfg["rule"]).uses_estimator(cfg) else None,
+                "noise_estimator": cfg["noise_estimator"] if rule_class(cfg["rule"]).uses_noise_estimator(cfg)
+                else None,
                 "backend": arm.backend,
                 "backend_impl": impl,
                 "double_backward": needs_double_backward(cfg),
@@ -480,10 +482,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     out = Path(args.out) if args.out else default_out(res)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(res, indent=1, allow_nan=True) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(res, indent=1, allow_nan=True) + "\n")
     print(format_table(res))
     print(f"wrote {out}")
     return 1 if any(a["error"] for a in res["arms"]) else 0
@@ -594,7 +593,7 @@ def _sweep_main(argv=None) -> int:
                 threads=a.threads)
     stem = Path(a.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(res, indent=1, allow_nan=True) + "\n")
     plot_sweep(res, stem.with_suffix(".png"))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
     return 0

@@ -12,12 +12,16 @@ from typing import Any, Callable
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save"]
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def _atomic(path: Path, write: Callable) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make logs unreadable to the group
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

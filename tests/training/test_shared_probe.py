@@ -14,7 +14,7 @@ import torch
 
 import dropcheck as dc
 from dropcheck._common import default_eps
-from dropcheck._errors import DropcheckError
+from dropcheck import DropcheckError
 from training.configs import make_config
 from training.rules import Gens, needs_double_backward
 
