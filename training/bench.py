@@ -63,9 +63,9 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from dropcheck import DropcheckError
 
@@ -205,6 +205,209 @@ def _select_arms(spec: Optional[str]) -> list[Arm]:
     return [by[w] for w in dict.fromkeys(want)]
 
 
+@dataclass
+class _ArmRun:
+    """One arm's trainer, hidden state and measurements during the bench."""
+
+    arm: Arm
+    cfg: dict
+    trainer: Any = None
+    hidden: Any = None
+    batches: int = 0
+    ms: list = field(default_factory=list)
+    mem: Optional[int] = None
+    error: Optional[str] = None
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = f"{type(exc).__name__}: {exc}"[:1000]
+
+
+def _build_arms(chosen: list[Arm], base: dict, vocab: int, dev, dtype) -> list[_ArmRun]:
+    """Every arm's model, trainer and hidden state, before any step runs; an
+    arm that cannot be built (e.g. multipliers fd_shared cannot share) keeps
+    its error and is reported."""
+    from . import configs
+    from .trainer import Trainer, build_lm
+
+    runs = []
+    for arm in chosen:
+        run = _ArmRun(arm, configs.validate({**base, **arm.overrides, "backend": arm.backend}))
+        runs.append(run)
+        try:
+            lm = build_lm(run.cfg, vocab, dev, dtype, arm.backend)
+            run.trainer = Trainer(run.cfg, lm, device=dev)  # the training run's step, without data or log
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON and the table
+            run.fail(exc)
+            continue
+        run.hidden = lm.init_hidden(base["batch_size"])
+        run.trainer.model.train()
+    return runs
+
+
+class _Stepper:
+    """One ``Trainer.step`` of an arm on the next batch of the pool, in one of
+    three modes: "warmup" (untimed), "time" (appends ms) or "memory"
+    (untimed; peak memory above what was allocated before the step).  An arm
+    that fails (out of memory, diverged) keeps its error and is skipped from
+    then on; the other arms go on."""
+
+    def __init__(self, pool: list, dev):
+        import torch
+
+        self.torch, self.pool, self.dev = torch, pool, dev
+        self.cpu_peak = _CpuPeak() if dev.type == "cpu" else None
+
+    def _sync(self) -> None:
+        if self.dev.type == "cuda":
+            self.torch.cuda.synchronize(self.dev)
+
+    def _start_memory(self) -> Optional[int]:
+        cuda = self.torch.cuda
+        if self.dev.type == "cuda":
+            before = cuda.memory_allocated(self.dev)
+            cuda.reset_peak_memory_stats(self.dev)
+            return before
+        if self.cpu_peak is not None and self.cpu_peak.ok:
+            self.cpu_peak.start()
+        return None
+
+    def _stop_memory(self, before: Optional[int]) -> Optional[int]:
+        if self.dev.type == "cuda":
+            return self.torch.cuda.max_memory_allocated(self.dev) - before
+        if self.cpu_peak is not None and self.cpu_peak.ok:
+            return self.cpu_peak.stop()
+        return None
+
+    def _step(self, run: _ArmRun, mode: str) -> None:
+        batch = self.pool[run.batches % len(self.pool)]
+        run.batches += 1
+        x, y = batch[:-1], batch[1:]
+        self._sync()
+        before = self._start_memory() if mode == "memory" else None
+        t0 = time.perf_counter()
+        _loss, _reg, run.hidden = run.trainer.step(x, y, run.hidden)
+        self._sync()
+        dt = time.perf_counter() - t0
+        if mode == "time":
+            run.ms.append(1e3 * dt)
+        elif mode == "memory":
+            run.mem = self._stop_memory(before)
+
+    def __call__(self, run: _ArmRun, mode: str) -> None:
+        if run.error is not None:
+            return
+        try:
+            self._step(run, mode)
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON and the table
+            run.fail(exc)
+            run.trainer.model.hidden = None
+            run.hidden = None
+            if self.dev.type == "cuda":
+                self.torch.cuda.empty_cache()
+
+    def memory_metric(self) -> str:
+        if self.dev.type == "cuda":
+            return ("torch.cuda.max_memory_allocated() during one extra untimed step after the timed rounds "
+                    "minus memory_allocated() before it")
+        if self.cpu_peak is not None and self.cpu_peak.ok:
+            return ("peak RSS during one extra untimed step after the timed rounds minus RSS before it "
+                    "(Linux VmHWM reset via /proc/self/clear_refs, VmRSS; glibc malloc_trim(0) first)")
+        return "unavailable (no /proc/self/clear_refs)"
+
+
+def _run_protocol(runs: list[_ArmRun], step: _Stepper, warmup: int, repeats: int, bar) -> float:
+    """Warm-up per arm, then interleaved timed rounds, then one memory step
+    per arm (module docstring); returns the wall time in seconds."""
+
+    def tick(text: Optional[str] = None) -> None:
+        if bar is not None:
+            if text is not None:
+                bar.set_postfix_str(text)
+            else:
+                bar.update(1)
+
+    t_start = time.perf_counter()
+    for run in runs:
+        tick(f"warm-up {run.arm.label}")
+        for _ in range(warmup):
+            step(run, "warmup")
+            tick()
+    for r in range(repeats):
+        tick(f"round {r + 1}/{repeats}")
+        for run in runs:
+            step(run, "time")
+            tick()
+    tick("memory")
+    for run in runs:
+        step(run, "memory")
+        tick()
+    return time.perf_counter() - t_start
+
+
+def _arm_record(run: _ArmRun, base_med: Optional[float], dev, tokens_per_step: int) -> dict:
+    """One arm's entry of the JSON."""
+    import torch
+
+    from .rules import rule_class
+
+    arm, cfg = run.arm, run.cfg
+    rule = rule_class(cfg["rule"])
+    if arm.backend == "fused":
+        impl = "cuDNN" if (dev.type == "cuda" and torch.backends.cudnn.enabled) else f"ATen LSTM ({dev.type})"
+    else:
+        impl = "Python-loop LSTM"
+    q25, med, q75 = _quantiles(run.ms) if run.ms and run.error is None else (None, None, None)
+    ok = med is not None
+    params = run.trainer.params if run.trainer is not None else []
+    return {
+        "label": arm.label,
+        "what": arm.what,
+        "rule": cfg["rule"],
+        "k": cfg["k"],
+        "estimator": cfg["estimator"] if rule.uses_estimator(cfg) else None,
+        "noise_estimator": cfg["noise_estimator"] if rule.uses_noise_estimator(cfg) else None,
+        "backend": arm.backend,
+        "backend_impl": impl,
+        "double_backward": rule.needs_double_backward(cfg),
+        "error": run.error,
+        "ms": run.ms,
+        "median_ms": med,
+        "q25_ms": q25,
+        "q75_ms": q75,
+        "iqr_ms": q75 - q25 if ok else None,
+        "mean_ms": statistics.fmean(run.ms) if ok else None,
+        "min_ms": min(run.ms) if ok else None,
+        "tokens_per_s": (tokens_per_step / (med / 1e3) if med > 0 else math.inf) if ok else None,
+        "ratio_to_baseline": med / base_med if (ok and base_med) else None,
+        "peak_mem_bytes": run.mem,
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+    }
+
+
+def _environment(dev) -> dict:
+    """Device, versions and numerics settings of the JSON."""
+    import torch
+
+    import dropcheck
+
+    return {
+        "device_type": dev.type,
+        "device": str(dev),
+        "device_name": _device_name(dev),
+        "label": ("CPU timing (not a GPU result)" if dev.type == "cpu" else "GPU timing"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None,
+        "tf32": {
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn": torch.backends.cudnn.allow_tf32,
+        } if dev.type == "cuda" else None,
+        "python": platform.python_version(),
+        "dropcheck": dropcheck.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def bench(
     config: str = DEFAULT_CONFIG,
     overrides=(),
@@ -221,8 +424,7 @@ def bench(
     import torch
 
     from . import configs
-    from .rules import needs_double_backward, rule_class
-    from .trainer import Trainer, build_lm, git_commit, stream_seed
+    from .trainer import git_commit, stream_seed
 
     if warmup < 0 or repeats < 1:
         raise DropcheckError(f"--warmup must be >= 0 and --repeats >= 1, got {warmup} and {repeats}")
@@ -237,168 +439,28 @@ def bench(
     if nthreads:
         torch.set_num_threads(int(nthreads))
     dtype = {"float32": torch.float32, "float64": torch.float64}[base["dtype"]]
-    chosen = _select_arms(arms)
     T, B = base["bptt"], base["batch_size"]
 
-    # every arm's state first, then warm-up, then interleaved timed rounds
+    runs = _build_arms(_select_arms(arms), base, vocab, dev, dtype)
     gen = torch.Generator().manual_seed(stream_seed(base["seed"], 9))
-    pool = [torch.randint(0, vocab, (T + 1, B), generator=gen).to(dev) for _ in range(4)]
-    states = []
-    for arm in chosen:
-        cfg = configs.validate({**base, **arm.overrides, "backend": arm.backend})
-        s = {"arm": arm, "cfg": cfg, "model": None, "params": [], "i": 0, "ms": [], "mem": None, "error": None}
-        states.append(s)
-        try:
-            lm = build_lm(cfg, vocab, dev, dtype, arm.backend)
-            trainer = Trainer(cfg, lm, device=dev)  # the training run's step, without data or log
-        except Exception as exc:  # noqa: BLE001 - e.g. multipliers fd_shared cannot share; reported
-            s["error"] = f"{type(exc).__name__}: {exc}"[:1000]
-            continue
-        s.update(trainer=trainer, model=trainer.model, params=trainer.params, hidden=lm.init_hidden(B))
-        trainer.model.train()
-
-    cpu_peak = _CpuPeak() if dev.type == "cpu" else None
-
-    def step(s, mode: str) -> None:
-        """``mode``: "warmup" (untimed), "time" or "memory" (untimed, peak memory)."""
-        batch = pool[s["i"] % len(pool)]
-        s["i"] += 1
-        x, y = batch[:-1], batch[1:]
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        if mode == "memory":
-            if dev.type == "cuda":
-                before = torch.cuda.memory_allocated(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-            elif cpu_peak is not None and cpu_peak.ok:
-                cpu_peak.start()
-        t0 = time.perf_counter()
-        _loss, _reg, s["hidden"] = s["trainer"].step(x, y, s["hidden"])
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        dt = time.perf_counter() - t0
-        if mode == "time":
-            s["ms"].append(1e3 * dt)
-        elif mode == "memory":
-            if dev.type == "cuda":
-                s["mem"] = torch.cuda.max_memory_allocated(dev) - before
-            elif cpu_peak is not None and cpu_peak.ok:
-                s["mem"] = cpu_peak.stop()
-
-    def safe_step(s, mode: str) -> None:
-        """An arm that fails (e.g. out of memory, diverged) is reported with its
-        error and skipped from then on; the other arms go on."""
-        if s["error"] is not None:
-            return
-        try:
-            step(s, mode)
-        except Exception as exc:  # noqa: BLE001 - reported in the JSON and the table
-            s["error"] = f"{type(exc).__name__}: {exc}"[:1000]
-            s["model"].hidden = None
-            s["hidden"] = None
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-
+    step = _Stepper([torch.randint(0, vocab, (T + 1, B), generator=gen).to(dev) for _ in range(4)], dev)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(states) * (warmup + repeats + 1), desc=f"bench {name} on {dev.type}", unit="step",
+        bar = tqdm(total=len(runs) * (warmup + repeats + 1), desc=f"bench {name} on {dev.type}", unit="step",
                    file=sys.stderr, dynamic_ncols=True)
-    t_start = time.perf_counter()
     try:
-        for s in states:
-            if bar is not None:
-                bar.set_postfix_str(f"warm-up {s['arm'].label}")
-            for _ in range(warmup):
-                safe_step(s, "warmup")
-                if bar is not None:
-                    bar.update(1)
-        for r in range(repeats):
-            if bar is not None:
-                bar.set_postfix_str(f"round {r + 1}/{repeats}")
-            for s in states:
-                safe_step(s, "time")
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.set_postfix_str("memory")
-        for s in states:
-            safe_step(s, "memory")
-            if bar is not None:
-                bar.update(1)
+        wall = _run_protocol(runs, step, warmup, repeats, bar)
     finally:
         if bar is not None:
             bar.close()
-    wall = time.perf_counter() - t_start
 
-    base_med = None
-    results = []
-    for s in states:
-        q25, med, q75 = _quantiles(s["ms"]) if s["ms"] and s["error"] is None else (None, None, None)
-        if s["arm"].label == BASELINE:
-            base_med = med
-        results.append((s, q25, med, q75))
-    out_arms = []
-    for s, q25, med, q75 in results:
-        arm, cfg = s["arm"], s["cfg"]
-        if arm.backend == "fused":
-            impl = "cuDNN" if (dev.type == "cuda" and torch.backends.cudnn.enabled) else f"ATen LSTM ({dev.type})"
-        else:
-            impl = "Python-loop LSTM"
-        ok = med is not None
-        out_arms.append(
-            {
-                "label": arm.label,
-                "what": arm.what,
-                "rule": cfg["rule"],
-                "k": cfg["k"],
-                "estimator": cfg["estimator"] if rule_class(cfg["rule"]).uses_estimator(cfg) else None,
-                "noise_estimator": cfg["noise_estimator"] if rule_class(cfg["rule"]).uses_noise_estimator(cfg)
-                else None,
-                "backend": arm.backend,
-                "backend_impl": impl,
-                "double_backward": needs_double_backward(cfg),
-                "error": s["error"],
-                "ms": s["ms"],
-                "median_ms": med,
-                "q25_ms": q25,
-                "q75_ms": q75,
-                "iqr_ms": q75 - q25 if ok else None,
-                "mean_ms": statistics.fmean(s["ms"]) if ok else None,
-                "min_ms": min(s["ms"]) if ok else None,
-                "tokens_per_s": (T * B / (med / 1e3) if med > 0 else math.inf) if ok else None,
-                "ratio_to_baseline": med / base_med if (ok and base_med) else None,
-                "peak_mem_bytes": s["mem"],
-                "param_bytes": sum(p.numel() * p.element_size() for p in s["params"]),
-            }
-        )
-    if dev.type == "cuda":
-        mem_metric = ("torch.cuda.max_memory_allocated() during one extra untimed step after the timed rounds "
-                      "minus memory_allocated() before it")
-    elif cpu_peak is not None and cpu_peak.ok:
-        mem_metric = ("peak RSS during one extra untimed step after the timed rounds minus RSS before it "
-                      "(Linux VmHWM reset via /proc/self/clear_refs, VmRSS; glibc malloc_trim(0) first)")
-    else:
-        mem_metric = "unavailable (no /proc/self/clear_refs)"
-    import dropcheck
-
+    base_run = next(r for r in runs if r.arm.label == BASELINE)
+    base_med = _quantiles(base_run.ms)[1] if base_run.ms and base_run.error is None else None
     return {
         "schema": SCHEMA,
-        "device_type": dev.type,
-        "device": str(dev),
-        "device_name": _device_name(dev),
-        "label": ("CPU timing (not a GPU result)" if dev.type == "cpu" else "GPU timing"),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None,
-        "tf32": {
-            "matmul": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn": torch.backends.cudnn.allow_tf32,
-        } if dev.type == "cuda" else None,
-        "python": platform.python_version(),
-        "dropcheck": dropcheck.__version__,
-        "threads": torch.get_num_threads(),
+        **_environment(dev),
         "git_commit": git_commit(),
         "config_name": name,
         "config": base,
@@ -411,9 +473,9 @@ def bench(
         "repeats": repeats,
         "protocol": ("all arms built first; warm-up steps per arm; then interleaved rounds, one timed step per arm "
                      "per round; then one untimed step per arm for peak memory"),
-        "memory_metric": mem_metric,
+        "memory_metric": step.memory_metric(),
         "baseline": BASELINE,
-        "arms": out_arms,
+        "arms": [_arm_record(r, base_med, dev, T * B) for r in runs],
         "wall_s": wall,
         "started": started,
     }
