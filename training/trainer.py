@@ -524,6 +524,84 @@ def _check_outputs(out: Path, log_path: Path, ckpt_path: Path, resume: bool, ove
         raise DropcheckError(f"cannot resume: no checkpoint {ckpt_path}")
 
 
+@dataclass
+class _RunData:
+    """A run's token streams on its device: this rank's columns of the
+    training stream (``per`` of them), the evaluation texts, and a fixed
+    slice of the training text scored without dropout (the paper's training
+    perplexity; ``None`` when ``train_eval_tokens`` is 0)."""
+
+    train_tokens: int  # over all ranks
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+    train_eval: Optional[torch.Tensor]
+    per: int
+
+    @property
+    def rows(self) -> int:
+        return self.train.size(0)
+
+
+def _load_data(cfg: Mapping[str, Any], corpus: Corpus, device: torch.device, world: int, rank: int) -> _RunData:
+    head = lambda t, n: t[:n] if n else t  # noqa: E731
+    train_all = batchify(head(corpus.train, cfg["train_tokens"]), cfg["batch_size"])
+    per = cfg["batch_size"] // world
+    train_eval = (batchify(corpus.train[: cfg["train_eval_tokens"]], cfg["eval_batch_size"]).to(device)
+                  if cfg["train_eval_tokens"] else None)
+    return _RunData(
+        train_tokens=int(train_all.numel()),
+        train=train_all.to(device)[:, rank * per : (rank + 1) * per],
+        valid=batchify(head(corpus.valid, cfg["valid_tokens"]), cfg["eval_batch_size"]).to(device),
+        test=batchify(head(corpus.test, cfg["test_tokens"]), cfg["test_batch_size"]).to(device),
+        train_eval=train_eval,
+        per=per,
+    )
+
+
+def _budget_spent(cfg: Mapping[str, Any], c) -> bool:
+    return bool((cfg["max_steps"] and c.step >= cfg["max_steps"]) or (cfg["epochs"] and c.epoch >= cfg["epochs"]))
+
+
+def _train_step(tr: "Trainer", d: _RunData, cfg: Mapping[str, Any], world: int, device: torch.device) -> bool:
+    """One step on the next batch of the stream, timed, with the counters
+    advanced; returns whether it ended the epoch (the caller resets)."""
+    st, c = tr.state, tr.state.counters
+    t0 = time.perf_counter()
+    seq_len = sample_seq_len(st.data_gen, cfg["bptt"]) if cfg["variable_bptt"] else cfg["bptt"]
+    x, y = get_batch(d.train, c.pos, seq_len)
+    _loss, _reg, st.hidden = tr.step(x, y, st.hidden)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt, ntok = time.perf_counter() - t0, x.numel() * world
+    c.step, c.pos, c.tokens_seen = c.step + 1, c.pos + seq_len, c.tokens_seen + ntok
+    c.train_time, c.interval_time, c.interval_tokens = c.train_time + dt, c.interval_time + dt, c.interval_tokens + ntok
+    return c.pos >= d.rows - 2
+
+
+def _test_best(tr: "Trainer", lm: AWDLSTM, d: _RunData, best_path: Path, world: int, stopped_early: bool) -> dict:
+    """The ``final`` record: the best checkpoint's test and validation perplexity."""
+    c, cfg = tr.state.counters, tr.cfg
+    if world > 1:
+        dist.barrier()
+    lm.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
+    tloss, tn = evaluate(lm, d.test, cfg["bptt"])
+    vloss, _ = evaluate(lm, d.valid, cfg["bptt"])
+    return {
+        "type": "final",
+        "step": c.step,
+        "best_step": c.best_step,
+        "best_valid_ppl": c.best_valid,
+        "stop": "patience" if stopped_early else "budget",
+        "valid_ppl": _ppl(vloss),
+        "test_loss": tloss,
+        "test_ppl": _ppl(tloss),
+        "test_tokens": tn,
+        "wall_time": c.train_time,
+        "tokens_per_s": c.tokens_seen / c.train_time if c.train_time > 0 else math.nan,
+    }
+
+
 def train(
     cfg: Mapping[str, Any],
     *,
@@ -548,74 +626,54 @@ def train(
     log_path, ckpt_path, best_path = out / f"{name}.jsonl", out / f"{name}.ckpt.pt", out / f"{name}.best.pt"
     if is_main:
         _check_outputs(out, log_path, ckpt_path, resume, overwrite)
-
-    # ---- data: this rank's columns of the training stream, the evaluation texts
     if corpus is None:
         corpus = load_corpus(resolve_corpus_dir(data, cfg["corpus"]))
-    head = lambda t, n: t[:n] if n else t  # noqa: E731
-    train_all = batchify(head(corpus.train, cfg["train_tokens"]), cfg["batch_size"]).to(device)
-    per = cfg["batch_size"] // world
-    train_data = train_all[:, rank * per : (rank + 1) * per]
-    valid_data = batchify(head(corpus.valid, cfg["valid_tokens"]), cfg["eval_batch_size"]).to(device)
-    test_data = batchify(head(corpus.test, cfg["test_tokens"]), cfg["test_batch_size"]).to(device)
-    # a fixed slice of the training text, scored without dropout (the paper's training perplexity)
-    train_eval = (batchify(corpus.train[: cfg["train_eval_tokens"]], cfg["eval_batch_size"]).to(device)
-                  if cfg["train_eval_tokens"] else None)
-    nrows = train_data.size(0)
+    d = _load_data(cfg, corpus, device, world, rank)
 
     # ---- model, rule, optimizer, state; log and checkpoints beside them
     backend = resolve_backend(cfg, device)
     lm = build_lm(cfg, corpus.vocab_size, device, dtype, backend)
-    tr = Trainer(cfg, lm, device=device, world=world, rank=rank, valid_data=valid_data, train_eval=train_eval,
+    tr = Trainer(cfg, lm, device=device, world=world, rank=rank, valid_data=d.valid, train_eval=d.train_eval,
                  best_path=best_path, is_main=is_main)
-    st, c = tr.state, tr.state.counters
+    st = tr.state
     log = RunLog(log_path, is_main)
     ckpt = Checkpointer(ckpt_path, cfg=cfg, config_name=config_name, run_name=name, world=world, is_main=is_main)
     if resume:
         ckpt.load(st, lm, tr.opt, log, rank)
-        c = st.counters
-        log.write({"type": "resume", "step": c.step, "epoch": c.epoch, "time": time.time()})
+        log.write({"type": "resume", "step": st.counters.step, "epoch": st.counters.epoch, "time": time.time()})
     else:
         log.start()
-        tokens = {"train_tokens": int(train_all.numel()), "valid_tokens": int(valid_data.numel()),
-                  "test_tokens": int(test_data.numel())}
+        tokens = {"train_tokens": d.train_tokens, "valid_tokens": int(d.valid.numel()),
+                  "test_tokens": int(d.test.numel())}
         log.write(_header(cfg, name, config_name, device, backend, world, corpus, tokens, sum(p.numel() for p in tr.params)))
+    c = st.counters
 
     # ---- the loop
-    total = cfg["max_steps"] or max(1, int(nrows / cfg["bptt"])) * cfg["epochs"]
     bar = None
     if cfg["progress"] and is_main:
         from tqdm import tqdm
 
+        total = cfg["max_steps"] or max(1, int(d.rows / cfg["bptt"])) * cfg["epochs"]
         bar = tqdm(total=total, initial=c.step, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True)
     records: list = []
     last_ckpt_step, stopped, stopped_early = c.step, False, False
 
     def eval_and_log() -> dict:
         """Evaluate (fractional epoch from the stream position), log and keep the record."""
-        rec = tr.evaluate(st.counters.epoch + min(1.0, st.counters.pos / max(nrows - 2, 1)))
+        rec = tr.evaluate(c.epoch + min(1.0, c.pos / max(d.rows - 2, 1)))
         log.write(rec)
         records.append(rec)
         return rec
 
     tr.model.train()
     try:
-        while not ((cfg["max_steps"] and c.step >= cfg["max_steps"]) or (cfg["epochs"] and c.epoch >= cfg["epochs"])):
+        while not _budget_spent(cfg, c):
             if stop_after is not None and c.step >= stop_after:
                 stopped = True
                 break
-            t0 = time.perf_counter()
-            seq_len = sample_seq_len(st.data_gen, cfg["bptt"]) if cfg["variable_bptt"] else cfg["bptt"]
-            x, y = get_batch(train_data, c.pos, seq_len)
-            _loss, _reg, st.hidden = tr.step(x, y, st.hidden)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt, ntok = time.perf_counter() - t0, x.numel() * world
-            c.step, c.pos, c.tokens_seen = c.step + 1, c.pos + seq_len, c.tokens_seen + ntok
-            c.train_time, c.interval_time, c.interval_tokens = c.train_time + dt, c.interval_time + dt, c.interval_tokens + ntok
+            epoch_end = _train_step(tr, d, cfg, world, device)
             if bar is not None:
                 bar.update(1)
-            epoch_end = c.pos >= nrows - 2
             did_eval = bool(cfg["eval_every"] and c.step % cfg["eval_every"] == 0) or (epoch_end and not cfg["eval_every"])
             if did_eval:
                 rec = eval_and_log()
@@ -623,7 +681,7 @@ def train(
                     bar.set_postfix(valid_ppl=f"{rec['valid_ppl']:.2f}", train_ppl=f"{rec['train_ppl']:.2f}")
             if epoch_end:
                 c.epoch, c.pos = c.epoch + 1, 0
-                st.hidden = lm.init_hidden(per)
+                st.hidden = lm.init_hidden(d.per)
             if did_eval or (cfg["checkpoint_every"] and c.step % cfg["checkpoint_every"] == 0):
                 ckpt.save(st, lm, tr.opt, log)
                 last_ckpt_step = c.step
@@ -644,24 +702,7 @@ def train(
     if st.steps or c.evals == 0:
         eval_and_log()
     ckpt.save(st, lm, tr.opt, log)
-    if world > 1:
-        dist.barrier()
-    lm.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
-    tloss, tn = evaluate(lm, test_data, cfg["bptt"])
-    vloss, _ = evaluate(lm, valid_data, cfg["bptt"])
-    final = {
-        "type": "final",
-        "step": c.step,
-        "best_step": c.best_step,
-        "best_valid_ppl": c.best_valid,
-        "stop": "patience" if stopped_early else "budget",
-        "valid_ppl": _ppl(vloss),
-        "test_loss": tloss,
-        "test_ppl": _ppl(tloss),
-        "test_tokens": tn,
-        "wall_time": c.train_time,
-        "tokens_per_s": c.tokens_seen / c.train_time if c.train_time > 0 else math.nan,
-    }
+    final = _test_best(tr, lm, d, best_path, world, stopped_early)
     log.write(final)
     records.append(final)
     return TrainResult(name, log_path, ckpt_path, best_path, c.step, True, c.best_valid, final["test_ppl"], records,
