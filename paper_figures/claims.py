@@ -170,113 +170,119 @@ def _claim(cid, verdict, summary, used: list[ArmStats], scale: str) -> dict:
     }
 
 
-def judge(arms: dict[str, ArmStats], scale: str) -> list[dict]:
-    """One verdict per claim (module docstring)."""
-    out = []
-    none = _one(arms, _is("none"))
-    d = {k: _one(arms, _is("dropout", k=k)) for k in (1, 2, 4, 8)}
-
-    # C1: DROPOUT_k worse as k grows, DROPOUT_8 still better than no dropout
+def _c1(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
+    """C1: DROPOUT_k worse as k grows, DROPOUT_8 still better than no dropout."""
     need = {"no dropout": none, **{f"DROPOUT_{k}": v for k, v in d.items()}}
     missing = [n for n, v in need.items() if v is None]
     if missing:
-        out.append(_pending("C1", missing))
-    else:
-        chain = [d[1], d[2], d[4], d[8]]
-        steps = [_cmp(chain[i + 1], chain[i]) for i in range(3)]  # each against the smaller k
-        grows = all(s != "better" for s in steps) and _cmp(d[8], d[1]) == "worse"
-        beats_none = _cmp(d[8], none) == "better"
-        verdict = "reproduced" if grows and beats_none else ("partly" if _cmp(d[8], d[1]) == "worse" else "not reproduced")
-        summary = ("DROPOUT_k for k = 1, 2, 4, 8: " + "; ".join(f"k={k} {d[k].text()}" for k in (1, 2, 4, 8))
-                   + f"; no dropout {none.text()}. k=8 vs k=1: {_cmp(d[8], d[1])}; consecutive steps (larger k vs "
-                   f"smaller): {', '.join(steps)}; DROPOUT_8 vs no dropout: {_cmp(d[8], none)}.")
-        out.append(_claim("C1", verdict, summary, [none, *chain], scale))
+        return _pending("C1", missing)
+    chain = [d[1], d[2], d[4], d[8]]
+    steps = [_cmp(chain[i + 1], chain[i]) for i in range(3)]  # each against the smaller k
+    grows = all(s != "better" for s in steps) and _cmp(d[8], d[1]) == "worse"
+    beats_none = _cmp(d[8], none) == "better"
+    verdict = "reproduced" if grows and beats_none else ("partly" if _cmp(d[8], d[1]) == "worse" else "not reproduced")
+    summary = ("DROPOUT_k for k = 1, 2, 4, 8: " + "; ".join(f"k={k} {d[k].text()}" for k in (1, 2, 4, 8))
+               + f"; no dropout {none.text()}. k=8 vs k=1: {_cmp(d[8], d[1])}; consecutive steps (larger k vs "
+               f"smaller): {', '.join(steps)}; DROPOUT_8 vs no dropout: {_cmp(d[8], none)}.")
+    return _claim("C1", verdict, summary, [none, *chain], scale)
 
-    # C2: DROPOUT_4 + ξ̃_drop recovers DROPOUT_1
+
+def _c2(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
+    """C2: DROPOUT_4 + ξ̃_drop recovers DROPOUT_1."""
     inj = _one(arms, _is("dropout_inject", k=4))
     missing = [n for n, v in {"DROPOUT_1": d[1], "DROPOUT_4": d[4], "DROPOUT_4 + ξ̃_drop": inj}.items() if v is None]
     if missing:
-        out.append(_pending("C2", missing))
+        return _pending("C2", missing)
+    gap = _cmp(d[4], d[1])
+    rec = _cmp(inj, d[1]) in ("same", "better")
+    better4 = _cmp(inj, d[4]) == "better"
+    if gap != "worse":
+        verdict = "partly" if rec else "not reproduced"
+        note = "DROPOUT_4 is not clearly worse than DROPOUT_1 here, so there is little for the noise to recover."
     else:
-        gap = _cmp(d[4], d[1])
-        rec = _cmp(inj, d[1]) in ("same", "better")
-        better4 = _cmp(inj, d[4]) == "better"
-        if gap != "worse":
-            verdict = "partly" if rec else "not reproduced"
-            note = "DROPOUT_4 is not clearly worse than DROPOUT_1 here, so there is little for the noise to recover."
-        else:
-            verdict = "reproduced" if rec and better4 else ("partly" if rec or better4 else "not reproduced")
-            note = ""
-        summary = f"{_vs(inj, d[1])}; {_vs(inj, d[4])}. {note}".strip()
-        out.append(_claim("C2", verdict, summary, [d[1], d[4], inj], scale))
+        verdict = "reproduced" if rec and better4 else ("partly" if rec or better4 else "not reproduced")
+        note = ""
+    summary = f"{_vs(inj, d[1])}; {_vs(inj, d[4])}. {note}".strip()
+    return _claim("C2", verdict, summary, [d[1], d[4], inj], scale)
 
-    # C3: R_approx alone beats the largest-k DROPOUT_k but does not reach DROPOUT_1
+
+def _c3(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
+    """C3: R_approx alone beats the largest-k DROPOUT_k but does not reach DROPOUT_1."""
     expl = _find(arms, _is("explicit"))
     missing = [n for n, v in {"DROPOUT_1": d[1], "DROPOUT_8": d[8]}.items() if v is None] + (
         [] if expl else ["R_approx"])
     if missing:
-        out.append(_pending("C3", missing))
-    else:
-        best = min(expl, key=lambda a: a.mean)
-        beats8 = _cmp(best, d[8]) == "better"
-        below1 = _cmp(best, d[1]) == "worse"
-        verdict = "reproduced" if beats8 and below1 else ("partly" if beats8 or below1 else "not reproduced")
-        coefs = "; ".join(f"{a.key} {a.text()}" for a in sorted(expl, key=lambda a: a.cfg.get("explicit_mult", 1)))
-        summary = (f"R_approx at each coefficient: {coefs}. Best: {best.key}. {_vs(best, d[8])} (the paper compares "
-                   f"with DROPOUT_32; DROPOUT_8 is the largest k here); {_vs(best, d[1])}.")
-        out.append(_claim("C3", verdict, summary, [d[1], d[8], *expl], scale))
+        return _pending("C3", missing)
+    best = min(expl, key=lambda a: a.mean)
+    beats8 = _cmp(best, d[8]) == "better"
+    below1 = _cmp(best, d[1]) == "worse"
+    verdict = "reproduced" if beats8 and below1 else ("partly" if beats8 or below1 else "not reproduced")
+    coefs = "; ".join(f"{a.key} {a.text()}" for a in sorted(expl, key=lambda a: a.cfg.get("explicit_mult", 1)))
+    summary = (f"R_approx at each coefficient: {coefs}. Best: {best.key}. {_vs(best, d[8])} (the paper compares "
+               f"with DROPOUT_32; DROPOUT_8 is the largest k here); {_vs(best, d[1])}.")
+    return _claim("C3", verdict, summary, [d[1], d[8], *expl], scale)
 
-    # C4: DROPOUT_k + sqrt(1-1/k) ξ_approx tracks DROPOUT_1
+
+def _c4(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
+    """C4: DROPOUT_k + sqrt(1-1/k) ξ_approx tracks DROPOUT_1."""
     di = {k: _one(arms, _is("dropout_implicit", k=k)) for k in (2, 4, 8)}
     missing = ([] if d[1] else ["DROPOUT_1"]) + [f"DROPOUT_{k} + ξ_approx" for k, v in di.items() if v is None]
     if missing:
-        out.append(_pending("C4", missing))
-    else:
-        tracks = {k: _cmp(v, d[1]) in ("same", "better") for k, v in di.items()}
-        verdict = "reproduced" if all(tracks.values()) else ("partly" if any(tracks.values()) else "not reproduced")
-        parts = [_vs(v, d[1]) + (f"; plain DROPOUT_{k}: {d[k].text()}" if d.get(k) else "") for k, v in di.items()]
-        out.append(_claim("C4", verdict, "; ".join(parts) + ".", [d[1], *di.values()], scale))
+        return _pending("C4", missing)
+    tracks = {k: _cmp(v, d[1]) in ("same", "better") for k, v in di.items()}
+    verdict = "reproduced" if all(tracks.values()) else ("partly" if any(tracks.values()) else "not reproduced")
+    parts = [_vs(v, d[1]) + (f"; plain DROPOUT_{k}: {d[k].text()}" if d.get(k) else "") for k, v in di.items()]
+    return _claim("C4", verdict, "; ".join(parts) + ".", [d[1], *di.values()], scale)
 
-    # C5: R_approx + ξ_approx matches DROPOUT_1 (and beats R_approx alone)
+
+def _c5(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
+    """C5: R_approx + ξ_approx matches DROPOUT_1 (and beats R_approx alone)."""
+    expl = _find(arms, _is("explicit"))
     ei = _one(arms, _is("explicit_implicit", noise_structure="locked"))
     eip = _one(arms, _is("explicit_implicit", noise_structure="positions"))
     missing = [n for n, v in {"DROPOUT_1": d[1], "R_approx + ξ_approx": ei}.items() if v is None]
     if missing:
-        out.append(_pending("C5", missing))
-    else:
-        match = _cmp(ei, d[1]) in ("same", "better")
-        used = [d[1], ei] + ([eip] if eip else []) + expl
-        beyond = ""
-        if expl:
-            best = min(expl, key=lambda a: a.mean)
-            beyond = f" Against R_approx alone: {_vs(ei, best)}."
-        if eip:
-            beyond += f" Per-position noise structure: {_vs(eip, d[1])}; against locked: {_cmp(eip, ei)}."
-        if ei.best_epochs and d[1].best_epochs:
-            beyond += (f" Best epoch: R_approx + ξ_approx {sum(ei.best_epochs) / len(ei.best_epochs):.1f}, "
-                       f"DROPOUT_1 {sum(d[1].best_epochs) / len(d[1].best_epochs):.1f}.")
-        near = expl and _cmp(ei, min(expl, key=lambda a: a.mean)) == "better"
-        verdict = "reproduced" if match else ("partly" if near else "not reproduced")
-        out.append(_claim("C5", verdict, _vs(ei, d[1]) + "." + beyond, used, scale))
+        return _pending("C5", missing)
+    match = _cmp(ei, d[1]) in ("same", "better")
+    used = [d[1], ei] + ([eip] if eip else []) + expl
+    beyond = ""
+    if expl:
+        best = min(expl, key=lambda a: a.mean)
+        beyond = f" Against R_approx alone: {_vs(ei, best)}."
+    if eip:
+        beyond += f" Per-position noise structure: {_vs(eip, d[1])}; against locked: {_cmp(eip, ei)}."
+    if ei.best_epochs and d[1].best_epochs:
+        beyond += (f" Best epoch: R_approx + ξ_approx {sum(ei.best_epochs) / len(ei.best_epochs):.1f}, "
+                   f"DROPOUT_1 {sum(d[1].best_epochs) / len(d[1].best_epochs):.1f}.")
+    near = expl and _cmp(ei, min(expl, key=lambda a: a.mean)) == "better"
+    verdict = "reproduced" if match else ("partly" if near else "not reproduced")
+    return _claim("C5", verdict, _vs(ei, d[1]) + "." + beyond, used, scale)
 
-    # C6: identity in place of H_out no better than l2; R̃_approx (loss-Jacobian) short of dropout
+
+def _c6(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
+    """C6: identity in place of H_out no better than l2; R̃_approx (loss-Jacobian) short of dropout."""
     ident = _find(arms, _is("identity_hessian"))
     l2 = _find(arms, _is("l2"))
     lj = _find(arms, lambda c: c.get("rule") == "loss_jacobian")  # with or without ablation_noise
     missing = ([] if ident else ["identity H_out"]) + ([] if l2 else ["ℓ2"]) + ([] if lj else ["R̃_approx"]) + (
         [] if d[1] else ["DROPOUT_1"])
     if missing:
-        out.append(_pending("C6", missing))
-    else:
-        bi, bl, bj = (min(x, key=lambda a: a.mean) for x in (ident, l2, lj))
-        part1 = _cmp(bi, bl) != "better"
-        part2 = _cmp(bj, d[1]) == "worse"
-        verdict = "reproduced" if part1 and part2 else ("partly" if part1 or part2 else "not reproduced")
-        summary = (f"Best identity-Hessian arm vs best ℓ2: {_vs(bi, bl)}; best R̃_approx arm vs DROPOUT_1: "
-                   f"{_vs(bj, d[1])}. Coefficients tried: " + "; ".join(
-                       f"{a.key} {a.text()}" for a in [*ident, *l2, *lj]) + ".")
-        out.append(_claim("C6", verdict, summary, [d[1], *ident, *l2, *lj], scale))
-    return out
+        return _pending("C6", missing)
+    bi, bl, bj = (min(x, key=lambda a: a.mean) for x in (ident, l2, lj))
+    part1 = _cmp(bi, bl) != "better"
+    part2 = _cmp(bj, d[1]) == "worse"
+    verdict = "reproduced" if part1 and part2 else ("partly" if part1 or part2 else "not reproduced")
+    summary = (f"Best identity-Hessian arm vs best ℓ2: {_vs(bi, bl)}; best R̃_approx arm vs DROPOUT_1: "
+               f"{_vs(bj, d[1])}. Coefficients tried: " + "; ".join(
+                   f"{a.key} {a.text()}" for a in [*ident, *l2, *lj]) + ".")
+    return _claim("C6", verdict, summary, [d[1], *ident, *l2, *lj], scale)
+
+
+def judge(arms: dict[str, ArmStats], scale: str) -> list[dict]:
+    """One verdict per claim (module docstring)."""
+    none = _one(arms, _is("none"))
+    d = {k: _one(arms, _is("dropout", k=k)) for k in (1, 2, 4, 8)}
+    return [claim(arms, none, d, scale) for claim in (_c1, _c2, _c3, _c4, _c5, _c6)]
 
 
 def _scale(runs: list[Run]) -> str:
