@@ -109,6 +109,204 @@ EXACT_ELEMS = 1 << 27  # the exact estimators: N·c (or units) backward passes o
 TAINT_LIMIT = 4096  # forward passes spent grouping units before an exact enumeration
 
 
+@dataclass
+class _Ctx:
+    """One case under check: the model, its data, the recorder and the sizes
+    that decide which references are affordable."""
+
+    name: str
+    model: torch.nn.Module
+    X: object
+    y: torch.Tensor
+    R: "_Recorder"
+    draws: int
+    seed: int
+    N: int
+    c: int
+    act: int  # activation elements (activation_elements)
+    biggest: int  # the largest site input
+    units: int  # noise units over all sites
+    bernoulli: bool
+    functional: bool
+
+    @property
+    def dense_size(self) -> int:
+        return max(self.N * self.c * self.biggest + self.biggest * self.biggest, self.N * self.c * self.act,
+                   self.biggest * self.act)
+
+    @property
+    def dense_ok(self) -> bool:
+        return self.biggest <= DENSE_LIMIT and self.dense_size <= DENSE_ELEMS
+
+    def exact_ok(self, max_units: int) -> bool:
+        return self.N * self.c * self.act <= EXACT_ELEMS and max_units * self.act <= EXACT_ELEMS
+
+
+def _guarded(ctx: _Ctx, quantity, a_name, b_name, fn):
+    """Run one check; an exception becomes a FAIL row with its message."""
+    t0 = time.perf_counter()
+    try:
+        return fn()
+    except Exception as exc:
+        ctx.R.rows.append(Check(ctx.name, quantity, a_name, b_name, None, None, None, "-", 0.0, "FAIL",
+                                time.perf_counter() - t0, f"{type(exc).__name__}: {exc}"))
+        return None
+
+
+def _per_site_vs_dense(ctx: _Ctx, quantity, a_name, b_name, ours_fn, dense_fn, exact_ok: bool):
+    """Per-site values against a dense torch.func route; returns our total."""
+    model, X, y, R = ctx.model, ctx.X, ctx.y, ctx.R
+    t0 = time.perf_counter()
+    if not exact_ok:
+        R.skip(quantity, a_name, b_name, f"N*c*activations = {ctx.N * ctx.c * ctx.act} > {EXACT_ELEMS}")
+        return None
+    ours = {k: _f(v) for k, v in ours_fn(model, X, y, per_site=True).items()}
+    if not ctx.dense_ok:
+        R.skip(quantity, a_name, b_name, f"numel(h)={ctx.biggest} (limit {DENSE_LIMIT}), dense size "
+               f"{ctx.dense_size} (limit {DENSE_ELEMS})")
+    else:
+        dense = dense_fn(model, X, y)
+        worst = max(rel_err(ours[k], dense[k], 1e-15) for k in dense)
+        R.rows.append(Check(ctx.name, quantity, a_name, b_name, sum(ours.values()), sum(dense.values()),
+                            worst, "rel", 1e-9, "pass" if worst <= 1e-9 else "FAIL", time.perf_counter() - t0))
+    return sum(ours.values())
+
+
+def _check_unbiased(ctx: _Ctx, exact: Optional[float]) -> None:
+    """The sampled and Hutchinson estimators against the exact value, or
+    against each other when the exact one is too large."""
+    model, X, y, R, draws = ctx.model, ctx.X, ctx.y, ctx.R, ctx.draws
+    stats = {}
+    for est in ("sampled", "hutchinson"):
+        t0 = time.perf_counter()
+        m, se = _draws(lambda g: _f(explicit_regularizer(model, X, y, estimator=est, generator=g)), draws, ctx.seed)
+        stats[est] = (m, se, t0)
+        if exact is not None:
+            R.z(f"R_approx {est} estimator", f"{est} ({draws} draws)", "exact", m, exact, se, t0)
+    if exact is None:
+        (ms, ss, t0), (mh, sh, _) = stats["sampled"], stats["hutchinson"]
+        R.z("R_approx sampled vs hutchinson", f"sampled ({draws} draws)", f"hutchinson ({draws} draws)",
+            ms, mh, math.hypot(ss, sh), t0, "exact estimator skipped (size)")
+
+
+def _check_fd_vs_jvp(ctx: _Ctx) -> None:
+    """The finite-difference estimator against Hutchinson's JVPs on the same probe."""
+    model, X, y, seed = ctx.model, ctx.X, ctx.y, ctx.seed
+    t0 = time.perf_counter()
+    fd = sum(_f(v) for v in explicit_regularizer(
+        model, X, y, estimator="fd", generator=seed, eps=1e-5, per_site=True).values())
+    hu = _f(explicit_regularizer(model, X, y, estimator="hutchinson", generator=seed))
+    ctx.R.rel("R_approx fd vs JVP, same probe", "fd (eps=1e-5, per site)", "hutchinson", fd, hu, 1e-6, t0,
+              "O(eps^2) bias")
+
+
+def _check_gaussian_limit(ctx: _Ctx) -> None:
+    """Gaussian noise: the Monte Carlo gap tends to R_taylor as q -> 0."""
+    R = ctx.R
+    if ctx.functional:
+        R.skip("Gaussian R_drop -> R_taylor as q -> 0", "MC gap", "R_taylor", "functional sites: q cannot be changed")
+        return
+    t0 = time.perf_counter()
+    m = with_drop_probability(ctx.model, 0.01)
+    gap = dropout_gap(m, ctx.X, ctx.y, samples=4000, generator=ctx.seed, antithetic=True)
+    tay = _f(taylor_regularizer(m, ctx.X, ctx.y))
+    R.z("Gaussian R_drop -> R_taylor as q -> 0", "MC gap, q=0.01 (antithetic)", "R_taylor",
+        gap.value, tay, gap.stderr, t0, "tolerates O(q) = 5% bias", slack=0.05 * abs(tay))
+
+
+def _check_gap(ctx: _Ctx) -> None:
+    """Bernoulli dropout: Monte Carlo gap vs exact enumeration, then the
+    first-order identity lim R_drop/q = Σ Δ_ik."""
+    model, X, y, R = ctx.model, ctx.X, ctx.y, ctx.R
+    if not ctx.bernoulli:
+        _check_gaussian_limit(ctx)
+        return
+    if ctx.units > TAINT_LIMIT:
+        R.skip("R_drop", "Monte Carlo", "exact enumeration", f"{ctx.units} noise units > {TAINT_LIMIT} to group")
+        return
+    t0 = time.perf_counter()
+    try:
+        ex = dropout_gap(model, X, y, exact=True, max_units=ENUM_LIMIT)
+    except DropcheckError as exc:
+        R.skip("R_drop", "Monte Carlo", "exact enumeration", str(exc))
+        return
+    mc = dropout_gap(model, X, y, samples=2000, generator=ctx.seed, control_variate=True)
+    R.z("R_drop", "Monte Carlo (2000, control variate)", f"exact enumeration ({ex.samples} masks)",
+        mc.value, ex.value, mc.stderr, t0)
+    if ctx.functional:
+        R.skip("lim R_drop/q = sum Delta_ik", "exact R_drop/q", "deletions", "functional sites: q cannot be changed")
+        return
+    t0 = time.perf_counter()
+    q0 = 1e-4
+    m = with_drop_probability(model, q0)
+    ex0 = dropout_gap(m, X, y, exact=True, max_units=ENUM_LIMIT).value / q0
+    lim = first_order_gap(m, X, y)
+    R.rel("lim R_drop/q = sum Delta_ik", f"exact R_drop/q at q={q0}", "sum of deletions Delta_ik",
+          ex0, lim, 1e-2, t0, "error O(q)")
+
+
+def _check_xi_same_eta(ctx: _Ctx) -> None:
+    """One ξ_approx sample by double backward and by finite differences, same η."""
+    model, X, y, seed = ctx.model, ctx.X, ctx.y, ctx.seed
+    t0 = time.perf_counter()
+    a = implicit_noise(model, X, y, generator=seed)
+    b = implicit_noise(model, X, y, generator=seed, estimator="fd", eps=1e-5)
+    flat_a = torch.cat([v.reshape(-1) for v in a.values()])
+    flat_b = torch.cat([v.reshape(-1) for v in b.values()])
+    err = float((flat_a - flat_b).norm() / flat_a.norm().clamp_min(1e-300))
+    ctx.R.rows.append(Check(ctx.name, "xi_approx sample (same eta)", "autograd (double backward)",
+                            "fd of parameter gradients", float(flat_a.norm()), float(flat_b.norm()), err, "rel",
+                            1e-6, "pass" if err <= 1e-6 else "FAIL", time.perf_counter() - t0, "norms shown"))
+
+
+def _check_xi_cov(ctx: _Ctx) -> None:
+    """The empirical covariance of ξ_approx along a random direction against
+    the exact Σ_u Var(η_u) b_u b_uᵀ."""
+    model, X, y, R, draws, seed = ctx.model, ctx.X, ctx.y, ctx.R, ctx.draws, ctx.seed
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if ctx.units * n_params > DENSE_ELEMS or ctx.units * ctx.act > EXACT_ELEMS:
+        R.skip("Cov(xi_approx) along a random direction", "empirical", "exact sum_u Var(eta) b_u b_u^T",
+               f"{ctx.units} units x {n_params} parameters too large for the dense b_u")
+        return
+    t0 = time.perf_counter()
+    B, var = implicit_noise_jacobian(model, X, y)
+    r = torch.randn(B.shape[1], generator=as_generator(seed + 1), dtype=B.dtype)
+    sigma2 = float((var * (B @ r) ** 2).sum())
+    gen = as_generator(seed + 2)
+    proj = torch.tensor([
+        float(torch.cat([v.reshape(-1) for v in implicit_noise(model, X, y, generator=gen).values()]) @ r)
+        for _ in range(draws)
+    ], dtype=torch.float64)
+    s2 = float((proj ** 2).mean())  # E[xi] = 0 exactly
+    se = sigma2 * math.sqrt(2.0 / draws)  # Var(s²) <= 2σ⁴/n: Rademacher sums are platykurtic
+    R.z("Cov(xi_approx) along a random direction", f"empirical ({draws} samples)",
+        "exact sum_u Var(eta) b_u b_u^T", s2, sigma2, se, t0)
+
+
+def _check_symbolic(ctx: _Ctx, symbolic: Callable, spec, exact: Optional[float], taylor: Optional[float]) -> None:
+    """The SymPy route (``derivations/``) for the cases that have a spec; it is
+    optional, so a failure is a skip that says why."""
+    model, X, y, R = ctx.model, ctx.X, ctx.y, ctx.R
+    try:
+        t0 = time.perf_counter()
+        sym = symbolic(spec)
+        secs = time.perf_counter() - t0
+        for key, ours in (("R_approx_weighted", exact), ("R_taylor", taylor)):
+            if key in sym and ours is not None:
+                R.rel(key.replace("_weighted", " (weighted)"), "torch exact", "SymPy (derivations)",
+                      ours, float(sym[key]), 1e-9, t0, f"derived in {secs:.2f}s")
+        if "R_drop_exact" in sym and ctx.bernoulli and ctx.units <= ENUM_LIMIT:
+            ex = dropout_gap(model, X, y, exact=True, max_units=ENUM_LIMIT).value
+            R.rel("R_drop (exact)", "torch enumeration", "SymPy (derivations)", ex,
+                  float(sym["R_drop_exact"]), 1e-9, t0, f"derived in {secs:.2f}s")
+        if "first_order" in sym:
+            R.rel("lim R_drop/q (first-order coefficient)", "torch deletions sum Delta_ik",
+                  "SymPy q-series of the exact gap", float(first_order_gap(model, X, y)),
+                  sym["first_order"], 1e-9, t0, f"derived in {secs:.2f}s")
+    except Exception as exc:  # the symbolic route is optional; say why it is missing
+        R.skip("symbolic route", "torch", "SymPy", f"{type(exc).__name__}: {exc}")
+
+
 def run_case(case: Case, *, draws: int = 300, seed: int = 0, symbolic: Optional[Callable] = None) -> list[Check]:
     """All checks for one case (model, inputs, targets).  A check whose route
     raises is recorded as ``FAIL`` with the error (never a traceback); a
@@ -125,178 +323,40 @@ def run_case(case: Case, *, draws: int = 300, seed: int = 0, symbolic: Optional[
                             "FAIL", 0.0, f"{type(exc).__name__}: {exc}"))
         return R.rows
     N, c = Z.shape
-    biggest = max(o.h.numel() for o in occs)
-    bernoulli = all(o.site.noise == BERNOULLI for o in occs)
-    functional = any(o.site.functional for o in occs)
-    units = sum(o.units for o in occs)
-    dense_size = max(N * c * biggest + biggest * biggest, N * c * act, biggest * act)
-    dense_ok = biggest <= DENSE_LIMIT and dense_size <= DENSE_ELEMS
-    exact_ok = N * c * act <= EXACT_ELEMS and max(o.units for o in occs) * act <= EXACT_ELEMS
-
-    def guarded(quantity, a_name, b_name, fn):
-        """Run one check; an exception becomes a FAIL row with its message."""
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        except Exception as exc:
-            R.rows.append(Check(case.name, quantity, a_name, b_name, None, None, None, "-", 0.0, "FAIL",
-                                time.perf_counter() - t0, f"{type(exc).__name__}: {exc}"))
-            return None
-
-    def per_site_vs_dense(quantity, a_name, b_name, ours_fn, dense_fn):
-        """Per-site values against a dense torch.func route; returns our total."""
-        t0 = time.perf_counter()
-        if not exact_ok:
-            R.skip(quantity, a_name, b_name, f"N*c*activations = {N * c * act} > {EXACT_ELEMS}")
-            return None
-        ours = {k: _f(v) for k, v in ours_fn(model, X, y, per_site=True).items()}
-        if not dense_ok:
-            R.skip(quantity, a_name, b_name,
-                   f"numel(h)={biggest} (limit {DENSE_LIMIT}), dense size {dense_size} (limit {DENSE_ELEMS})")
-        else:
-            dense = dense_fn(model, X, y)
-            worst = max(rel_err(ours[k], dense[k], 1e-15) for k in dense)
-            R.rows.append(Check(case.name, quantity, a_name, b_name, sum(ours.values()), sum(dense.values()),
-                                worst, "rel", 1e-9, "pass" if worst <= 1e-9 else "FAIL", time.perf_counter() - t0))
-        return sum(ours.values())
+    ctx = _Ctx(case.name, model, X, y, R, draws, seed, N, c, act, biggest=max(o.h.numel() for o in occs),
+               units=sum(o.units for o in occs), bernoulli=all(o.site.noise == BERNOULLI for o in occs),
+               functional=any(o.site.functional for o in occs))
+    exact_ok = ctx.exact_ok(max(o.units for o in occs))
 
     # 1-2. exact estimator vs dense Jacobian route; Taylor term vs dense Hessian
-    exact = guarded("R_approx (weighted, per site)", "exact (batched VJPs)", "dense J^T H J with C (torch.func)",
-                    lambda: per_site_vs_dense("R_approx (weighted, per site)", "exact (batched VJPs)",
-                                              "dense J^T H J with C (torch.func)", explicit_regularizer,
-                                              ref.dense_explicit))
-    taylor = guarded("R_taylor (weighted, per site)", "exact (batched HVPs)", "dense Hessian with C (torch.func)",
-                     lambda: per_site_vs_dense("R_taylor (weighted, per site)", "exact (batched HVPs)",
-                                               "dense Hessian with C (torch.func)", taylor_regularizer,
-                                               ref.dense_taylor))
-
+    dense_routes = {}
+    for key, quantity, a_name, b_name, ours_fn, dense_fn in (
+        ("exact", "R_approx (weighted, per site)", "exact (batched VJPs)", "dense J^T H J with C (torch.func)",
+         explicit_regularizer, ref.dense_explicit),
+        ("taylor", "R_taylor (weighted, per site)", "exact (batched HVPs)", "dense Hessian with C (torch.func)",
+         taylor_regularizer, ref.dense_taylor),
+    ):
+        dense_routes[key] = _guarded(ctx, quantity, a_name, b_name, lambda: _per_site_vs_dense(
+            ctx, quantity, a_name, b_name, ours_fn, dense_fn, exact_ok))
+    exact, taylor = dense_routes["exact"], dense_routes["taylor"]
     if case.linear_after_sites and exact is not None and taylor is not None:
         t0 = time.perf_counter()
         R.rel("R_taylor = weighted R_approx (only softmax after sites)", "taylor_regularizer",
               "explicit_regularizer", taylor, exact, 1e-10, t0)
 
-    # 3. unbiased estimators: against the exact value, or against each other when it is too large
-    def unbiased():
-        stats = {}
-        for est in ("sampled", "hutchinson"):
-            t0 = time.perf_counter()
-            m, se = _draws(lambda g: _f(explicit_regularizer(model, X, y, estimator=est, generator=g)), draws, seed)
-            stats[est] = (m, se, t0)
-            if exact is not None:
-                R.z(f"R_approx {est} estimator", f"{est} ({draws} draws)", "exact", m, exact, se, t0)
-        if exact is None:
-            (ms, ss, t0), (mh, sh, _) = stats["sampled"], stats["hutchinson"]
-            R.z("R_approx sampled vs hutchinson", f"sampled ({draws} draws)", f"hutchinson ({draws} draws)",
-                ms, mh, math.hypot(ss, sh), t0, "exact estimator skipped (size)")
-
-    guarded("R_approx sampled/hutchinson estimators", "Monte Carlo", "exact", unbiased)
-
-    def fd_vs_jvp():
-        t0 = time.perf_counter()
-        fd = sum(_f(v) for v in explicit_regularizer(
-            model, X, y, estimator="fd", generator=seed, eps=1e-5, per_site=True).values())
-        hu = _f(explicit_regularizer(model, X, y, estimator="hutchinson", generator=seed))
-        R.rel("R_approx fd vs JVP, same probe", "fd (eps=1e-5, per site)", "hutchinson", fd, hu, 1e-6, t0,
-              "O(eps^2) bias")
-
-    guarded("R_approx fd vs JVP, same probe", "fd (eps=1e-5, per site)", "hutchinson", fd_vs_jvp)
-
-    # 4. dropout gap: exact enumeration vs Monte Carlo; first-order identity in q
-    def gap_checks():
-        if not bernoulli:
-            if functional:
-                R.skip("Gaussian R_drop -> R_taylor as q -> 0", "MC gap", "R_taylor",
-                       "functional sites: q cannot be changed")
-                return
-            t0 = time.perf_counter()
-            m = with_drop_probability(model, 0.01)
-            gap = dropout_gap(m, X, y, samples=4000, generator=seed, antithetic=True)
-            tay = _f(taylor_regularizer(m, X, y))
-            R.z("Gaussian R_drop -> R_taylor as q -> 0", "MC gap, q=0.01 (antithetic)", "R_taylor",
-                gap.value, tay, gap.stderr, t0, "tolerates O(q) = 5% bias", slack=0.05 * abs(tay))
-            return
-        if units > TAINT_LIMIT:
-            R.skip("R_drop", "Monte Carlo", "exact enumeration", f"{units} noise units > {TAINT_LIMIT} to group")
-            return
-        t0 = time.perf_counter()
-        try:
-            ex = dropout_gap(model, X, y, exact=True, max_units=ENUM_LIMIT)
-        except DropcheckError as exc:
-            R.skip("R_drop", "Monte Carlo", "exact enumeration", str(exc))
-            return
-        mc = dropout_gap(model, X, y, samples=2000, generator=seed, control_variate=True)
-        R.z("R_drop", "Monte Carlo (2000, control variate)", f"exact enumeration ({ex.samples} masks)",
-            mc.value, ex.value, mc.stderr, t0)
-        if functional:
-            R.skip("lim R_drop/q = sum Delta_ik", "exact R_drop/q", "deletions", "functional sites: q cannot be changed")
-            return
-        t0 = time.perf_counter()
-        q0 = 1e-4
-        m = with_drop_probability(model, q0)
-        ex0 = dropout_gap(m, X, y, exact=True, max_units=ENUM_LIMIT).value / q0
-        lim = first_order_gap(m, X, y)
-        R.rel("lim R_drop/q = sum Delta_ik", f"exact R_drop/q at q={q0}", "sum of deletions Delta_ik",
-              ex0, lim, 1e-2, t0, "error O(q)")
-
-    guarded("R_drop", "Monte Carlo", "exact enumeration", gap_checks)
-
-    # 5. implicit noise: fd vs autograd with the same eta; exact covariance vs samples
-    def xi_same_eta():
-        t0 = time.perf_counter()
-        a = implicit_noise(model, X, y, generator=seed)
-        b = implicit_noise(model, X, y, generator=seed, estimator="fd", eps=1e-5)
-        flat_a = torch.cat([v.reshape(-1) for v in a.values()])
-        flat_b = torch.cat([v.reshape(-1) for v in b.values()])
-        err = float((flat_a - flat_b).norm() / flat_a.norm().clamp_min(1e-300))
-        R.rows.append(Check(case.name, "xi_approx sample (same eta)", "autograd (double backward)",
-                            "fd of parameter gradients", float(flat_a.norm()), float(flat_b.norm()), err, "rel",
-                            1e-6, "pass" if err <= 1e-6 else "FAIL", time.perf_counter() - t0, "norms shown"))
-
-    guarded("xi_approx sample (same eta)", "autograd (double backward)", "fd of parameter gradients", xi_same_eta)
-
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    def xi_cov():
-        if units * n_params > DENSE_ELEMS or units * act > EXACT_ELEMS:
-            R.skip("Cov(xi_approx) along a random direction", "empirical", "exact sum_u Var(eta) b_u b_u^T",
-                   f"{units} units x {n_params} parameters too large for the dense b_u")
-            return
-        t0 = time.perf_counter()
-        B, var = implicit_noise_jacobian(model, X, y)
-        r = torch.randn(B.shape[1], generator=as_generator(seed + 1), dtype=B.dtype)
-        sigma2 = float((var * (B @ r) ** 2).sum())
-        gen = as_generator(seed + 2)
-        proj = torch.tensor([
-            float(torch.cat([v.reshape(-1) for v in implicit_noise(model, X, y, generator=gen).values()]) @ r)
-            for _ in range(draws)
-        ], dtype=torch.float64)
-        s2 = float((proj ** 2).mean())  # E[xi] = 0 exactly
-        se = sigma2 * math.sqrt(2.0 / draws)  # Var(s²) <= 2σ⁴/n: Rademacher sums are platykurtic
-        R.z("Cov(xi_approx) along a random direction", f"empirical ({draws} samples)",
-            "exact sum_u Var(eta) b_u b_u^T", s2, sigma2, se, t0)
-
-    guarded("Cov(xi_approx) along a random direction", "empirical", "exact sum_u Var(eta) b_u b_u^T", xi_cov)
+    # 3. unbiased estimators; 4. dropout gap; 5. implicit noise
+    _guarded(ctx, "R_approx sampled/hutchinson estimators", "Monte Carlo", "exact", lambda: _check_unbiased(ctx, exact))
+    _guarded(ctx, "R_approx fd vs JVP, same probe", "fd (eps=1e-5, per site)", "hutchinson",
+             lambda: _check_fd_vs_jvp(ctx))
+    _guarded(ctx, "R_drop", "Monte Carlo", "exact enumeration", lambda: _check_gap(ctx))
+    _guarded(ctx, "xi_approx sample (same eta)", "autograd (double backward)", "fd of parameter gradients",
+             lambda: _check_xi_same_eta(ctx))
+    _guarded(ctx, "Cov(xi_approx) along a random direction", "empirical", "exact sum_u Var(eta) b_u b_u^T",
+             lambda: _check_xi_cov(ctx))
 
     # 6. symbolic route
     if symbolic is not None and case.spec is not None:
-        try:
-            t0 = time.perf_counter()
-            sym = symbolic(case.spec)
-            secs = time.perf_counter() - t0
-            for key, ours in (("R_approx_weighted", exact), ("R_taylor", taylor)):
-                if key in sym and ours is not None:
-                    R.rel(key.replace("_weighted", " (weighted)"), "torch exact", "SymPy (derivations)",
-                          ours, float(sym[key]), 1e-9, t0, f"derived in {secs:.2f}s")
-            if "R_drop_exact" in sym and bernoulli and units <= ENUM_LIMIT:
-                ex = dropout_gap(model, X, y, exact=True, max_units=ENUM_LIMIT).value
-                R.rel("R_drop (exact)", "torch enumeration", "SymPy (derivations)", ex,
-                      float(sym["R_drop_exact"]), 1e-9, t0, f"derived in {secs:.2f}s")
-            if "first_order" in sym:
-                R.rel("lim R_drop/q (first-order coefficient)", "torch deletions sum Delta_ik",
-                      "SymPy q-series of the exact gap", float(first_order_gap(model, X, y)),
-                      sym["first_order"], 1e-9, t0, f"derived in {secs:.2f}s")
-        except Exception as exc:  # the symbolic route is optional; say why it is missing
-            R.skip("symbolic route", "torch", "SymPy", f"{type(exc).__name__}: {exc}")
+        _check_symbolic(ctx, symbolic, case.spec, exact, taylor)
     return R.rows
 
 
