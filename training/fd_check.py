@@ -93,18 +93,17 @@ def _vector_stat(samples: torch.Tensor, exact: torch.Tensor) -> dict:
     }
 
 
-def check(device: str = "cpu", samples: int = 200, settings=None, *, V=30, emb=16, hidden=32, layers=2, T=8, B=4,
-          xi_draws=8) -> dict:
-    dev = torch.device(device)
+def _reference(x, y, settings, size: dict, xi_draws: int, dev) -> dict:
+    """The float64 reference on the CPU (deterministic, wherever the samples
+    run): loop LSTM, exact autograd (the exact estimator's gradient needs a
+    double backward).  ξ references by double backward, one per dtype: the
+    Rademacher signs depend on the dtype of the uniform draws (made on the
+    CPU generator whatever the device), so the fd samples are compared with
+    an autograd ξ of their own dtype (same η)."""
     cpu = torch.device("cpu")
-    if settings is None:
-        settings = ["float64", "fp32-strict", "fp32-default", "tf32"] if dev.type == "cuda" else ["float64", "float32"]
-    x = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(2))
-
-    # ---- float64 reference on the CPU (deterministic, wherever the samples run),
-    # loop LSTM, exact autograd (the exact estimator's gradient needs double backward)
-    ref = _model(V, emb, hidden, layers, "loop", cpu, torch.float64)
+    V, B = size["V"], size["B"]
+    dims = (V, size["emb"], size["hidden"], size["layers"])
+    ref = _model(*dims, "loop", cpu, torch.float64)
     ref.hidden = _hidden(ref.lm, B, cpu, torch.float64)
     names = [n for n, _ in ref.named_parameters()]
     params = [p for _, p in ref.named_parameters()]
@@ -115,62 +114,78 @@ def check(device: str = "cpu", samples: int = 200, settings=None, *, V=30, emb=1
     with dc.analytic_mode(ref, None):
         L = torch.nn.functional.cross_entropy(ref(x).reshape(-1, V), y.reshape(-1))
     gL = torch.cat([g.reshape(-1) for g in torch.autograd.grad(L, params)]).to(dev)
-    # ξ references by double backward, one per dtype: the Rademacher signs depend on
-    # the dtype of the uniform draws (made on the CPU generator whatever the device),
-    # so the fd samples are compared with an autograd ξ of their own dtype (same η)
     xi_ref = {}
     for dtype in sorted({_setting(n)[0] for n in settings}, key=str):
-        mref = _model(V, emb, hidden, layers, "loop", cpu, dtype, state)
+        mref = _model(*dims, "loop", cpu, dtype, state)
         mref.hidden = _hidden(mref.lm, B, cpu, dtype)
         xi_ref[dtype] = [_flat(dc.implicit_noise(mref, x, y, generator=1000 + j), names).to(dev)
                          for j in range(xi_draws)]
+    return {"R": R.item(), "L": L.item(), "gR": gR, "gL": gL, "xi": xi_ref, "names": names, "state": state,
+            "seconds": time.perf_counter() - t0}
+
+
+def _check_setting(name: str, ref: dict, x, y, size: dict, samples: int, xi_draws: int, dev) -> dict:
+    """``samples`` fd draws of one precision setting against the reference
+    (TF32 flags set by the caller)."""
+    dtype = _setting(name)[0]
+    t0 = time.perf_counter()
+    m = _model(size["V"], size["emb"], size["hidden"], size["layers"], "fused", dev, dtype, ref["state"])
+    m.hidden = _hidden(m.lm, size["B"], dev, dtype)
+    ps = [p for _, p in m.named_parameters()]
+    vals, grads, sgrads = [], [], []
+    for s in range(samples):
+        r = dc.explicit_regularizer(m, x, y, estimator="fd", generator=s)
+        vals.append(r.item())
+        grads.append(torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(r, ps)]))
+        obj = dc.analytic_dropout_objective(m, x, y, generator=10_000 + s).objective
+        sgrads.append(torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(obj, ps)]))
+    v = torch.tensor(vals, dtype=torch.float64)
+    se = v.std(unbiased=True).item() / math.sqrt(samples)
+    z = (v.mean().item() - ref["R"]) / se if se > 0 else math.inf
+    xi_err = []
+    for j in range(xi_draws):
+        xi = _flat(dc.implicit_noise(m, x, y, estimator="fd", generator=1000 + j), ref["names"])
+        xr = ref["xi"][dtype][j]
+        xi_err.append(((xi - xr).norm() / xr.norm()).item())
+    xi_med = sorted(xi_err)[len(xi_err) // 2]
+    res = {
+        "dtype": str(dtype).replace("torch.", ""),
+        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+        "backend": "cuDNN" if dev.type == "cuda" else "ATen LSTM (cpu)",
+        "R_fd": {"mean": v.mean().item(), "stderr": se, "z": z, "rel_bias": v.mean().item() / ref["R"] - 1,
+                 "pass": abs(z) < 4.0},
+        "grad_R_fd": _vector_stat(torch.stack(grads), ref["gR"]),
+        "grad_shared_objective": _vector_stat(torch.stack(sgrads), ref["gL"] + ref["gR"]),
+        "xi_fd_rel_error": {"median": xi_med, "max": max(xi_err), "pass": xi_med < 0.1},
+        "seconds": time.perf_counter() - t0,
+    }
+    res["pass"] = all(res[k]["pass"] for k in ("R_fd", "grad_R_fd", "grad_shared_objective", "xi_fd_rel_error"))
+    return res
+
+
+def check(device: str = "cpu", samples: int = 200, settings=None, *, V=30, emb=16, hidden=32, layers=2, T=8, B=4,
+          xi_draws=8) -> dict:
+    dev = torch.device(device)
+    if settings is None:
+        settings = ["float64", "fp32-strict", "fp32-default", "tf32"] if dev.type == "cuda" else ["float64", "float32"]
+    size = {"V": V, "emb": emb, "hidden": hidden, "layers": layers, "T": T, "B": B}
+    x = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(2))
+    ref = _reference(x, y, settings, size, xi_draws, dev)
     out = {
-        "reference": {"where": "cpu, float64 (xi: per dtype), loop LSTM, exact autograd", "R_exact": R.item(),
-                      "loss": L.item(), "grad_norm_R": gR.norm().item(), "seconds": time.perf_counter() - t0},
+        "reference": {"where": "cpu, float64 (xi: per dtype), loop LSTM, exact autograd", "R_exact": ref["R"],
+                      "loss": ref["L"], "grad_norm_R": ref["gR"].norm().item(), "seconds": ref["seconds"]},
         "settings": {},
     }
     x, y = x.to(dev), y.to(dev)
-
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         for name in settings:
-            dtype, mm, cud = _setting(name)
+            _, mm, cud = _setting(name)
             torch.backends.cuda.matmul.allow_tf32 = saved[0] if mm is None else mm
             torch.backends.cudnn.allow_tf32 = saved[1] if cud is None else cud
-            t0 = time.perf_counter()
-            m = _model(V, emb, hidden, layers, "fused", dev, dtype, state)
-            m.hidden = _hidden(m.lm, B, dev, dtype)
-            ps = [p for _, p in m.named_parameters()]
-            vals, grads, sgrads = [], [], []
-            for s in range(samples):
-                r = dc.explicit_regularizer(m, x, y, estimator="fd", generator=s)
-                vals.append(r.item())
-                grads.append(torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(r, ps)]))
-                obj = dc.analytic_dropout_objective(m, x, y, generator=10_000 + s).objective
-                sgrads.append(torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(obj, ps)]))
-            v = torch.tensor(vals, dtype=torch.float64)
-            se = v.std(unbiased=True).item() / math.sqrt(samples)
-            z = (v.mean().item() - R.item()) / se if se > 0 else math.inf
-            xi_err = []
-            for j in range(xi_draws):
-                xi = _flat(dc.implicit_noise(m, x, y, estimator="fd", generator=1000 + j), names)
-                xr = xi_ref[dtype][j]
-                xi_err.append(((xi - xr).norm() / xr.norm()).item())
-            xi_med = sorted(xi_err)[len(xi_err) // 2]
-            res = {
-                "dtype": str(dtype).replace("torch.", ""),
-                "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
-                "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-                "backend": "cuDNN" if dev.type == "cuda" else "ATen LSTM (cpu)",
-                "R_fd": {"mean": v.mean().item(), "stderr": se, "z": z, "rel_bias": v.mean().item() / R.item() - 1,
-                         "pass": abs(z) < 4.0},
-                "grad_R_fd": _vector_stat(torch.stack(grads), gR),
-                "grad_shared_objective": _vector_stat(torch.stack(sgrads), gL + gR),
-                "xi_fd_rel_error": {"median": xi_med, "max": max(xi_err), "pass": xi_med < 0.1},
-                "seconds": time.perf_counter() - t0,
-            }
-            res["pass"] = all(res[k]["pass"] for k in ("R_fd", "grad_R_fd", "grad_shared_objective", "xi_fd_rel_error"))
-            out["settings"][name] = res
+            out["settings"][name] = _check_setting(name, ref, x, y, size, samples, xi_draws, dev)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     out.update(
@@ -179,7 +194,7 @@ def check(device: str = "cpu", samples: int = 200, settings=None, *, V=30, emb=1
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
             "torch": torch.__version__,
             "samples": samples,
-            "model": {"V": V, "emb": emb, "hidden": hidden, "layers": layers, "T": T, "B": B},
+            "model": size,
             "pass": all(s["pass"] for s in out["settings"].values()),
         }
     )
