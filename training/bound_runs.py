@@ -445,9 +445,43 @@ def _figure_bytes(histories: dict, title: str) -> bytes:
 # ---------------------------------------------------------------------------
 
 
-def run(args) -> int:
+def _train_every_regularizer(regs, Xtr, ytr, Xte, yte, args, B: float) -> dict[str, list[dict]]:
+    """One SGD run per regularizer from the same start; returns each run's history."""
     from tqdm import tqdm
 
+    histories: dict[str, list[dict]] = {}
+    # The matrices are tiny (minibatch × 64): one thread is fastest, and
+    # several threads on a busy machine were measured ~50x slower (spin-waits).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tqdm(total=len(regs) * args.epochs, desc="bound", unit="epoch") as bar:
+            for reg in regs:
+                bar.set_description(f"bound [{reg}]")
+                _, hist = train_one(reg, Xtr, ytr, Xte, yte, epochs=args.epochs, seed=args.seed, q=args.q,
+                                    l2=args.l2, lr=args.lr, batch_size=args.batch_size, B=B,
+                                    delta=args.delta, eval_every=args.eval_every, progress=bar)
+                histories[reg] = hist
+    finally:
+        torch.set_num_threads(threads)
+    return histories
+
+
+def _write_outputs(out: Path, payload: dict, t0: float, title: Optional[str]) -> list[str]:
+    """bound.csv (every history row), bound.json (payload + seconds) and, with
+    a title, bound.png."""
+    rows = [r for hist in payload["history"].values() for r in hist]
+    atomic_write_bytes(out / "bound.csv", _csv_bytes(rows))
+    payload = {**payload, "seconds": time.perf_counter() - t0}
+    atomic_write_bytes(out / "bound.json", json.dumps(payload, indent=1, allow_nan=False).encode())
+    written = ["bound.csv", "bound.json"]
+    if title is not None:
+        atomic_write_bytes(out / "bound.png", _figure_bytes(payload["history"], title))
+        written.append("bound.png")
+    return written
+
+
+def run(args) -> int:
     regs = _check_args(args)
     t0 = time.perf_counter()
     Xtr_np, ytr_np, Xte_np, yte_np, name = load_data(args.data, args.test_fraction)
@@ -470,21 +504,7 @@ def run(args) -> int:
     print(f"  B={B:.4g} (ℓ̄ = min(B, ℓ)), δ={args.delta}, θ={config['theta']:.4g}, ζ={config['zeta']:.4g}, "
           f"A=‖Wᵀ‖₂,₁ of the current W, constant=1")
 
-    histories: dict[str, list[dict]] = {}
-    # The matrices are tiny (minibatch × 64): one thread is fastest, and
-    # several threads on a busy machine were measured ~50x slower (spin-waits).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tqdm(total=len(regs) * args.epochs, desc="bound", unit="epoch") as bar:
-            for reg in regs:
-                bar.set_description(f"bound [{reg}]")
-                _, hist = train_one(reg, Xtr, ytr, Xte, yte, epochs=args.epochs, seed=args.seed, q=args.q,
-                                    l2=args.l2, lr=args.lr, batch_size=args.batch_size, B=B,
-                                    delta=args.delta, eval_every=args.eval_every, progress=bar)
-                histories[reg] = hist
-    finally:
-        torch.set_num_threads(threads)
+    histories = _train_every_regularizer(regs, Xtr, ytr, Xte, yte, args, B)
     final = [histories[r][-1] for r in regs]
 
     print()
@@ -498,18 +518,10 @@ def run(args) -> int:
         print(f"  {reg:<18} μ={common['mu'][reg]:.4f}  ν={common['nu'][reg]:.4f}  (epoch ≈ {common['epoch'][reg]:.1f})")
 
     out = Path(args.out)
-    rows = [r for reg in regs for r in histories[reg]]
-    atomic_write_bytes(out / "bound.csv", _csv_bytes(rows))
-    elapsed = time.perf_counter() - t0
-    payload = {"config": config, "final": {r["regularizer"]: r for r in final},
-               "at_common_norm": common,
-               "history": histories, "seconds": elapsed}
-    atomic_write_bytes(out / "bound.json", json.dumps(payload, indent=1, allow_nan=False).encode())
-    written = ["bound.csv", "bound.json"]
-    if not args.no_plot:
-        title = (f"Theorem 4.1 along training — {name}: n={n}, c={c}, d={d}; "
-                 f"q={args.q}, l2={args.l2}, B={B:.3g}, δ={args.delta}, ζ={config['zeta']:.3g}")
-        atomic_write_bytes(out / "bound.png", _figure_bytes(histories, title))
-        written.append("bound.png")
+    payload = {"config": config, "final": {r["regularizer"]: r for r in final}, "at_common_norm": common,
+               "history": histories}
+    title = (f"Theorem 4.1 along training — {name}: n={n}, c={c}, d={d}; "
+             f"q={args.q}, l2={args.l2}, B={B:.3g}, δ={args.delta}, ζ={config['zeta']:.3g}")
+    written = _write_outputs(out, payload, t0, None if args.no_plot else title)
     print(f"\nwrote {', '.join(str(out / w) for w in written)} in {time.perf_counter() - t0:.1f} s")
     return 0
