@@ -123,6 +123,26 @@ def _progress_line(runs_dir: Path, name: str) -> str:
     return f"{name}: epoch {e.get('epoch', 0):.1f} valid {e.get('valid_ppl', math.nan):.1f}"
 
 
+def _launch(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str]):
+    """Start one run as a ``dropcheck train`` process on one thread, its output
+    appended to ``<run>.out``; returns ``(process, job, output file)``."""
+    out = open(runs_dir / f"{job.name}.out", "a", encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    p = subprocess.Popen(_command(plan, job, runs_dir, data), stdout=out, stderr=subprocess.STDOUT, env=env)
+    return p, job, out
+
+
+def _finished(runs_dir: Path, name: str, rc: int) -> tuple[bool, str]:
+    """Whether a finished process left a complete log, and the line that says so
+    (with the tail of its output when it did not)."""
+    if rc != 0 or run_state(runs_dir, name) != "done":
+        tail = (runs_dir / f"{name}.out").read_text(errors="replace").splitlines()[-8:]
+        return False, f"FAILED {name} (exit {rc}):\n    " + "\n    ".join(tail)
+    _, _, final = _read_log(runs_dir / f"{name}.jsonl")
+    return True, (f"done   {name}: best valid {final['best_valid_ppl']:.2f} at step "
+                  f"{final['best_step']}, test {final['test_ppl']:.2f}")
+
+
 def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data: Optional[str] = None,
              patterns: Optional[list[str]] = None, progress: bool = True, poll: float = 1.0) -> list[str]:
     """Runs every unfinished run (re-planning after each finish, so a
@@ -156,11 +176,7 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
                     if j.state != "done" and j.name not in running and j.name not in failed]
             started = todo[: max(0, jobs - len(running))]
             for job in started:
-                out = open(runs_dir / f"{job.name}.out", "a", encoding="utf-8")
-                cmd = _command(plan, job, runs_dir, data)
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-                p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-                running[job.name] = (p, job, out)
+                running[job.name] = _launch(plan, job, runs_dir, data)
                 bar.write(f"start  {job.name} ({job.state})")
             # runs known so far (a best_of winner's extra seeds join once the group has finished)
             bar.total = done_count + len(running) + len(todo) - len(started)
@@ -174,14 +190,10 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
                 out.close()
                 del running[name]
                 done_count += 1
-                if rc != 0 or run_state(runs_dir, name) != "done":
+                ok, line = _finished(runs_dir, name, rc)
+                if not ok:
                     failed.append(name)
-                    tail = (runs_dir / f"{name}.out").read_text(errors="replace").splitlines()[-8:]
-                    bar.write(f"FAILED {name} (exit {rc}):\n    " + "\n    ".join(tail))
-                else:
-                    _, _, final = _read_log(runs_dir / f"{name}.jsonl")
-                    bar.write(f"done   {name}: best valid {final['best_valid_ppl']:.2f} at step "
-                              f"{final['best_step']}, test {final['test_ppl']:.2f}")
+                bar.write(line)
                 bar.update(1)
             bar.set_postfix_str(" | ".join(_progress_line(runs_dir, n) for n in running), refresh=False)
     except KeyboardInterrupt:
