@@ -542,6 +542,10 @@ class _RunData:
     def rows(self) -> int:
         return self.train.size(0)
 
+    def token_counts(self) -> dict:
+        return {"train_tokens": self.train_tokens, "valid_tokens": int(self.valid.numel()),
+                "test_tokens": int(self.test.numel())}
+
 
 def _load_data(cfg: Mapping[str, Any], corpus: Corpus, device: torch.device, world: int, rank: int) -> _RunData:
     head = lambda t, n: t[:n] if n else t  # noqa: E731
@@ -557,6 +561,13 @@ def _load_data(cfg: Mapping[str, Any], corpus: Corpus, device: torch.device, wor
         train_eval=train_eval,
         per=per,
     )
+
+
+def _progress_bar(cfg: Mapping[str, Any], d: _RunData, step: int, name: str):
+    from tqdm import tqdm
+
+    total = cfg["max_steps"] or max(1, int(d.rows / cfg["bptt"])) * cfg["epochs"]
+    return tqdm(total=total, initial=step, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
 def _budget_spent(cfg: Mapping[str, Any], c) -> bool:
@@ -643,18 +654,12 @@ def train(
         log.write({"type": "resume", "step": st.counters.step, "epoch": st.counters.epoch, "time": time.time()})
     else:
         log.start()
-        tokens = {"train_tokens": d.train_tokens, "valid_tokens": int(d.valid.numel()),
-                  "test_tokens": int(d.test.numel())}
-        log.write(_header(cfg, name, config_name, device, backend, world, corpus, tokens, sum(p.numel() for p in tr.params)))
+        log.write(_header(cfg, name, config_name, device, backend, world, corpus, d.token_counts(),
+                          sum(p.numel() for p in tr.params)))
     c = st.counters
 
     # ---- the loop
-    bar = None
-    if cfg["progress"] and is_main:
-        from tqdm import tqdm
-
-        total = cfg["max_steps"] or max(1, int(d.rows / cfg["bptt"])) * cfg["epochs"]
-        bar = tqdm(total=total, initial=c.step, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = _progress_bar(cfg, d, c.step, name) if cfg["progress"] and is_main else None
     records: list = []
     last_ckpt_step, stopped, stopped_early = c.step, False, False
 
