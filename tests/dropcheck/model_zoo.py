@@ -224,12 +224,14 @@ class ResidualSD(nn.Module):
     in timm ``DropPath``, torchvision ``StochasticDepth("row")`` and
     ``StochasticDepth("batch")``, one ``nn.Dropout`` before the head."""
 
-    def __init__(self, d_in=5, d=8, c=4, q=(0.3, 0.3, 0.2), p=0.2):
+    def __init__(self, d_in=5, d=8, c=4, q=(0.3, 0.3, 0.2), p=0.2, drop_path=None, stochastic_depth=None):
         super().__init__()
+        drop_path, stochastic_depth = drop_path or DropPath, stochastic_depth or StochasticDepth
         self.stem = nn.Linear(d_in, d)
         self.bn = nn.BatchNorm1d(d)
         self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.Tanh()) for _ in q)
-        self.drops = nn.ModuleList([DropPath(q[0]), StochasticDepth(q[1], "row"), StochasticDepth(q[2], "batch")])
+        self.drops = nn.ModuleList([drop_path(q[0]), stochastic_depth(q[1], "row"),
+                                    stochastic_depth(q[2], "batch")])
         self.drop = nn.Dropout(p)
         self.head = nn.Linear(d, c)
 
@@ -240,23 +242,36 @@ class ResidualSD(nn.Module):
         return self.head(self.drop(h))
 
 
-def residual_sd(seed: int = 0, std: float = 1.0) -> Zoo:
+def residual_sd(seed: int = 0, std: float = 1.0, real: bool = False) -> Zoo:
+    """``real``: the blocks end in timm's own ``DropPath`` and torchvision's own
+    ``StochasticDepth`` (both importable on a GPU machine's image, not beside
+    torch 2.13 on CI) instead of this file's copies of them."""
+    classes = {}
+    if real:
+        from timm.layers import DropPath as TimmDropPath
+        from torchvision.ops import StochasticDepth as TvStochasticDepth
+
+        classes = dict(drop_path=TimmDropPath, stochastic_depth=TvStochasticDepth)
     torch.manual_seed(seed)
-    model = ResidualSD().to(DT)
+    model = ResidualSD(**classes).to(DT)
     _scale_(model, std, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(6, 5, generator=g, dtype=DT)
     with torch.no_grad():  # running statistics that are not the batch's own
         model.bn.running_mean.copy_(0.3 * torch.randn(8, generator=g, dtype=DT))
         model.bn.running_var.copy_(0.5 + torch.rand(8, generator=g, dtype=DT))
-    return Zoo("residual_sd", model, x, torch.randint(0, 4, (6,), generator=g))
+    return Zoo("residual_sd_real" if real else "residual_sd", model, x, torch.randint(0, 4, (6,), generator=g))
 
 
 def is_batchnorm(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
-BUILDERS = {"gpt2": gpt2, "bert": bert, "t5": t5, "encoder_layer": encoder_layer, "residual_sd": residual_sd}
+BUILDERS = {"gpt2": gpt2, "bert": bert, "t5": t5, "encoder_layer": encoder_layer, "residual_sd": residual_sd,
+            "residual_sd_real": lambda: residual_sd(real=True)}
+# packages a builder needs beyond the test extra; skipped where absent, also on CI (PyPI's torchvision
+# breaks beside torch 2.13, and timm imports torchvision)
+OPTIONAL = {"residual_sd_real": ("timm", "torchvision")}
 ATTN_ONLY = {"gpt2_attn_only": lambda: gpt2(attn_only=True),
              "encoder_layer_attn_only": lambda: encoder_layer(attn_only=True)}
 HF = {"gpt2", "bert", "t5", "gpt2_attn_only"}

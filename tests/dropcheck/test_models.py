@@ -28,9 +28,12 @@ DRAWS = 600
 
 def build(name: str, make):
     """The Hugging Face models need ``transformers`` (the ``test`` extra); CI
-    installs it, so there a missing package fails instead of skipping."""
+    installs it, so there a missing package fails instead of skipping.  The
+    real timm / torchvision classes are skipped where those are absent."""
     if name in Z.HF and not os.environ.get("CI"):
         pytest.importorskip("transformers")
+    for package in Z.OPTIONAL.get(name, ()):
+        pytest.importorskip(package)
     return make()
 
 
@@ -72,7 +75,7 @@ def test_sites_fire_and_are_named_by_module(zoo):
         assert any(n.endswith(":attention") for n in names), names
     if zoo.name == "gpt2":  # SDPA path: the attn_dropout module never fires, its p reaches SDPA
         assert "transformer.h.0.attn.attn_dropout" not in names
-    if zoo.name == "residual_sd":
+    if zoo.name.startswith("residual_sd"):
         assert {s.name: s.structure for s in sites} == {
             "drops.0": "example", "drops.1": "example", "drops.2": "batch", "drop": "position"}
 
@@ -149,3 +152,26 @@ def test_gap_matches_the_models_own_dropout_heavy(name):
     z = (ours.value - own) / math.hypot(ours.stderr, own_se)
     print(f"{name}: own {own:.4f} ± {own_se:.4f}, dropcheck {ours.value:.4f} ± {ours.stderr:.4f}, z = {z:.2f}")
     assert abs(z) < Z_MAX
+
+
+def test_the_zoo_copies_of_drop_path_and_stochastic_depth_are_the_real_classes():
+    """model_zoo's DropPath / StochasticDepth stand in for timm's and
+    torchvision's on CI: with the same weights and the same global seed, the
+    model built from the real classes gives the same training-mode output,
+    draw for draw, and dropcheck finds the same sites with the same value."""
+    real = build("residual_sd_real", Z.BUILDERS["residual_sd_real"])
+    copy = Z.residual_sd()
+    real.model.load_state_dict(copy.model.state_dict())
+    for zoo in (real, copy):
+        zoo.model.train()
+    for seed in range(5):
+        outs = []
+        for zoo in (real, copy):
+            torch.manual_seed(seed)
+            outs.append(zoo.model(copy.inputs))
+        assert torch.equal(outs[0], outs[1]), seed
+    sites = [{s.name: s.structure for s in dc.find_sites(z.model, copy.inputs)} for z in (real, copy)]
+    assert sites[0] == sites[1]
+    vals = [_f(dc.explicit_regularizer(z.model, copy.inputs, copy.targets)) for z in (real, copy)]
+    assert vals[0] == pytest.approx(vals[1], rel=1e-12)
+    assert dc.with_drop_probability(real.model, 0.1).drops[0].drop_prob == 0.1

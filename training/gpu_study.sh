@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The cpu-ptb study on one CUDA GPU in one device call (plan cpu-ptb-cuda of
+# training/study.py: the cpu-ptb config and arms, device=cuda).
+#
+# From the repository root, through the device tool (timeout_s=600):
+#
+#   bash training/gpu_study.sh
+#
+# with the PTB folder at $DATA (default .data/ptb: copy the corpus there, keep
+# .data out of git with .git/info/exclude, and name it in the call's carry).
+# Nothing needs installing there: the image's python3 has torch and tqdm.
+#
+# Two `dropcheck reproduce` drivers run side by side for $BUDGET seconds:
+#   A: the DROPOUT_k family (k = 2, 4, 8; + ξ̃_drop; + ξ_approx), the costliest
+#      (k forward passes a step) and the arms a CPU session cannot finish;
+#   B: everything else but the R̃_approx ablation (loss-jacobian: the loop LSTM
+#      with a double backward, launch-bound on a GPU), in plan order.
+# A background loop prints every running log's last evaluation each minute.
+# At the end every log (*.jsonl, and the runs' *.out) is packed into
+# $OUT/runs.tgz; a run cut off by the budget leaves a log without a final line,
+# which `dropcheck reproduce` starts again (its checkpoint stays behind).
+# Unpack the complete logs into results/runs/cpu-ptb-cuda and draw them with
+# `dropcheck reproduce --plan cpu-ptb-cuda --draw-only`.
+#
+# DRY_RUN=1: the same plumbing on the CPU with the tiny plan and $DATA's
+# corpus (tests/training/test_reproduce.py).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results/gpu-study}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    PLAN=tiny BUDGET=${BUDGET:-120} JOBS_A=1 JOBS_B=1 EVERY=5
+    ARMS_A=('dropout-*') ARMS_B=('none' 'explicit*')
+else
+    PLAN=cpu-ptb-cuda BUDGET=${BUDGET:-530} JOBS_A=7 JOBS_B=7 EVERY=60
+    ARMS_A=('dropout-k[248]' 'inject-k4' 'dropout-implicit-k*')
+    ARMS_B=('none' 'dropout-k1' 'l2-*' 'explicit*' 'identity-*')
+fi
+RUNS=${RUNS:-/tmp/runs-$PLAN}
+mkdir -p "$RUNS"
+COMMON=(--plan "$PLAN" --runs "$RUNS" --out "$RUNS/drawn" --data "${DATA:-.data/ptb}" --seeds 2 --no-progress)
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")' 2>&1
+  nproc; } | tee "$OUT/machine.txt"
+
+timeout "$BUDGET" $PY -m dropcheck reproduce "${COMMON[@]}" --jobs "$JOBS_A" --arms "${ARMS_A[@]}" \
+    > "$OUT/driver-a.log" 2>&1 &
+A=$!
+timeout "$BUDGET" $PY -m dropcheck reproduce "${COMMON[@]}" --jobs "$JOBS_B" --arms "${ARMS_B[@]}" \
+    > "$OUT/driver-b.log" 2>&1 &
+B=$!
+(   # progress: the state of every run that has started, each $EVERY seconds
+    while sleep "$EVERY"; do
+        echo "--- $(date +%T)"
+        $PY -m dropcheck reproduce --plan "$PLAN" --runs "$RUNS" --status 2>&1 | grep -v '^todo' | cut -c1-110
+    done
+) &
+M=$!
+wait $A; ra=$?
+wait $B; rb=$?
+kill $M 2>/dev/null
+echo "driver A exit $ra, driver B exit $rb (124: stopped at the budget of ${BUDGET}s)"
+tail -n 40 "$OUT/driver-a.log" "$OUT/driver-b.log"
+(cd "$RUNS" && tar czf "$OUT/runs.tgz" $(ls *.jsonl *.out 2>/dev/null))
+$PY -m dropcheck reproduce --plan "$PLAN" --runs "$RUNS" --status 2>&1 | tee "$OUT/status.txt"
