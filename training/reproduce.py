@@ -8,11 +8,12 @@ Every run of the plan (``study.py``) is in one of four states, read from the
 files under ``--runs`` (default ``results/runs/<plan>``):
 
 - ``done``: its log has a final line.  Never run again.
-- ``interrupted``: a checkpoint ``<run>.ckpt.pt`` and no final line: resumed
-  (``dropcheck train --resume``, which continues to the same numbers as an
-  uninterrupted run).
+- ``interrupted``: a log without a final line and a checkpoint
+  ``<run>.ckpt.pt``: resumed (``dropcheck train --resume``, which continues
+  to the same numbers as an uninterrupted run).
 - ``broken``: a log without a final line and no checkpoint (killed before its
-  first checkpoint): started again.
+  first checkpoint), or a checkpoint whose log is gone (a fresh checkout keeps
+  git-ignored checkpoints but not uncommitted logs): started again.
 - ``todo``: nothing yet.
 
 Runs go in plan order, up to ``--jobs`` at a time, each a ``dropcheck
@@ -70,11 +71,9 @@ def run_state(runs_dir: Path, name: str) -> str:
     _, _, final = _read_log(log)
     if final is not None:
         return "done"
-    if ckpt.exists():
-        return "interrupted"
     if log.exists():
-        return "broken"
-    return "todo"
+        return "interrupted" if ckpt.exists() else "broken"
+    return "broken" if ckpt.exists() else "todo"
 
 
 def _seed1_best(plan: Plan, runs_dir: Path) -> dict[str, Optional[float]]:
@@ -299,8 +298,11 @@ def run(args: argparse.Namespace) -> int:
         pending = [j for j in plan_jobs(plan, runs_dir, args.seeds, args.arms) if j.state != "done"]
         if pending:
             print(f"{plan.name}: {len(pending)} run(s) to do, {args.jobs} at a time", file=sys.stderr)
-            failed = run_plan(plan, runs_dir, jobs=args.jobs, seeds=args.seeds, data=args.data,
-                              patterns=args.arms, progress=not args.no_progress)
+            try:
+                failed = run_plan(plan, runs_dir, jobs=args.jobs, seeds=args.seeds, data=args.data,
+                                  patterns=args.arms, progress=not args.no_progress)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: run_plan stopped the jobs and said how to resume
+                return 130
         else:
             print(f"{plan.name}: every run is done; drawing only", file=sys.stderr)
     written = draw(plan, runs_dir, out)

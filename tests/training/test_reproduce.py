@@ -159,6 +159,18 @@ def test_broken_log_starts_again_and_recheck_compares_the_first_epoch(tmp_path, 
     assert recheck(plan, runs, "killme-dropout-k1-s1", str(tiny_corpus_dir), 0.01) == 1
 
 
+
+def test_checkpoint_without_its_log_starts_again(tmp_path, tiny_corpus_dir):
+    """A fresh checkout keeps git-ignored checkpoints but drops uncommitted
+    logs; resuming would fail ('cannot resume: log ... is missing'), so such
+    a run is broken and starts over."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "killme-dropout-k1-s1.ckpt.pt").write_bytes(b"stale")
+    assert run_state(runs, "killme-dropout-k1-s1") == "broken"
+    assert run_plan(_kill_plan(10), runs, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == []
+    assert run_state(runs, "killme-dropout-k1-s1") == "done"
+
 # --- the claims code on hand-made arms (each verdict must be able to flip) ---
 
 def _arms(**means):
@@ -242,3 +254,7 @@ def test_claims_pending_names_the_missing_arms():
     assert v["C1"]["verdict"] == "pending" and "DROPOUT_8" in v["C1"]["summary"]
     assert v["C2"]["verdict"] == "pending" and "ξ̃_drop" in v["C2"]["summary"]
     assert v["C5"]["verdict"] == "reproduced"
+    # a pending claim shows the arms it has so far, with their numbers, and only those
+    assert set(v["C1"]["arms"]) == {"none", "d1", "d2", "d4"}
+    assert "d4 108.00 (1 seed)" in v["C1"]["summary"]
+    assert set(v["C2"]["arms"]) == {"d1", "d4"}
