@@ -33,7 +33,7 @@ REL_FLOOR = 0.01
 
 _SCALE = (
     "Scale: {scale}. A verdict here says whether the pattern appears for a small LSTM on a "
-    "slice of PTB on CPU; it does not say the paper's numbers hold or fail at the paper's size "
+    "slice of PTB; it does not say the paper's numbers hold or fail at the paper's size "
     "(3 x 1150 AWD-LSTM, full PTB, hundreds of epochs), where regularization matters more and "
     "the second-order picture is closer to exact (wide layers)."
 )
@@ -156,9 +156,17 @@ def _vs(a: ArmStats, b: ArmStats) -> str:
     return f"{a.key} {a.text()} vs {b.key} {b.text()}: {_cmp(a, b)} (margin {_margin(a, b):.2f})"
 
 
-def _pending(cid: str, missing: list[str]) -> dict:
-    return {"id": cid, "verdict": "pending", "summary": "not all arms have a complete run yet; missing: "
-            + ", ".join(missing), "arms": {}}
+def _pending(cid: str, need: dict[str, Optional[ArmStats]], also: list[ArmStats] = ()) -> Optional[dict]:
+    """The pending verdict while any arm of ``need`` (label -> arm) lacks a
+    complete run, with the arms there are so far (and ``also``); else None."""
+    missing = [n for n, v in need.items() if v is None]
+    if not missing:
+        return None
+    present = [v for v in need.values() if v is not None] + list(also)
+    summary = "not all arms have a complete run yet; missing: " + ", ".join(missing) + "."
+    if present:
+        summary += " So far: " + "; ".join(f"{a.key} {a.text()}" for a in present) + "."
+    return {"id": cid, "verdict": "pending", "summary": summary, "arms": {a.key: a.as_json() for a in present}}
 
 
 def _claim(cid, verdict, summary, used: list[ArmStats], scale: str) -> dict:
@@ -172,10 +180,9 @@ def _claim(cid, verdict, summary, used: list[ArmStats], scale: str) -> dict:
 
 def _c1(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
     """C1: DROPOUT_k worse as k grows, DROPOUT_8 still better than no dropout."""
-    need = {"no dropout": none, **{f"DROPOUT_{k}": v for k, v in d.items()}}
-    missing = [n for n, v in need.items() if v is None]
-    if missing:
-        return _pending("C1", missing)
+    pending = _pending("C1", {"no dropout": none, **{f"DROPOUT_{k}": v for k, v in d.items()}})
+    if pending:
+        return pending
     chain = [d[1], d[2], d[4], d[8]]
     steps = [_cmp(chain[i + 1], chain[i]) for i in range(3)]  # each against the smaller k
     grows = all(s != "better" for s in steps) and _cmp(d[8], d[1]) == "worse"
@@ -190,9 +197,9 @@ def _c1(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
 def _c2(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
     """C2: DROPOUT_4 + ξ̃_drop recovers DROPOUT_1."""
     inj = _one(arms, _is("dropout_inject", k=4))
-    missing = [n for n, v in {"DROPOUT_1": d[1], "DROPOUT_4": d[4], "DROPOUT_4 + ξ̃_drop": inj}.items() if v is None]
-    if missing:
-        return _pending("C2", missing)
+    pending = _pending("C2", {"DROPOUT_1": d[1], "DROPOUT_4": d[4], "DROPOUT_4 + ξ̃_drop": inj})
+    if pending:
+        return pending
     gap = _cmp(d[4], d[1])
     rec = _cmp(inj, d[1]) in ("same", "better")
     better4 = _cmp(inj, d[4]) == "better"
@@ -209,10 +216,10 @@ def _c2(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
 def _c3(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
     """C3: R_approx alone beats the largest-k DROPOUT_k but does not reach DROPOUT_1."""
     expl = _find(arms, _is("explicit"))
-    missing = [n for n, v in {"DROPOUT_1": d[1], "DROPOUT_8": d[8]}.items() if v is None] + (
-        [] if expl else ["R_approx"])
-    if missing:
-        return _pending("C3", missing)
+    pending = _pending("C3", {"DROPOUT_1": d[1], "DROPOUT_8": d[8], "R_approx": expl[0] if expl else None},
+                       expl[1:])
+    if pending:
+        return pending
     best = min(expl, key=lambda a: a.mean)
     beats8 = _cmp(best, d[8]) == "better"
     below1 = _cmp(best, d[1]) == "worse"
@@ -226,9 +233,10 @@ def _c3(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
 def _c4(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
     """C4: DROPOUT_k + sqrt(1-1/k) ξ_approx tracks DROPOUT_1."""
     di = {k: _one(arms, _is("dropout_implicit", k=k)) for k in (2, 4, 8)}
-    missing = ([] if d[1] else ["DROPOUT_1"]) + [f"DROPOUT_{k} + ξ_approx" for k, v in di.items() if v is None]
-    if missing:
-        return _pending("C4", missing)
+    pending = _pending("C4", {"DROPOUT_1": d[1], **{f"DROPOUT_{k} + ξ_approx": v for k, v in di.items()}},
+                       [d[k] for k in (2, 4, 8) if d[k]])
+    if pending:
+        return pending
     tracks = {k: _cmp(v, d[1]) in ("same", "better") for k, v in di.items()}
     verdict = "reproduced" if all(tracks.values()) else ("partly" if any(tracks.values()) else "not reproduced")
     parts = [_vs(v, d[1]) + (f"; plain DROPOUT_{k}: {d[k].text()}" if d.get(k) else "") for k, v in di.items()]
@@ -240,9 +248,9 @@ def _c5(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
     expl = _find(arms, _is("explicit"))
     ei = _one(arms, _is("explicit_implicit", noise_structure="locked"))
     eip = _one(arms, _is("explicit_implicit", noise_structure="positions"))
-    missing = [n for n, v in {"DROPOUT_1": d[1], "R_approx + ξ_approx": ei}.items() if v is None]
-    if missing:
-        return _pending("C5", missing)
+    pending = _pending("C5", {"DROPOUT_1": d[1], "R_approx + ξ_approx": ei}, ([eip] if eip else []) + expl)
+    if pending:
+        return pending
     match = _cmp(ei, d[1]) in ("same", "better")
     used = [d[1], ei] + ([eip] if eip else []) + expl
     beyond = ""
@@ -264,10 +272,11 @@ def _c6(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
     ident = _find(arms, _is("identity_hessian"))
     l2 = _find(arms, _is("l2"))
     lj = _find(arms, lambda c: c.get("rule") == "loss_jacobian")  # with or without ablation_noise
-    missing = ([] if ident else ["identity H_out"]) + ([] if l2 else ["ℓ2"]) + ([] if lj else ["R̃_approx"]) + (
-        [] if d[1] else ["DROPOUT_1"])
-    if missing:
-        return _pending("C6", missing)
+    pending = _pending("C6", {"identity H_out": ident[0] if ident else None, "ℓ2": l2[0] if l2 else None,
+                              "R̃_approx": lj[0] if lj else None, "DROPOUT_1": d[1]},
+                       ident[1:] + l2[1:] + lj[1:])
+    if pending:
+        return pending
     bi, bl, bj = (min(x, key=lambda a: a.mean) for x in (ident, l2, lj))
     part1 = _cmp(bi, bl) != "better"
     part2 = _cmp(bj, d[1]) == "worse"
