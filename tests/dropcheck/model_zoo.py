@@ -216,7 +216,7 @@ class StochasticDepth(nn.Module):
             return x
         size = [x.shape[0]] + [1] * (x.dim() - 1) if self.mode == "row" else [1] * x.dim()
         noise = torch.empty(size, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.p)
-        return x * noise / (1.0 - self.p)
+        return x * (noise / (1.0 - self.p))  # torchvision's order: the scaled mask, then the product
 
 
 class ResidualSD(nn.Module):
