@@ -31,14 +31,17 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+# ARMS_A / ARMS_B (space-separated glob patterns of arm names) and JOBS_A / JOBS_B override the defaults
 if [ "${DRY_RUN:-0}" = 1 ]; then
-    PLAN=tiny BUDGET=${BUDGET:-120} JOBS_A=1 JOBS_B=1 EVERY=5
-    ARMS_A=('dropout-*') ARMS_B=('none' 'explicit*')
+    PLAN=tiny BUDGET=${BUDGET:-120} EVERY=5
+    : "${ARMS_A:=dropout-*}" "${ARMS_B:=none explicit*}" "${JOBS_A:=1}" "${JOBS_B:=1}"
 else
-    PLAN=cpu-ptb-cuda BUDGET=${BUDGET:-530} JOBS_A=7 JOBS_B=7 EVERY=60
-    ARMS_A=('dropout-k[248]' 'inject-k4' 'dropout-implicit-k*')
-    ARMS_B=('none' 'dropout-k1' 'l2-*' 'explicit*' 'identity-*')
+    PLAN=cpu-ptb-cuda BUDGET=${BUDGET:-530} EVERY=60
+    : "${ARMS_A:=dropout-k[248] inject-k4 dropout-implicit-k*}" "${ARMS_B:=none dropout-k1 l2-* explicit* identity-*}"
+    : "${JOBS_A:=7}" "${JOBS_B:=7}"
 fi
+read -r -a ARMS_A <<< "$ARMS_A"   # no glob expansion: the patterns go to --arms as they are
+read -r -a ARMS_B <<< "$ARMS_B"
 RUNS=${RUNS:-/tmp/runs-$PLAN}
 mkdir -p "$RUNS"
 COMMON=(--plan "$PLAN" --runs "$RUNS" --out "$RUNS/drawn" --data "${DATA:-.data/ptb}" --seeds 2 --no-progress)

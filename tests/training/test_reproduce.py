@@ -258,3 +258,21 @@ def test_claims_pending_names_the_missing_arms():
     assert set(v["C1"]["arms"]) == {"none", "d1", "d2", "d4"}
     assert "d4 108.00 (1 seed)" in v["C1"]["summary"]
     assert set(v["C2"]["arms"]) == {"d1", "d4"}
+
+
+@pytest.mark.slow
+def test_gpu_study_script_dry_run_on_cpu(tmp_path, tiny_corpus_dir):
+    """training/gpu_study.sh with DRY_RUN=1 (the tiny plan on CPU): the two
+    drivers, the progress loop and the packed logs a device call brings back."""
+    import tarfile
+
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
+           "DATA": str(tiny_corpus_dir), "PYTHON": sys.executable, "ARMS_A": "dropout-*", "ARMS_B": "none"}
+    proc = subprocess.run(["bash", str(REPO / "training" / "gpu_study.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "driver A exit 0, driver B exit 0" in proc.stdout
+    with tarfile.open(tmp_path / "out" / "runs.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"tiny-dropout-k1-s1.jsonl", "tiny-none-s1.jsonl"} <= names and not any(n.endswith(".pt") for n in names)
+    assert "done         tiny-none-s1" in (tmp_path / "out" / "status.txt").read_text()
