@@ -106,6 +106,10 @@ ARMS: tuple[Arm, ...] = (
     Arm("explicit_implicit-fd_mid", {"rule": "explicit_implicit", "estimator": "fd_mid"}, "fused",
         "Algorithm 2: one shared probe, no clean pass (2 forward passes, 1 backward)"),
     Arm("dropout-k4", {"rule": "dropout", "k": 4}, "fused", "DROPOUT_4 (Algorithm 1)"),
+    Arm("dropout_inject-k4", {"rule": "dropout_inject", "k": 4}, "fused",
+        "DROPOUT_4 + ξ̃_drop (two more dropout draws for the injected noise)"),
+    Arm("dropout_implicit-k4", {"rule": "dropout_implicit", "k": 4, "noise_estimator": "fd"}, "fused",
+        "DROPOUT_4 + ξ_approx (Algorithm 4), fd noise"),
 )
 
 
