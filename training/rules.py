@@ -550,11 +550,8 @@ class UpdateRule:
         site_weights = None if all(v == 1.0 for v in w.values()) else w
         kw = dict(explicit_weight=a, implicit_weight=b, generator=gen, eps=self.eps, site_weights=site_weights,
                   independent_positions=self.positions)
-        # value checks off: the batches are token ids from the corpus, and the
-        # finiteness check of the N × V logits would cost a few passes over them
-        # (the dropout rules check nothing either; the trainer stops on a non-finite loss)
         if self.center == "midpoint":  # no clean pass: the hidden state is the mean of the two probe passes'
-            with _record_layer_states(model) as states, dc.value_checks(False):
+            with _record_layer_states(model) as states:
                 res = dc.analytic_dropout_objective(model, x, y, decoder=model.lm.decoder, center="midpoint", **kw)
             L = len(model.lm.rnns)
             if len(states) != 2 * L:
@@ -562,7 +559,7 @@ class UpdateRule:
             hid = [((hp + hm) / 2.0, (cp + cm) / 2.0) for (hp, cp), (hm, cm) in zip(states[:L], states[L:])]
             return StepResult(res.objective, res.loss.detach(), {"R": (a * res.explicit).detach()},
                               detach_hidden(hid))
-        with _record_hidden(model) as hiddens, dc.value_checks(False):
+        with _record_hidden(model) as hiddens:
             res = dc.analytic_dropout_objective(model, x, y, **kw)
         # the first of its passes is the clean one (dc's docstring; tested)
         hid = detach_hidden(hiddens[0])

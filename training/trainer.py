@@ -112,7 +112,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dropcheck import DropcheckError
+from dropcheck import DropcheckError, value_checks
 
 from .configs import run_name as default_run_name, validate
 from .files import atomic_torch_save, atomic_write_bytes
@@ -379,15 +379,21 @@ class Trainer:
     def step(self, x: torch.Tensor, y: torch.Tensor, hidden: list):
         """One update: the rule's objective through DDP (when ``world > 1``) and
         one ``backward()``, the rule's noise all-reduced and added to
-        ``.grad``, clipping, the optimizer step (module docstring)."""
+        ``.grad``, clipping, the optimizer step (module docstring).
+
+        dropcheck's value checks are off inside: each reads a tensor's values
+        (finite logits, target range, ``ignore_index``), a device-to-host sync
+        per call on a GPU, several per step; the batches are corpus token ids,
+        and a non-finite loss stops the run anyway."""
         for g in self.opt.param_groups:
             g["lr"] = self.lr(x.size(0))
         model = self.model
         model.hidden = hidden
         self.opt.zero_grad(set_to_none=True)
-        obj, loss, reg, new_hidden = self.ddp(x, y)
-        obj.backward()
-        xi = self.rule.noise(model, x, y, self.state.gens)
+        with value_checks(False):
+            obj, loss, reg, new_hidden = self.ddp(x, y)
+            obj.backward()
+            xi = self.rule.noise(model, x, y, self.state.gens)
         if xi is not None:
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             noise = [xi[n].detach().clone() for n, _ in named]
