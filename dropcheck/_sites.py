@@ -261,6 +261,12 @@ _SUPPORTED_TEXT = (
 )
 
 
+def _q_attribute(m: nn.Module) -> str:
+    """The attribute that holds a module site's drop probability: timm's
+    ``DropPath`` keeps it in ``drop_prob``, every other supported module in ``p``."""
+    return "drop_prob" if type(m).__name__ == "DropPath" and hasattr(m, "drop_prob") else "p"
+
+
 def stochastic_depth_kind(m: nn.Module, name: str = "") -> Optional[tuple[float, str]]:
     """``(q, structure)`` if ``m`` is timm's ``DropPath`` or torchvision's
     ``StochasticDepth`` (recognised by class name and attributes, without
@@ -283,12 +289,10 @@ def stochastic_depth_kind(m: nn.Module, name: str = "") -> Optional[tuple[float,
                 f"{where} has scale_by_keep=False: its noise m ~ Bernoulli(1-q) has mean 1-q, not 1, so it is "
                 "not dropout's mean-preserving multiplicative noise; use scale_by_keep=True"
             )
-        return float(m.drop_prob), "example"
+        return float(getattr(m, _q_attribute(m))), "example"
     if cls == "StochasticDepth" and hasattr(m, "p") and hasattr(m, "mode"):
-        if m.mode == "row":
-            return float(m.p), "example"
-        if m.mode == "batch":
-            return float(m.p), "batch"
+        if m.mode in ("row", "batch"):
+            return float(getattr(m, _q_attribute(m))), "example" if m.mode == "row" else "batch"
         raise DropcheckError(f"{where} has mode {m.mode!r}; expected 'row' or 'batch'")
     if cls in ("DropPath", "StochasticDepth", "DropBlock2d", "DropBlock", "DropPathBlock"):
         raise DropcheckError(
@@ -381,6 +385,5 @@ def with_drop_probability(model: nn.Module, q: float) -> nn.Module:
     q = _check_q(q, "with_drop_probability")
     copy_ = copy.deepcopy(model)
     for s in find_sites(copy_, require=False):
-        # timm's DropPath keeps q in drop_prob; every other module site in p
-        setattr(s.module, "drop_prob" if type(s.module).__name__ == "DropPath" else "p", q)
+        setattr(s.module, _q_attribute(s.module), q)
     return copy_
