@@ -19,7 +19,9 @@
 # At the end every log (*.jsonl, and the runs' *.out) is packed into
 # $OUT/runs.tgz; a run cut off by the budget leaves a log without a final line,
 # which `dropcheck reproduce` starts again (its checkpoint stays behind).
-# Unpack the complete logs into results/runs/cpu-ptb-cuda and draw them with
+# The complete logs committed under results/runs/cpu-ptb-cuda are copied in
+# first, so a later session runs only what is missing.  Unpack the new complete
+# logs into that folder and draw them with
 # `dropcheck reproduce --plan cpu-ptb-cuda --draw-only`.
 #
 # DRY_RUN=1: the same plumbing on the CPU with the tiny plan and $DATA's
@@ -44,6 +46,9 @@ read -r -a ARMS_A <<< "$ARMS_A"   # no glob expansion: the patterns go to --arms
 read -r -a ARMS_B <<< "$ARMS_B"
 RUNS=${RUNS:-/tmp/runs-$PLAN}
 mkdir -p "$RUNS"
+# the committed complete logs ($DONE) come along, so the drivers skip what is done
+DONE=${DONE:-results/runs/$PLAN}
+if compgen -G "$DONE/*.jsonl" > /dev/null; then cp -n "$DONE"/*.jsonl "$RUNS"/; fi
 COMMON=(--plan "$PLAN" --runs "$RUNS" --out "$RUNS/drawn" --data "${DATA:-.data/ptb}" --seeds 2 --no-progress)
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1

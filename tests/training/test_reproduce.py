@@ -276,3 +276,10 @@ def test_gpu_study_script_dry_run_on_cpu(tmp_path, tiny_corpus_dir):
         names = set(tar.getnames())
     assert {"tiny-dropout-k1-s1.jsonl", "tiny-none-s1.jsonl"} <= names and not any(n.endswith(".pt") for n in names)
     assert "done         tiny-none-s1" in (tmp_path / "out" / "status.txt").read_text()
+    # a later session: the complete logs come along ($DONE), so nothing runs again
+    env.update(RUNS=str(tmp_path / "runs2"), DONE=str(tmp_path / "runs"), OUT=str(tmp_path / "out2"))
+    proc = subprocess.run(["bash", str(REPO / "training" / "gpu_study.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for log in ("driver-a.log", "driver-b.log"):
+        assert "every run is done" in (tmp_path / "out2" / log).read_text()
