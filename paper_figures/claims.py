@@ -156,13 +156,14 @@ def _vs(a: ArmStats, b: ArmStats) -> str:
     return f"{a.key} {a.text()} vs {b.key} {b.text()}: {_cmp(a, b)} (margin {_margin(a, b):.2f})"
 
 
-def _pending(cid: str, need: dict[str, Optional[ArmStats]], also: list[ArmStats] = ()) -> Optional[dict]:
-    """The pending verdict while any arm of ``need`` (label -> arm) lacks a
-    complete run, with the arms there are so far (and ``also``); else None."""
-    missing = [n for n, v in need.items() if v is None]
+def _pending(cid: str, need: dict, also: list[ArmStats] = ()) -> Optional[dict]:
+    """The pending verdict while any entry of ``need`` (label -> an arm, or a
+    list of arms of which one will do) is None or empty, with the arms there
+    are so far (and ``also``); else None."""
+    missing = [n for n, v in need.items() if not v]
     if not missing:
         return None
-    present = [v for v in need.values() if v is not None] + list(also)
+    present = [a for v in need.values() if v for a in (v if isinstance(v, list) else [v])] + list(also)
     summary = "not all arms have a complete run yet; missing: " + ", ".join(missing) + "."
     if present:
         summary += " So far: " + "; ".join(f"{a.key} {a.text()}" for a in present) + "."
@@ -216,8 +217,7 @@ def _c2(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
 def _c3(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
     """C3: R_approx alone beats the largest-k DROPOUT_k but does not reach DROPOUT_1."""
     expl = _find(arms, _is("explicit"))
-    pending = _pending("C3", {"DROPOUT_1": d[1], "DROPOUT_8": d[8], "R_approx": expl[0] if expl else None},
-                       expl[1:])
+    pending = _pending("C3", {"DROPOUT_1": d[1], "DROPOUT_8": d[8], "R_approx": expl})
     if pending:
         return pending
     best = min(expl, key=lambda a: a.mean)
@@ -272,9 +272,7 @@ def _c6(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
     ident = _find(arms, _is("identity_hessian"))
     l2 = _find(arms, _is("l2"))
     lj = _find(arms, lambda c: c.get("rule") == "loss_jacobian")  # with or without ablation_noise
-    pending = _pending("C6", {"identity H_out": ident[0] if ident else None, "ℓ2": l2[0] if l2 else None,
-                              "R̃_approx": lj[0] if lj else None, "DROPOUT_1": d[1]},
-                       ident[1:] + l2[1:] + lj[1:])
+    pending = _pending("C6", {"identity H_out": ident, "ℓ2": l2, "R̃_approx": lj, "DROPOUT_1": d[1]})
     if pending:
         return pending
     bi, bl, bj = (min(x, key=lambda a: a.mean) for x in (ident, l2, lj))
