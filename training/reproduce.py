@@ -134,10 +134,10 @@ def _launch(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str]):
 def _finished(runs_dir: Path, name: str, rc: int) -> tuple[bool, str]:
     """Whether a finished process left a complete log, and the line that says so
     (with the tail of its output when it did not)."""
-    if rc != 0 or run_state(runs_dir, name) != "done":
+    _, _, final = _read_log(runs_dir / f"{name}.jsonl")  # a final line: run_state's "done"
+    if rc != 0 or final is None:
         tail = (runs_dir / f"{name}.out").read_text(errors="replace").splitlines()[-8:]
         return False, f"FAILED {name} (exit {rc}):\n    " + "\n    ".join(tail)
-    _, _, final = _read_log(runs_dir / f"{name}.jsonl")
     return True, (f"done   {name}: best valid {final['best_valid_ppl']:.2f} at step "
                   f"{final['best_step']}, test {final['test_ppl']:.2f}")
 

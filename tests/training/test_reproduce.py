@@ -159,7 +159,6 @@ def test_broken_log_starts_again_and_recheck_compares_the_first_epoch(tmp_path, 
     assert recheck(plan, runs, "killme-dropout-k1-s1", str(tiny_corpus_dir), 0.01) == 1
 
 
-
 def test_checkpoint_without_its_log_starts_again(tmp_path, tiny_corpus_dir):
     """A fresh checkout keeps git-ignored checkpoints but drops uncommitted
     logs; resuming would fail ('cannot resume: log ... is missing'), so such
@@ -170,6 +169,7 @@ def test_checkpoint_without_its_log_starts_again(tmp_path, tiny_corpus_dir):
     assert run_state(runs, "killme-dropout-k1-s1") == "broken"
     assert run_plan(_kill_plan(10), runs, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == []
     assert run_state(runs, "killme-dropout-k1-s1") == "done"
+
 
 # --- the claims code on hand-made arms (each verdict must be able to flip) ---
 
@@ -260,6 +260,13 @@ def test_claims_pending_names_the_missing_arms():
     assert set(v["C2"]["arms"]) == {"d1", "d4"}
 
 
+def _gpu_study(env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", str(REPO / "training" / "gpu_study.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_gpu_study_script_dry_run_on_cpu(tmp_path, tiny_corpus_dir):
     """training/gpu_study.sh with DRY_RUN=1 (the tiny plan on CPU): the two
@@ -268,9 +275,7 @@ def test_gpu_study_script_dry_run_on_cpu(tmp_path, tiny_corpus_dir):
 
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
            "DATA": str(tiny_corpus_dir), "PYTHON": sys.executable, "ARMS_A": "dropout-*", "ARMS_B": "none"}
-    proc = subprocess.run(["bash", str(REPO / "training" / "gpu_study.sh")], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _gpu_study(env)
     assert "driver A exit 0, driver B exit 0" in proc.stdout
     with tarfile.open(tmp_path / "out" / "runs.tgz") as tar:
         names = set(tar.getnames())
@@ -278,8 +283,6 @@ def test_gpu_study_script_dry_run_on_cpu(tmp_path, tiny_corpus_dir):
     assert "done         tiny-none-s1" in (tmp_path / "out" / "status.txt").read_text()
     # a later session: the complete logs come along ($DONE), so nothing runs again
     env.update(RUNS=str(tmp_path / "runs2"), DONE=str(tmp_path / "runs"), OUT=str(tmp_path / "out2"))
-    proc = subprocess.run(["bash", str(REPO / "training" / "gpu_study.sh")], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _gpu_study(env)
     for log in ("driver-a.log", "driver-b.log"):
         assert "every run is done" in (tmp_path / "out2" / log).read_text()
