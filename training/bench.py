@@ -110,6 +110,12 @@ ARMS: tuple[Arm, ...] = (
         "DROPOUT_4 + ξ̃_drop (two more dropout draws for the injected noise)"),
     Arm("dropout_implicit-k4", {"rule": "dropout_implicit", "k": 4, "noise_estimator": "fd"}, "fused",
         "DROPOUT_4 + ξ_approx (Algorithm 4), fd noise"),
+    Arm("dropout_implicit-k4-fd_shared", {"rule": "dropout_implicit", "k": 4, "estimator": "fd_shared"}, "fused",
+        "DROPOUT_4 + ξ_approx, the noise as the shared-probe objective's term (3 more forward passes, one backward)"),
+    Arm("identity-fd", {"rule": "identity_hessian", "estimator": "fd"}, "fused",
+        "L + R_approx with H_out -> I/c, finite differences"),
+    Arm("identity-fd_shared", {"rule": "identity_hessian", "estimator": "fd_shared"}, "fused",
+        "L + R_approx with H_out -> I/c through the surrogate (3 forward passes, 1 backward)"),
 )
 
 

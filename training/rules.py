@@ -31,11 +31,13 @@ rule                   objective                                     noise
 ``dropout_inject``     ``(1/k) Σ_j L_{η_j}``                         ``sqrt((1-1/k)/2) · ξ̃_drop`` (Sec. 3.1)
 ``explicit``           ``L + Σ_g c_g R_g``  ((4.3)-(4.4))            - (``estimator=fd_shared``: the
                                                                     same fast path, noise weight 0)
-``dropout_implicit``   ``(1/k) Σ_j L_{η_j}``                         ``sqrt(1-1/k) · ξ_approx`` (Algorithm 4)
+``dropout_implicit``   ``(1/k) Σ_j L_{η_j}``                         ``sqrt(1-1/k) · ξ_approx`` (Algorithm 4;
+                                                                    ``estimator=fd_shared``: in the objective)
 ``explicit_implicit``  ``L + Σ_g c_g R_g``                           ``ξ_approx`` (Algorithm 2; with
                                                                     ``estimator=fd_shared`` both in the
                                                                     objective, see below)
 ``identity_hessian``   ``L + Σ_g c_g R_g`` with ``H_out → I/c``      ``ξ_approx`` if ``ablation_noise``
+                       (``estimator=fd_shared``: the fast path)
 ``loss_jacobian``      ``L + Σ_g c_g R̃_g`` (5.1)                     ``ξ_approx`` if ``ablation_noise``
 =====================  ============================================  ==========================================
 
@@ -97,7 +99,8 @@ per-site generators (``generator={site: generator}``): ``shared`` for the
 whole-batch sites, ``local`` for the others, in one dropcheck call.
 
 The shared-probe fast path (``estimator="fd_shared"``, rules
-``explicit_implicit`` and ``explicit``) is ``dc.analytic_dropout_objective``:
+``explicit_implicit``, ``explicit``, ``identity_hessian`` and
+``dropout_implicit``) is ``dc.analytic_dropout_objective``:
 three forward passes (clean and ``h(1 ± ε√(λ_i w_i) v_i)``) with one
 Rademacher probe ``v`` shared by the explicit and the implicit term, and one
 first-order backward (``noise_estimator`` is ignored).  When the model ends
@@ -107,7 +110,14 @@ features gives the logit perturbation, with no softmax on the perturbed
 passes (dropcheck's ``decoder="auto"``).  For rule ``explicit`` the noise
 weight is 0 (``implicit_weight=0``): the objective is ``L + Σ_i c_i R̂_i``
 with the same ``R̂`` as ``estimator=fd`` (same probe law, one pass fewer:
-the clean pass serves both ``L`` and ``p``).
+the clean pass serves both ``L`` and ``p``).  Rule ``identity_hessian``
+passes ``hessian="identity"`` (``R̂ = ‖u‖²/c``, the fd estimator's value
+with ``H_out → I/c``).  Rule ``dropout_implicit`` uses only the noise
+term: explicit weight 0, site weights ``m_g²``, and ``sqrt(1-1/k)`` times
+the call's zero-mean implicit term is added to the DROPOUT_k loss (so
+``ξ̂_approx`` rides the same backward as the ``k`` dropout passes, with the
+probes drawn after the dropout masks); the clean pass only gives ``p``,
+so ``fd_mid`` saves it.
 
 ``estimator="fd_mid"`` is the same objective without the clean pass
 (``center="midpoint"``): ``L`` and ``p`` are evaluated at the mean of the
@@ -283,6 +293,7 @@ class UpdateRule:
     explicit: ClassVar[bool] = False  # adds an explicit regularizer R (needs a site with q > 0)
     shared_probe_ok: ClassVar[bool] = False  # estimator fd_shared / fd_mid is its fast path
     positions_ok: ClassVar[bool] = True  # takes noise_structure=positions
+    hessian: ClassVar[str] = "output"  # H_out of the explicit term ("identity": I/c)
 
     # -- what the rule is, from its config -----------------------------------
     @classmethod
@@ -334,7 +345,7 @@ class UpdateRule:
             fast = [n for n, c in REGISTRY.items() if c.shared_probe_ok]
             raise DropcheckError(
                 f"config key 'estimator': {cfg['estimator']!r} (one probe shared by the explicit and the implicit "
-                f"term) is the fast path of rules {' and '.join(repr(n) for n in fast)} only, not of "
+                f"term) is the fast path of rules {', '.join(repr(n) for n in fast)} only, not of "
                 f"{self.name!r}; use 'fd'"
             )
         if self.shared_probe and int(cfg["samples"]) != 1:
@@ -387,7 +398,7 @@ class UpdateRule:
         and ``b sqrt(w_i) = m_i`` for every active site (module docstring).
         Raises ``DropcheckError`` when no such triple exists."""
         active = self._active()
-        e = {n: self.explicit_weight(n) for n in active}
+        e = {n: self.explicit_weight(n) if self.explicit else 0.0 for n in active}
         if not self.uses_xi_approx(self.cfg):  # no noise: the probe serves R̂ only
             return 1.0, 0.0, e
         m = {n: self.implicit_mult(n) for n in active}
@@ -541,29 +552,39 @@ class UpdateRule:
                 grads.append(gs)
         return {n: a - b for (n, _), a, b in zip(named, grads[0], grads[1])}
 
-    def shared_probe_objective(self, model: StatefulLM, x, y, gens: Gens) -> StepResult:
-        """Algorithm 2 as one objective (``estimator="fd_shared"``): the gradient
-        of ``dc.analytic_dropout_objective`` is ``∇[L + Σ_i c_i R̂_i] + Σ_i m_i ξ̂_i``
-        with one probe per step shared by both terms (module docstring)."""
-        a, b, w = self.shared_probe_weights()
-        gen = self._probe_generator(gens, b, w)
+    def _analytic_objective(self, model: StatefulLM, x, y, gens: Gens, weights: tuple, keep_hidden: bool):
+        """``dc.analytic_dropout_objective`` with the rule's ``(a, b, w)``
+        (``weights``) and ``hessian``, and the hidden state to carry on when
+        ``keep_hidden`` (else ``None``): the clean pass's, or under
+        ``center="midpoint"`` the mean of the two probe passes'."""
+        a, b, w = weights
         site_weights = None if all(v == 1.0 for v in w.values()) else w
-        kw = dict(explicit_weight=a, implicit_weight=b, generator=gen, eps=self.eps, site_weights=site_weights,
-                  independent_positions=self.positions)
-        if self.center == "midpoint":  # no clean pass: the hidden state is the mean of the two probe passes'
+        kw = dict(explicit_weight=a, implicit_weight=b, hessian=self.hessian, eps=self.eps, site_weights=site_weights,
+                  generator=self._probe_generator(gens, b, w), independent_positions=self.positions)
+        if self.center == "midpoint":  # no clean pass
+            kw.update(decoder=model.lm.decoder, center="midpoint")
+        if not keep_hidden:
+            return dc.analytic_dropout_objective(model, x, y, **kw), None
+        if self.center == "midpoint":
             with _record_layer_states(model) as states:
-                res = dc.analytic_dropout_objective(model, x, y, decoder=model.lm.decoder, center="midpoint", **kw)
+                res = dc.analytic_dropout_objective(model, x, y, **kw)
             L = len(model.lm.rnns)
             if len(states) != 2 * L:
                 raise DropcheckError(f"expected {2 * L} LSTM layer calls in the two probe passes, got {len(states)}")
             hid = [((hp + hm) / 2.0, (cp + cm) / 2.0) for (hp, cp), (hm, cm) in zip(states[:L], states[L:])]
-            return StepResult(res.objective, res.loss.detach(), {"R": (a * res.explicit).detach()},
-                              detach_hidden(hid))
+            return res, detach_hidden(hid)
         with _record_hidden(model) as hiddens:
             res = dc.analytic_dropout_objective(model, x, y, **kw)
         # the first of its passes is the clean one (dc's docstring; tested)
-        hid = detach_hidden(hiddens[0])
-        return StepResult(res.objective, res.loss.detach(), {"R": (a * res.explicit).detach()}, hid)
+        return res, detach_hidden(hiddens[0])
+
+    def shared_probe_objective(self, model: StatefulLM, x, y, gens: Gens) -> StepResult:
+        """Algorithm 2 as one objective (``estimator="fd_shared"``): the gradient
+        of ``dc.analytic_dropout_objective`` is ``∇[L + Σ_i c_i R̂_i] + Σ_i m_i ξ̂_i``
+        with one probe per step shared by both terms (module docstring)."""
+        weights = self.shared_probe_weights()
+        res, hid = self._analytic_objective(model, x, y, gens, weights, keep_hidden=True)
+        return StepResult(res.objective, res.loss.detach(), {"R": (weights[0] * res.explicit).detach()}, hid)
 
 
 # --- the rules: one class each, in the order `dropcheck train --list-keys` shows them ---
@@ -634,9 +655,12 @@ class DropoutInject(Dropout):
 
 
 class DropoutImplicit(Dropout):
-    """DROPOUT_k plus ``sqrt(1-1/k) · ξ_approx`` (Algorithm 4)."""
+    """DROPOUT_k plus ``sqrt(1-1/k) · ξ_approx`` (Algorithm 4); with
+    ``estimator`` fd_shared/fd_mid, ``ξ_approx`` is the shared-probe
+    objective's noise term (explicit weight 0) added to the objective."""
 
     name = "dropout_implicit"
+    shared_probe_ok = True
 
     @classmethod
     def label(cls, cfg):
@@ -646,8 +670,25 @@ class DropoutImplicit(Dropout):
     def uses_xi_approx(cls, cfg):
         return int(cfg["k"]) > 1
 
+    @classmethod
+    def uses_shared_probe(cls, cfg):
+        return cls.uses_xi_approx(cfg) and super().uses_shared_probe(cfg)
+
+    @classmethod
+    def uses_estimator(cls, cfg):
+        return cls.uses_shared_probe(cfg)  # it only chooses the route of ξ_approx
+
+    def objective(self, model, x, y, gens):
+        res = super().objective(model, x, y, gens)
+        if not self.shared_probe:
+            return res
+        weights = self.shared_probe_weights()  # (0, b, m²): the probe is the noise
+        probe, _ = self._analytic_objective(model, x, y, gens, weights, keep_hidden=False)
+        xi = math.sqrt(1.0 - 1.0 / self.k) * weights[1] * probe.implicit_probe
+        return res._replace(objective=res.objective + xi)
+
     def noise(self, model, x, y, gens):
-        if not self.has_noise(self.cfg):
+        if not self.has_noise(self.cfg) or self.shared_probe:  # shared probe: the noise is in the objective
             return None
         return self.implicit_noise(model, x, y, gens, math.sqrt(1.0 - 1.0 / self.k))
 
@@ -659,7 +700,6 @@ class Explicit(UpdateRule):
     name = "explicit"
     explicit = True
     shared_probe_ok = True
-    hessian: ClassVar[str] = "output"
 
     @classmethod
     def label(cls, cfg):
@@ -706,10 +746,9 @@ class ExplicitImplicit(Explicit):
 
 
 class _Ablation(Explicit):
-    """An ablation of ``R_approx`` (Sec. 5): no shared-probe route, and
-    ``ξ_approx`` added only if ``ablation_noise``."""
+    """An ablation of ``R_approx`` (Sec. 5): ``ξ_approx`` added only if
+    ``ablation_noise``."""
 
-    shared_probe_ok = False
     short: ClassVar[str]
 
     @classmethod
@@ -723,7 +762,8 @@ class _Ablation(Explicit):
 
 
 class IdentityHessian(_Ablation):
-    """``R_approx`` with ``H_out → I/c``."""
+    """``R_approx`` with ``H_out → I/c``; with ``estimator`` fd_shared/fd_mid
+    the shared-probe objective with ``hessian="identity"``."""
 
     name = "identity_hessian"
     short = "identity H_out"
@@ -736,6 +776,7 @@ class LossJacobian(_Ablation):
 
     name = "loss_jacobian"
     short = "R̃_approx"
+    shared_probe_ok = False  # R̃ needs the loss Jacobian's own gradient (a double backward)
     positions_ok = False  # dc.loss_jacobian_regularizer keeps the sites' own structure
 
     @classmethod

@@ -241,6 +241,6 @@ def test_registry_describes_every_rule():
 
 def test_shared_probe_estimators_only_for_the_rules_that_have_them():
     fast = [n for n, c in REGISTRY.items() if c.shared_probe_ok]
-    assert fast == ["explicit", "explicit_implicit"]
-    with pytest.raises(DropcheckError, match="fast path of rules 'explicit' and 'explicit_implicit' only"):
-        _setup("identity_hessian", estimator="fd_shared")
+    assert fast == ["explicit", "dropout_implicit", "explicit_implicit", "identity_hessian"]
+    with pytest.raises(DropcheckError, match="fast path of rules 'explicit', .*'identity_hessian' only"):
+        _setup("loss_jacobian", estimator="fd_shared")

@@ -1,7 +1,8 @@
 """The shared-probe fast path of Algorithm 2 (``rule=explicit_implicit
 estimator=fd_shared``): its gradient is the separately computed
 finite-difference explicit term plus finite-difference ξ_approx drawn from
-the same probe, per-group coefficients included; it trains; it refuses
+the same probe, per-group coefficients included, and likewise for the
+identity-Hessian ablation and for DROPOUT_k + ξ_approx (noise only); it trains; it refuses
 multipliers that cannot share a probe and, under data parallelism, site
 mixes whose noise would need two generators."""
 
@@ -113,6 +114,75 @@ def test_explicit_rule_gradient_is_the_fd_explicit_term(case):
         assert float(res2.reg["R"]) == pytest.approx(float(res.reg["R"]), rel=1e-9)
 
 
+@pytest.mark.parametrize("ablation_noise", [False, True])
+def test_identity_hessian_rule_is_the_fd_identity_term(ablation_noise):
+    """``rule=identity_hessian estimator=fd_shared``: ``∇(L + Σ_i c_i R̂_i)``
+    with ``H_out → I/c`` and the probe of ``estimator=fd`` (same seed, same
+    draws), plus, with ``ablation_noise``, ξ_approx from the same probe at
+    noise weight ``m_i`` (``b = 1/sqrt(explicit_mult)``)."""
+    over = dict(estimator="fd_shared", explicit_mult=6.0, ablation_noise=ablation_noise)
+    cfg, model, rule = _setup("identity_hessian", **over)
+    a, b, w = rule.shared_probe_weights()
+    assert (a, b) == ((1.0, 1.0 / math.sqrt(6.0)) if ablation_noise else (1.0, 0.0))
+    g, res = rule.gradient(model, X, Y, _gens())
+    eps = default_eps(torch.float64)
+    R = dc.explicit_regularizer(model, X, Y, estimator="fd", hessian="identity", eps=eps,
+                                site_weights=_weights(cfg, "explicit"), generator=torch.Generator().manual_seed(5))
+    ref = _grad(model, _clean_loss(model) + R)
+    if ablation_noise:
+        xi = dc.implicit_noise(model, X, Y, estimator="fd", noise="rademacher", eps=eps / math.sqrt(2.0),
+                               site_weights=_weights(cfg, "implicit"), generator=torch.Generator().manual_seed(5))
+        ref = _add(ref, xi)
+    _close(g, ref, 1e-7 if ablation_noise else 1e-9)
+    assert float(res.reg["R"]) == pytest.approx(float(R.detach()), rel=1e-9)
+    R_out = dc.explicit_regularizer(model, X, Y, estimator="fd", eps=eps, site_weights=_weights(cfg, "explicit"),
+                                    generator=torch.Generator().manual_seed(5))
+    # H_out really is replaced: near-uniform softmax over 11 words brings H_out close to I/c (5% apart here),
+    # still far beyond the 1e-9 agreement above
+    assert abs(float(R_out.detach()) - float(R.detach())) > 1e-2 * abs(float(R.detach()))
+    # the same update as the rule's fd route (same probe; the fd noise there is the autograd/fd estimator's)
+    if not ablation_noise:
+        cfg2, model2, rule2 = _setup("identity_hessian", **{**over, "estimator": "fd"})
+        _close(rule2.gradient(model2, X, Y, _gens())[0], g, 1e-9)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_dropout_implicit_rule_adds_the_probes_xi_to_dropout_k(k):
+    """``rule=dropout_implicit estimator=fd_shared``: the DROPOUT_k gradient
+    (its masks drawn first) plus ``sqrt(1-1/k)`` times ξ_approx from the
+    next draws of the same generator, group multipliers included; the loss
+    and the carried hidden state are DROPOUT_k's; ``fd_mid`` differs by
+    O(ε²) and runs one LSTM pass fewer."""
+    over = dict(k=k, implicit_mult=1.5, implicit_mult_hidden=2.0, explicit_mult_hidden=7.0)  # explicit: unused
+    cfg, model, rule = _setup("dropout_implicit", estimator="fd_shared", **over)
+    assert rule.noise(model, X, Y, _gens()) is None  # the noise is in the objective
+    a, b, w = rule.shared_probe_weights()
+    assert (a, b) == (0.0, 1.0) and w["lm.drop_hidden.0"] == 9.0 and w["lm.drop_out"] == 2.25
+    g, res = rule.gradient(model, X, Y, _gens())
+    gen = torch.Generator().manual_seed(5)
+    gk = dc.dropout_k_gradient(model, X, Y, k, generator=gen)
+    eps = default_eps(torch.float64) / math.sqrt(2.0)
+    xi = dc.implicit_noise(model, X, Y, estimator="fd", noise="rademacher", eps=eps,
+                           site_weights=_weights(cfg, "implicit"), generator=gen)
+    c = math.sqrt(1.0 - 1.0 / k)
+    _close(g, {n: gk[n] + c * xi[n] for n in gk}, 1e-7)
+    plain = _setup("dropout", k=k)[2].objective(model, X, Y, _gens())
+    assert float(res.loss) == float(plain.loss) and not res.reg
+    for (h1, c1), (h2, c2) in zip(res.hidden, plain.hidden):
+        assert torch.equal(h1, h2) and torch.equal(c1, c2)
+    errs = []
+    for eps in (2e-2, 1e-2):
+        gs = {}
+        for est in ("fd_shared", "fd_mid"):
+            cfg, model, rule = _setup("dropout_implicit", backend="fused", estimator=est, eps=eps, **over)
+            calls = [0]
+            model.lm.rnns[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+            gs[est] = torch.cat([v.reshape(-1) for v in rule.gradient(model, X, Y, _gens())[0].values()])
+            assert calls[0] == k + (3 if est == "fd_shared" else 2)
+        errs.append(float((gs["fd_shared"] - gs["fd_mid"]).norm() / gs["fd_shared"].norm()))
+    assert 3.0 < errs[0] / errs[1] < 5.0 and errs[1] < 1e-3, errs
+
+
 def test_awd_lstm_takes_the_linear_decoder_route():
     """The tied decoder is found: it runs once per objective (the clean pass;
     the perturbed passes stop at its input), and the objective and gradient
@@ -171,10 +241,9 @@ def test_incompatible_multipliers_are_refused():
     assert rule.shared_probe_weights()[:2] == (1.0, 0.0)
 
 
-def test_only_for_explicit_rules_and_first_order():
-    for rule in ("identity_hessian", "loss_jacobian"):
-        with pytest.raises(DropcheckError, match="fast path of rules 'explicit' and 'explicit_implicit' only"):
-            _setup(rule, estimator="fd_shared")
+def test_only_for_the_rules_that_have_it_and_first_order():
+    with pytest.raises(DropcheckError, match="fast path of rules .* only, not of 'loss_jacobian'"):
+        _setup("loss_jacobian", estimator="fd_shared")
     with pytest.raises(DropcheckError, match="samples"):
         _setup("explicit_implicit", estimator="fd_shared", samples=2)
     _setup("dropout", estimator="fd_shared")  # unused by rules without an explicit term
@@ -183,7 +252,10 @@ def test_only_for_explicit_rules_and_first_order():
     assert not needs_double_backward({**base, "rule": "explicit", "estimator": "fd_shared"})
     assert not needs_double_backward({**base, "rule": "explicit_implicit", "estimator": "fd_mid"})
     with pytest.raises(DropcheckError, match="'fd_mid'.*fast path of rules"):
-        _setup("identity_hessian", estimator="fd_mid")
+        _setup("loss_jacobian", estimator="fd_mid")
+    for rule in ("identity_hessian", "dropout_implicit"):
+        assert not needs_double_backward({**base, "rule": rule, "k": 2, "estimator": "fd_shared",
+                                          "ablation_noise": True, "noise_estimator": "autograd"})
     assert needs_double_backward({**base, "rule": "explicit_implicit", "estimator": "fd"})  # autograd noise
 
 
