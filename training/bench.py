@@ -112,6 +112,8 @@ ARMS: tuple[Arm, ...] = (
         "DROPOUT_4 + ξ_approx (Algorithm 4), fd noise"),
     Arm("dropout_implicit-k4-fd_shared", {"rule": "dropout_implicit", "k": 4, "estimator": "fd_shared"}, "fused",
         "DROPOUT_4 + ξ_approx, the noise as the shared-probe objective's term (3 more forward passes, one backward)"),
+    Arm("dropout_implicit-k4-fd_mid", {"rule": "dropout_implicit", "k": 4, "estimator": "fd_mid"}, "fused",
+        "DROPOUT_4 + ξ_approx, the shared-probe noise term without its clean pass (2 more forward passes)"),
     Arm("identity-fd", {"rule": "identity_hessian", "estimator": "fd"}, "fused",
         "L + R_approx with H_out -> I/c, finite differences"),
     Arm("identity-fd_shared", {"rule": "identity_hessian", "estimator": "fd_shared"}, "fused",

@@ -59,8 +59,12 @@ class Plan:
 # shared-probe surrogate: one clean and two probe passes, one backward, 2.1x the dropout step
 # in results/bench/cpu-ptb.json against 4.3x for the plain fd estimator.
 _EXPLICIT = {"estimator": "fd_shared"}
+# DROPOUT_k + ξ_approx keeps the fd noise estimator: its shared-probe route costs the same on one core
+# (results/bench/cpu-ptb-dropout-implicit.json: 6.02 / 6.26 / 5.99 x dropout for fd / fd_shared / fd_mid at k = 4).
 _IMPLICIT = {"noise_estimator": "fd"}
-_IDENTITY = {"estimator": "fd"}
+# The identity-Hessian ablation through the surrogate with hessian="identity": the fd estimator's R̂ with
+# the same probe law, 2.19 x dropout against 3.80 x for estimator=fd (results/bench/cpu-ptb-fast-ablations.json).
+_IDENTITY = {"estimator": "fd_shared"}
 # Coefficients of the ablations: on the CPU pilot's DROPOUT_1 model (epoch 3, 6 training batches,
 # fd estimator, 4 probes each) R_approx / R_approx(H_out -> I/c) was 6.3 and R_approx / R̃_approx
 # 0.68, so each ablation runs at the derived λ and near the multiplier that matches R_approx's size.
