@@ -116,10 +116,10 @@ ARMS: tuple[Arm, ...] = (
         "DROPOUT_4 + ξ_approx, the shared-probe noise term without its clean pass (2 more forward passes)"),
     Arm("identity-fd", {"rule": "identity_hessian", "estimator": "fd"}, "fused",
         "L + R_approx with H_out -> I/c, finite differences"),
-    Arm("loss_jacobian", {"rule": "loss_jacobian"}, "loop",
-        "L + R̃_approx (5.1): the loss gradient in every site, double backward through the loop LSTM"),
     Arm("identity-fd_shared", {"rule": "identity_hessian", "estimator": "fd_shared"}, "fused",
         "L + R_approx with H_out -> I/c through the surrogate (3 forward passes, 1 backward)"),
+    Arm("loss_jacobian", {"rule": "loss_jacobian"}, "loop",
+        "L + R̃_approx (5.1): the loss gradient in every site, double backward through the loop LSTM"),
 )
 
 
