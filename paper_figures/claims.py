@@ -244,7 +244,8 @@ def _c4(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
 
 
 def _c5(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
-    """C5: R_approx + ξ_approx matches DROPOUT_1 (and beats R_approx alone)."""
+    """C5: R_approx + ξ_approx matches DROPOUT_1 (and beats R_approx alone at
+    the same explicit coefficient)."""
     expl = _find(arms, _is("explicit"))
     ei = _one(arms, _is("explicit_implicit", noise_structure="locked"))
     eip = _one(arms, _is("explicit_implicit", noise_structure="positions"))
@@ -254,15 +255,20 @@ def _c5(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
     match = _cmp(ei, d[1]) in ("same", "better")
     used = [d[1], ei] + ([eip] if eip else []) + expl
     beyond = ""
-    if expl:
+    # like with like: R_approx alone at R_approx + ξ_approx's own coefficient; the best-tuned one beside it
+    same = [a for a in expl if a.cfg.get("explicit_mult", 1.0) == ei.cfg.get("explicit_mult", 1.0)]
+    alone = min(same or expl, key=lambda a: a.mean) if expl else None
+    if alone is not None:
+        beyond = f" Against R_approx alone{' at the same coefficient' if same else ''}: {_vs(ei, alone)}."
         best = min(expl, key=lambda a: a.mean)
-        beyond = f" Against R_approx alone: {_vs(ei, best)}."
+        if best is not alone:
+            beyond += f" Against the best coefficient of R_approx alone: {_vs(ei, best)}."
     if eip:
         beyond += f" Per-position noise structure: {_vs(eip, d[1])}; against locked: {_cmp(eip, ei)}."
     if ei.best_epochs and d[1].best_epochs:
         beyond += (f" Best epoch: R_approx + ξ_approx {sum(ei.best_epochs) / len(ei.best_epochs):.1f}, "
                    f"DROPOUT_1 {sum(d[1].best_epochs) / len(d[1].best_epochs):.1f}.")
-    near = expl and _cmp(ei, min(expl, key=lambda a: a.mean)) == "better"
+    near = alone is not None and _cmp(ei, alone) == "better"
     verdict = "reproduced" if match else ("partly" if near else "not reproduced")
     return _claim("C5", verdict, _vs(ei, d[1]) + "." + beyond, used, scale)
 

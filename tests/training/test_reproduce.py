@@ -234,6 +234,13 @@ def test_claims_flip_when_the_pattern_is_not_there():
     # C5: R_approx + xi no better than R_approx alone and far from DROPOUT_1
     a = {**base, "ei": (_c("explicit_implicit"), [106.5])}
     assert _verdicts(_arms(**a))["C5"]["verdict"] == "not reproduced"
+    # C5 judged against R_approx alone at its own coefficient (x1), not a better-tuned one (x2)
+    a = {**base, "ei": (_c("explicit_implicit"), [104.0]), "ex1": (_c("explicit", explicit_mult=1.0), [110.0]),
+         "ex2": (_c("explicit", explicit_mult=2.0), [103.0])}
+    c5 = _verdicts(_arms(**a))["C5"]
+    assert c5["verdict"] == "partly"
+    assert "at the same coefficient: ei 104.00 (1 seed) vs ex1 110.00" in c5["summary"]
+    assert "best coefficient of R_approx alone: ei 104.00 (1 seed) vs ex2 103.00" in c5["summary"]
     # C6: identity clearly better than l2, and R̃ as good as dropout
     a = {**base, "id1": (_c("identity_hessian"), [105.0]), "lj": (_c("loss_jacobian"), [100.0])}
     assert _verdicts(_arms(**a))["C6"]["verdict"] == "not reproduced"
