@@ -15,10 +15,11 @@
 # statistical error in float32 / TF32 on cuDNN?  `python -m training.fd_check`).
 # Copy cuda-bench.json to results/bench/cuda-ptb.json to commit it.
 #
-# Budget: the bench is 9 arms x (5 warm-up + 20 timed + 1 memory) steps; the
-# slowest arm (loop LSTM, double backward) took 0.52 s/step on an H100
-# (GPU_NOTES.md), all arms together about 1.1 s per round, so about 30 s plus
-# start-up; the fd check is 200 samples x 4 precision settings on a tiny
+# Budget: the bench is every arm of `dropcheck bench --list` (18) x (5 warm-up
+# + 20 timed + 1 memory) steps; the slowest arm (loop LSTM, double backward)
+# took 0.52 s/step on an H100 (GPU_NOTES.md), 9 arms then about 1.1 s per
+# round; three loop-LSTM arms and DROPOUT_4 with its variants now make a round
+# a few seconds, so about 2 min plus start-up (an estimate, not measured); the fd check is 200 samples x 4 precision settings on a tiny
 # model, launch-bound, about 1 min, after a float64 reference on the CPU
 # (about 10 s on one core here).  Each part has its own timeout (270 s +
 # 150 s), so even a hung part leaves the script inside 8 minutes.
