@@ -14,6 +14,12 @@ stands in for the unknown seed noise, and the summary says so).
 
 A claim whose arms are not all there yet gets the verdict ``"pending"``
 with the missing arms named.
+
+Close comparisons: each claim lists under ``"needs_seeds"`` the arms of every
+comparison it made whose means differ by less than the study's seed noise
+(the largest range of any arm's seeds, at least 1% of the smaller mean).
+More seeds could change such a verdict, so ``dropcheck reproduce`` runs
+``--seeds`` seeds of those arms.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,6 +37,8 @@ from training.rules import REGISTRY
 from .logs import Run
 
 REL_FLOOR = 0.01
+# the pairs that _cmp compared while judge() runs one claim
+_COMPARED: ContextVar[Optional[list]] = ContextVar("_COMPARED", default=None)
 
 _SCALE = (
     "Scale: {scale}. A verdict here says whether the pattern appears for a small LSTM on a "
@@ -144,6 +153,9 @@ def _margin(a: ArmStats, b: ArmStats) -> float:
 
 def _cmp(a: ArmStats, b: ArmStats) -> str:
     """'better' / 'worse' / 'same': A against B (lower perplexity is better)."""
+    compared = _COMPARED.get()
+    if compared is not None:
+        compared.append((a, b))
     m = _margin(a, b)
     if b.mean - a.mean > m:
         return "better"
@@ -291,11 +303,35 @@ def _c6(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
     return _claim("C6", verdict, summary, [d[1], *ident, *l2, *lj], scale)
 
 
+def seed_noise(arms: dict[str, ArmStats]) -> float:
+    """The study's seed noise: the largest range of any arm's seeds (0 while no arm has two)."""
+    return max((a.spread for a in arms.values() if a.seeds > 1), default=0.0)
+
+
+def _close(pairs: list[tuple[ArmStats, ArmStats]], noise: float) -> list[str]:
+    """Keys of the arms of every pair whose means differ by less than the seed
+    noise (at least 1% of the smaller mean)."""
+    keys = {x.key for a, b in pairs if abs(a.mean - b.mean) < max(noise, REL_FLOOR * min(a.mean, b.mean))
+            for x in (a, b)}
+    return sorted(keys)
+
+
 def judge(arms: dict[str, ArmStats], scale: str) -> list[dict]:
-    """One verdict per claim (module docstring)."""
+    """One verdict per claim (module docstring), each with the arms of its
+    close comparisons under ``needs_seeds``."""
     none = _one(arms, _is("none"))
     d = {k: _one(arms, _is("dropout", k=k)) for k in (1, 2, 4, 8)}
-    return [claim(arms, none, d, scale) for claim in (_c1, _c2, _c3, _c4, _c5, _c6)]
+    noise = seed_noise(arms)
+    out = []
+    for claim in (_c1, _c2, _c3, _c4, _c5, _c6):
+        token = _COMPARED.set([])
+        try:
+            c = claim(arms, none, d, scale)
+            c["needs_seeds"] = _close(_COMPARED.get(), noise)
+        finally:
+            _COMPARED.reset(token)
+        out.append(c)
+    return out
 
 
 def _scale(runs: list[Run]) -> str:
@@ -321,6 +357,7 @@ def write_claims(runs: list[Run], out: Path, plan_name: str = "") -> list[Path]:
         "margin_rule": f"clearly better/worse: difference of means > max(range of either arm's seeds, "
                        f"{REL_FLOOR:.0%} of the smaller mean)",
         "training_minutes_total": round(cpu_min, 1),
+        "seed_noise": round(seed_noise(arms), 4),
         "claims": claims,
         "all_arms": {k: a.as_json() for k, a in sorted(arms.items())},
     }
@@ -334,6 +371,11 @@ def write_claims(runs: list[Run], out: Path, plan_name: str = "") -> list[Path]:
     for c in claims:
         summ = c["summary"].split(" Scale: ")[0]
         lines.append(f"| {c['id']} | **{c['verdict']}** | {summ} |")
+    close = sorted({k for c in claims for k in c["needs_seeds"]})
+    if close:
+        lines += ["", f"Close comparisons (means closer than the seed noise, {doc['seed_noise']:.2f}: the largest "
+                  f"range of any arm's seeds, at least 1% of the smaller mean): `dropcheck reproduce` runs "
+                  f"`--seeds` seeds of " + ", ".join(close) + "."]
     lines += ["", _SCALE.format(scale=scale), "", "## Every arm", "",
               "| arm | seeds | best valid ppl (mean) | range | best epoch (mean) | test ppl (mean) |",
               "|---|---:|---:|---:|---:|---:|"]

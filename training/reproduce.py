@@ -35,6 +35,7 @@ import argparse
 import fnmatch
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,16 +85,45 @@ def _seed1_best(plan: Plan, runs_dir: Path) -> dict[str, Optional[float]]:
     return out
 
 
+def _complete_runs(plan: Plan, runs_dir: Path, problems: Optional[list[str]] = None) -> list:
+    """The plan's runs with a final line (``paper_figures.logs.Run``); a run still
+    going or interrupted would cut the seed-mean curves short."""
+    from paper_figures.logs import read_runs
+
+    return [r for r in read_runs(runs_dir, [] if problems is None else problems)
+            if r.header.get("run_name", "").startswith(plan.name + "-") and r.final is not None]
+
+
+def close_arms(plan: Plan, runs_dir: Path) -> set[str]:
+    """The plan's arms in a comparison of the claims whose means differ by less
+    than the seed noise (``paper_figures.claims``: ``needs_seeds``)."""
+    from paper_figures.claims import collect, judge
+
+    runs = _complete_runs(plan, runs_dir) if runs_dir.is_dir() else []
+    keys = {k for c in judge(collect(runs), "") for k in c["needs_seeds"]} if runs else set()
+    return {k[len(plan.name) + 1:] for k in keys}
+
+
+def _logged_seeds(plan: Plan, arm: str, runs_dir: Path) -> list[int]:
+    """The seeds of ``arm`` that have a log under ``runs_dir``."""
+    pat = re.compile(re.escape(plan.run_name(arm, 0)[:-1]) + r"(\d+)\.jsonl")
+    return [int(m.group(1)) for p in runs_dir.glob("*.jsonl") if (m := pat.fullmatch(p.name))]
+
+
 def plan_jobs(plan: Plan, runs_dir: Path, seeds: int, patterns: Optional[list[str]] = None) -> list[RunJob]:
-    """Every run of the plan, in order, with its state; the extra seeds of a
-    ``best_of`` group appear once its winner is known."""
+    """Every run of the plan, in order, with its state.  Key arms run ``seeds``
+    seeds; so do a ``best_of`` group's winner, once it is known, and the arms of
+    close comparisons (``close_arms``), once both sides have a complete run.  A
+    seed that has a log stays listed, so an interrupted one resumes."""
     best = _seed1_best(plan, runs_dir)
     winners = {g: best_member(g, best) for g in plan.best_of}
+    close = close_arms(plan, runs_dir)
     jobs = []
     for a in plan.arms:
         if patterns and not any(fnmatch.fnmatchcase(a.name, p) for p in patterns):
             continue
-        n = seeds if (a.key or any(w == a.name for w in winners.values())) else 1
+        n = seeds if (a.key or a.name in close or any(w == a.name for w in winners.values())) else 1
+        n = max([n, *_logged_seeds(plan, a.name, runs_dir)])
         for seed in range(1, n + 1):
             name = plan.run_name(a.name, seed)
             jobs.append(RunJob(a.name, seed, name, run_state(runs_dir, name)))
@@ -209,13 +239,10 @@ def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
     """Figures, tables and the claims (JSON + Markdown) from the logs alone."""
     from paper_figures.claims import write_claims
     from paper_figures.figures import FIGURES, draw as draw_figure
-    from paper_figures.logs import read_runs
     from paper_figures.tables import table1
 
     problems: list[str] = []
-    # complete runs only: a run still going (or interrupted) would cut the seed-mean curves short
-    runs = [r for r in read_runs(runs_dir, problems)
-            if r.header.get("run_name", "").startswith(plan.name + "-") and r.final is not None]
+    runs = _complete_runs(plan, runs_dir, problems)
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
     if not runs:
@@ -242,6 +269,9 @@ def print_status(plan: Plan, runs_dir: Path, seeds: int, patterns) -> None:
     pend = [g for g in plan.best_of if best_member(g, _seed1_best(plan, runs_dir)) is None]
     for g in pend:
         print(f"(best of {', '.join(g)}: extra seeds once all have seed 1)")
+    close = sorted(close_arms(plan, runs_dir))
+    if close:
+        print(f"(close comparisons: {', '.join(close)} run {seeds} seeds)")
 
 
 def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance: float) -> int:

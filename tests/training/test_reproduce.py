@@ -267,6 +267,47 @@ def test_claims_pending_names_the_missing_arms():
     assert set(v["C2"]["arms"]) == {"d1", "d4"}
 
 
+
+def test_close_comparisons_name_the_arms_that_need_more_seeds():
+    # BASE's seed noise is 2.0 (ei's range): DROPOUT_k steps of 4 are not close, DROPOUT_2 + xi vs DROPOUT_1 is
+    v = _verdicts(_arms(**BASE))
+    assert v["C1"]["needs_seeds"] == []
+    assert v["C4"]["needs_seeds"] == ["d1", "di2", "di4", "di8"]
+    assert v["C6"]["needs_seeds"] == []  # identity 125 vs l2 120, R̃ 110 vs DROPOUT_1 100.5
+    assert _verdicts(_arms(**{**BASE, "l2": (_c("l2", l2=1e-5), [124.0])}))["C6"]["needs_seeds"] == ["id1", "l2"]
+    # a wide range of any arm's seeds (here DROPOUT_1's) widens the noise for every comparison
+    v = _verdicts(_arms(**{**BASE, "d1": (_c("dropout", k=1), [95.0, 105.0])}))
+    assert {"d1", "d2", "d4", "d8"} <= set(v["C1"]["needs_seeds"])
+    # pending claims compare nothing
+    assert _verdicts(_arms(**{k: x for k, x in BASE.items() if k != "d8"}))["C1"]["needs_seeds"] == []
+
+
+def _fake_log(runs: Path, name: str, cfg: dict, best: float) -> None:
+    recs = [{"type": "header", "run_name": name, "config": cfg},
+            {"type": "final", "best_valid_ppl": best, "best_step": 1, "test_ppl": best, "wall_time": 1.0}]
+    (runs / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_plan_jobs_adds_seeds_to_the_arms_of_close_comparisons(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    plan = PLANS["tiny"]
+    cfg = {a.name: {**plan.extra, **a.overrides} for a in plan.arms}
+    for arm, vals in {"none": [130.0, 134.0], "dropout-k1": [110.0, 111.0], "explicit-x1": [120.0],
+                      "explicit-x2": [105.0], "explicit-implicit": [109.0, 110.0]}.items():
+        for seed, v in enumerate(vals, 1):
+            _fake_log(runs, plan.run_name(arm, seed), cfg[arm], v)
+    seeds = lambda: {a: max(j.seed for j in plan_jobs(plan, runs, 2) if j.arm == a) for a in cfg}  # noqa: E731
+    # key arms and the best_of winner (x2) run 2 seeds; R_approx alone at x1 (120) is 10.5 from
+    # R_approx + xi (109.5), its C5 comparison, more than the seed noise (4.0: none's range)
+    assert seeds() == {"none": 2, "dropout-k1": 2, "explicit-x1": 1, "explicit-x2": 2, "explicit-implicit": 2}
+    _fake_log(runs, plan.run_name("explicit-x1", 1), cfg["explicit-x1"], 112.0)  # now 2.5 from it: close
+    assert seeds()["explicit-x1"] == 2
+    # a third seed already on disk stays listed (an interrupted one resumes)
+    (runs / f"{plan.run_name('explicit-x2', 3)}.jsonl").write_text("")
+    assert [j.seed for j in plan_jobs(plan, runs, 2) if j.arm == "explicit-x2"] == [1, 2, 3]
+
+
 def _gpu_study(env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(["bash", str(REPO / "training" / "gpu_study.sh")], env=env, capture_output=True,
                           text=True, timeout=300)
