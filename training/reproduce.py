@@ -239,6 +239,7 @@ def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
     """Figures, tables and the claims (JSON + Markdown) from the logs alone."""
     from paper_figures.claims import write_claims
     from paper_figures.figures import FIGURES, draw as draw_figure
+    from paper_figures.summary import draw_summary
     from paper_figures.tables import table1
 
     problems: list[str] = []
@@ -252,6 +253,7 @@ def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
     for name in FIGURES:
         written += draw_figure(name, runs, out)
     written += table1(runs, out)
+    written += draw_summary(runs, out, plan_name=plan.name)
     written += write_claims(runs, out, plan_name=plan.name)
     return written
 

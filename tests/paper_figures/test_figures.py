@@ -94,3 +94,25 @@ def test_no_logs_is_a_clear_error(tmp_path, capsys):
 ])
 def test_arm_labels(cfg, label):
     assert arm_label(cfg) == label
+
+
+def test_best_valid_summary_has_one_row_per_arm(runs_dir, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from paper_figures.summary import draw_summary
+
+    runs = read_runs(runs_dir, [])
+    labels = []
+    orig = matplotlib.axes.Axes.set_yticklabels
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yticklabels",
+                        lambda self, ls, **kw: (labels.extend(ls), orig(self, ls, **kw))[1])
+    out = tmp_path / "out"
+    out.mkdir()
+    written = draw_summary(runs, out, "p")
+    assert sorted(p.name for p in written) == ["best_valid.pdf", "best_valid.png"]
+    assert len(labels) == len({r.path.stem for r in runs})  # synthetic logs: one arm per file
+    assert labels[-1].startswith("R_approx + ξ_approx")  # ei_s1 has the lowest perplexity: top row
+    # runs without a final line draw nothing
+    for r in runs:
+        r.final = None
+    assert draw_summary(runs, out, "p") == []

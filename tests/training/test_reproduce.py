@@ -67,11 +67,11 @@ def test_tiny_plan_end_to_end_then_redraw_only(tmp_path, tiny_corpus_dir):
     plan = PLANS["tiny"]
     jobs = plan_jobs(plan, runs, 2)
     assert jobs and all(j.state == "done" for j in jobs)
-    # the best R_approx coefficient got its second seed, the other did not
+    # the best R_approx coefficient got its second seed (whether the other one did depends on how close
+    # the tiny runs land: test_plan_jobs_adds_seeds_to_the_arms_of_close_comparisons pins that down)
     winner = best_member(plan.best_of[0], {a: _final(runs / f"tiny-{a}-s1.jsonl")["best_valid_ppl"]
                                            for a in plan.best_of[0]})
-    loser = next(a for a in plan.best_of[0] if a != winner)
-    assert (runs / f"tiny-{winner}-s2.jsonl").exists() and not (runs / f"tiny-{loser}-s2.jsonl").exists()
+    assert (runs / f"tiny-{winner}-s2.jsonl").exists()
     # every eval logs the clean training perplexity beside the rule's loss
     for rec in _records(runs / "tiny-dropout-k1-s1.jsonl"):
         if rec["type"] == "eval":

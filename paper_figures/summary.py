@@ -1,0 +1,61 @@
+"""One figure of a whole study: every arm's best validation perplexity, one
+dot per seed, with the seed noise the claims judge by.
+
+The learning-curve figures (``figures.py``) show how each arm trains, but
+their y-range spans the first epochs' perplexities, so the final differences
+the claims rest on (a few points out of 200) are hard to see there.  Here each
+arm is one row: its seeds' best validation perplexities as dots, their mean as
+a bar, and a band of ``± seed noise`` (``claims.seed_noise``: the largest range
+of any arm's seeds) around DROPOUT_1's mean, so an arm inside the band is not
+clearly apart from dropout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .arms import arm_label
+from .claims import REL_FLOOR, _is, _one, collect, seed_noise
+from .logs import Run
+
+
+def draw_summary(runs: list[Run], out: Path, plan_name: str = "") -> list[Path]:
+    """``best_valid.png`` and ``.pdf`` under ``out``; nothing when no run is complete."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = collect(runs)
+    if not arms:
+        return []
+    rows = sorted(arms.values(), key=lambda a: a.mean, reverse=True)  # best at the top
+    fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.36 * len(rows)))
+    d1 = _one(arms, _is("dropout", k=1))
+    noise = seed_noise(arms)
+    if d1 is not None:
+        half = max(noise, REL_FLOOR * d1.mean)
+        ax.axvspan(d1.mean - half, d1.mean + half, color="tab:blue", alpha=0.12,
+                   label=f"DROPOUT_1 mean ± seed noise ({half:.2f})")
+    for y, a in enumerate(rows):
+        ax.plot(a.values, [y] * a.seeds, "o", ms=4, color="0.35", alpha=0.8)
+        ax.plot([a.mean], [y], "|", ms=14, mew=2.2, color="tab:red")
+    ax.plot([], [], "o", ms=4, color="0.35", label="one seed")
+    ax.plot([], [], "|", ms=10, mew=2, color="tab:red", label="mean over seeds")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{arm_label(a.cfg)}  [{a.key.removeprefix(plan_name + '-')}, {a.seeds}]" for a in rows],
+                       fontsize=8)
+    ax.set_xlabel("best validation perplexity (lower is better)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")  # the best arms sit top left
+    devices = sorted({r.device for r in runs if r.final})
+    ax.set_title(f"Every arm of {plan_name or 'the study'}: best validation perplexity per seed\n"
+                 f"[arm, seeds]; device: {', '.join(devices)}", fontsize=10)
+    fig.tight_layout()
+    written = []
+    for ext in ("png", "pdf"):
+        path = out / f"best_valid.{ext}"
+        fig.savefig(path, dpi=110, metadata={"CreationDate": None} if ext == "pdf" else None)
+        written.append(path)
+    plt.close(fig)
+    return written
