@@ -100,13 +100,14 @@ def close_arms(plan: Plan, runs_dir: Path) -> set[str]:
     from paper_figures.claims import collect, judge
 
     runs = _complete_runs(plan, runs_dir) if runs_dir.is_dir() else []
-    keys = {k for c in judge(collect(runs), "") for k in c["needs_seeds"]} if runs else set()
+    keys = {k for c in judge(collect(runs), "") for k in c["needs_seeds"]}
     return {k[len(plan.name) + 1:] for k in keys}
 
 
 def _logged_seeds(plan: Plan, arm: str, runs_dir: Path) -> list[int]:
     """The seeds of ``arm`` that have a log under ``runs_dir``."""
-    pat = re.compile(re.escape(plan.run_name(arm, 0)[:-1]) + r"(\d+)\.jsonl")
+    prefix = plan.run_name(arm, 0).removesuffix("0")  # "<plan>-<arm>-s"
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.jsonl")
     return [int(m.group(1)) for p in runs_dir.glob("*.jsonl") if (m := pat.fullmatch(p.name))]
 
 
