@@ -150,7 +150,10 @@ def _progress_line(runs_dir: Path, name: str) -> str:
     if not evals:
         return f"{name}: starting"
     e = evals[-1]
-    return f"{name}: epoch {e.get('epoch', 0):.1f} valid {e.get('valid_ppl', math.nan):.1f}"
+    line = f"{name}: epoch {e.get('epoch', 0):.1f} valid {e.get('valid_ppl', math.nan):.1f}"
+    if e.get("epoch") and e.get("wall_time"):  # training time so far, resumes included
+        line += f", {e['wall_time'] / 60 / e['epoch']:.1f} min/epoch"
+    return line
 
 
 def _launch(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str]):
