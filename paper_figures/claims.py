@@ -346,7 +346,9 @@ def _scale(runs: list[Run]) -> str:
             f"device {', '.join(devices)}")
 
 
-def write_claims(runs: list[Run], out: Path, plan_name: str = "") -> list[Path]:
+def write_claims(runs: list[Run], out: Path, plan_name: str = "", figure: Optional[str] = None) -> list[Path]:
+    """``claims.json`` and ``CLAIMS.md`` under ``out``; ``figure``: an image
+    beside them (``summary.draw_summary``'s) that CLAIMS.md shows."""
     arms = collect(runs)
     scale = _scale(runs)
     claims = judge(arms, scale)
@@ -376,7 +378,10 @@ def write_claims(runs: list[Run], out: Path, plan_name: str = "") -> list[Path]:
         lines += ["", f"Close comparisons (means closer than the seed noise, {doc['seed_noise']:.2f}: the largest "
                   f"range of any arm's seeds, at least 1% of the smaller mean): `dropcheck reproduce` runs "
                   f"`--seeds` seeds of " + ", ".join(close) + "."]
-    lines += ["", _SCALE.format(scale=scale), "", "## Every arm", "",
+    lines += ["", _SCALE.format(scale=scale), "", "## Every arm", ""]
+    if figure:
+        lines += [f"![every arm's best validation perplexity per seed]({figure})", ""]
+    lines += [
               "| arm | seeds | best valid ppl (mean) | range | best epoch (mean) | test ppl (mean) |",
               "|---|---:|---:|---:|---:|---:|"]
     f = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731

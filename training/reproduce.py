@@ -257,8 +257,9 @@ def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
     for name in FIGURES:
         written += draw_figure(name, runs, out)
     written += table1(runs, out)
-    written += draw_summary(runs, out, plan_name=plan.name)
-    written += write_claims(runs, out, plan_name=plan.name)
+    summary = draw_summary(runs, out, plan_name=plan.name)
+    written += summary
+    written += write_claims(runs, out, plan_name=plan.name, figure=summary[0].name if summary else None)
     return written
 
 

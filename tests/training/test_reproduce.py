@@ -88,6 +88,7 @@ def test_tiny_plan_end_to_end_then_redraw_only(tmp_path, tiny_corpus_dir):
     vals = [_final(runs / f"tiny-explicit-implicit-s{s}.jsonl")["best_valid_ppl"] for s in (1, 2)]
     assert c5["arms"]["tiny-explicit-implicit"]["best_valid_ppl_mean"] == pytest.approx(sum(vals) / 2, abs=1e-4)
     assert (out / "CLAIMS.md").exists() and (out / "table1.md").exists()
+    assert "](best_valid.png)" in (out / "CLAIMS.md").read_text() and (out / "best_valid.png").exists()
     logs_before = {p.name: p.read_bytes() for p in runs.glob("*.jsonl")}
     claims_before = (out / "claims.json").read_bytes()
     (out / "claims.json").unlink()
