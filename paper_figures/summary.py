@@ -15,8 +15,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from .arms import arm_label
-from .claims import REL_FLOOR, _is, _one, collect, seed_noise
+from .claims import REL_FLOOR, ArmStats, _is, _one, collect, seed_noise
 from .logs import Run
+
+
+def summary_rows(arms: dict[str, ArmStats], plan_name: str = "") -> list[tuple[str, list, float]]:
+    """``(label, seeds' best validation perplexities, mean)`` per arm, worst first
+    (the plot's bottom row first); the label is the paper's name, the arm and its seed count."""
+    rows = sorted(arms.values(), key=lambda a: a.mean, reverse=True)
+    return [(f"{arm_label(a.cfg)}  [{a.key.removeprefix(plan_name + '-')}, {a.seeds}]", list(a.values), a.mean)
+            for a in rows]
 
 
 def draw_summary(runs: list[Run], out: Path, plan_name: str = "") -> list[Path]:
@@ -29,22 +37,20 @@ def draw_summary(runs: list[Run], out: Path, plan_name: str = "") -> list[Path]:
     arms = collect(runs)
     if not arms:
         return []
-    rows = sorted(arms.values(), key=lambda a: a.mean, reverse=True)  # best at the top
+    rows = summary_rows(arms, plan_name)
     fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.36 * len(rows)))
     d1 = _one(arms, _is("dropout", k=1))
-    noise = seed_noise(arms)
     if d1 is not None:
-        half = max(noise, REL_FLOOR * d1.mean)
+        half = max(seed_noise(arms), REL_FLOOR * d1.mean)
         ax.axvspan(d1.mean - half, d1.mean + half, color="tab:blue", alpha=0.12,
                    label=f"DROPOUT_1 mean ± seed noise ({half:.2f})")
-    for y, a in enumerate(rows):
-        ax.plot(a.values, [y] * a.seeds, "o", ms=4, color="0.35", alpha=0.8)
-        ax.plot([a.mean], [y], "|", ms=14, mew=2.2, color="tab:red")
+    for y, (_, values, mean) in enumerate(rows):
+        ax.plot(values, [y] * len(values), "o", ms=4, color="0.35", alpha=0.8)
+        ax.plot([mean], [y], "|", ms=14, mew=2.2, color="tab:red")
     ax.plot([], [], "o", ms=4, color="0.35", label="one seed")
     ax.plot([], [], "|", ms=10, mew=2, color="tab:red", label="mean over seeds")
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{arm_label(a.cfg)}  [{a.key.removeprefix(plan_name + '-')}, {a.seeds}]" for a in rows],
-                       fontsize=8)
+    ax.set_yticklabels([label for label, _, _ in rows], fontsize=8)
     ax.set_xlabel("best validation perplexity (lower is better)")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")  # the best arms sit top left

@@ -96,22 +96,20 @@ def test_arm_labels(cfg, label):
     assert arm_label(cfg) == label
 
 
-def test_best_valid_summary_has_one_row_per_arm(runs_dir, tmp_path, monkeypatch):
-    import matplotlib.axes
-
-    from paper_figures.summary import draw_summary
+def test_best_valid_summary_has_one_row_per_arm(runs_dir, tmp_path):
+    from paper_figures.claims import collect
+    from paper_figures.summary import draw_summary, summary_rows
 
     runs = read_runs(runs_dir, [])
-    labels = []
-    orig = matplotlib.axes.Axes.set_yticklabels
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_yticklabels",
-                        lambda self, ls, **kw: (labels.extend(ls), orig(self, ls, **kw))[1])
+    rows = summary_rows(collect(runs))
+    assert len(rows) == len({r.path.stem for r in runs})  # synthetic logs: one arm per file
+    means = [m for _, _, m in rows]
+    assert means == sorted(means, reverse=True)  # worst at the bottom (row 0), best on top
+    label, values, mean = rows[-1]
+    assert label.startswith("R_approx + ξ_approx") and values == [300.0 * 0.79**5]  # ei_s1: rate 0.79
     out = tmp_path / "out"
     out.mkdir()
-    written = draw_summary(runs, out, "p")
-    assert sorted(p.name for p in written) == ["best_valid.pdf", "best_valid.png"]
-    assert len(labels) == len({r.path.stem for r in runs})  # synthetic logs: one arm per file
-    assert labels[-1].startswith("R_approx + ξ_approx")  # ei_s1 has the lowest perplexity: top row
+    assert sorted(p.name for p in draw_summary(runs, out, "p")) == ["best_valid.pdf", "best_valid.png"]
     # runs without a final line draw nothing
     for r in runs:
         r.final = None

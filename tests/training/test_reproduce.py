@@ -268,7 +268,6 @@ def test_claims_pending_names_the_missing_arms():
     assert set(v["C2"]["arms"]) == {"d1", "d4"}
 
 
-
 def test_close_comparisons_name_the_arms_that_need_more_seeds():
     # BASE's seed noise is 2.0 (ei's range): DROPOUT_k steps of 4 are not close, DROPOUT_2 + xi vs DROPOUT_1 is
     v = _verdicts(_arms(**BASE))
