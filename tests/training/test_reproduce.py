@@ -247,6 +247,12 @@ def test_claims_flip_when_the_pattern_is_not_there():
     assert _verdicts(_arms(**a))["C6"]["verdict"] == "not reproduced"
 
 
+def test_c6_says_how_far_identity_gets_from_l2_towards_r_approx():
+    # best l2 120, best R_approx alone 106 (ex1): identity at 113 closes half of that gap
+    c6 = _verdicts(_arms(**{**BASE, "id1": (_c("identity_hessian"), [113.0])}))["C6"]
+    assert "closes 50% of the gap from the best ℓ2 to the best R_approx alone (ex1 106.00" in c6["summary"]
+
+
 def test_claims_margin_uses_the_seed_spread_and_a_one_percent_floor():
     # DROPOUT_8 0.8% worse than DROPOUT_1: within the 1% floor, so not "clearly worse"
     a = {**BASE, "d8": (_c("dropout", k=8), [100.8 + 0.5])}
