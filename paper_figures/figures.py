@@ -126,10 +126,17 @@ def draw(name: str, runs: list[Run], out: Path) -> list[Path]:
         configs = sorted({r.config_name for r in chosen})
         fig.suptitle(f"{title} — {corpus}\nconfig: {', '.join(configs)}; device: {', '.join(devices)}", fontsize=10)
         fig.tight_layout()
-        for ext in ("png", "pdf"):
-            path = out / f"{name}_{corpus}.{ext}"
-            # no creation date in the PDF: the same logs give the same bytes
-            fig.savefig(path, dpi=110, metadata={"CreationDate": None} if ext == "pdf" else None)
-            written.append(path)
-        plt.close(fig)
+        written += save_figure(fig, out / f"{name}_{corpus}")
     return written
+
+
+def save_figure(fig, stem: Path) -> list[Path]:
+    """``stem.png`` and ``stem.pdf``, then close ``fig``; no creation date in
+    the PDF, so the same logs give the same bytes."""
+    import matplotlib.pyplot as plt
+
+    paths = [stem.with_name(f"{stem.name}.{ext}") for ext in ("png", "pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=110, metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
+    plt.close(fig)
+    return paths

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .arms import arm_label
 from .claims import REL_FLOOR, ArmStats, _is, _one, collect, seed_noise
+from .figures import save_figure
 from .logs import Run
 
 
@@ -58,10 +59,4 @@ def draw_summary(runs: list[Run], out: Path, plan_name: str = "") -> list[Path]:
     ax.set_title(f"Every arm of {plan_name or 'the study'}: best validation perplexity per seed\n"
                  f"[arm, seeds]; device: {', '.join(devices)}", fontsize=10)
     fig.tight_layout()
-    written = []
-    for ext in ("png", "pdf"):
-        path = out / f"best_valid.{ext}"
-        fig.savefig(path, dpi=110, metadata={"CreationDate": None} if ext == "pdf" else None)
-        written.append(path)
-    plt.close(fig)
-    return written
+    return save_figure(fig, out / "best_valid")
