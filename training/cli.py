@@ -7,6 +7,10 @@
 (``"base": NAME`` starts from a named one).  ``key=value`` overrides are
 parsed with the type of the key's default (``--list-keys``).  Several GPUs
 or CPU processes: ``torchrun --nproc_per_node N -m dropcheck train ...``.
+
+SIGTERM or Ctrl-C stops a single-process run at the next step: it writes a
+checkpoint there and exits with status 128 + the signal (143, 130);
+``--resume`` continues it.  A second Ctrl-C interrupts at once.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise DropcheckError(f"--stop-after must be >= 0, got {args.stop_after}")
 
     import os
+    import signal
 
     import torch.distributed as dist
 
@@ -89,5 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 f"test ppl {res.test_ppl:.2f}; log {res.log_path}"
             )
         else:
-            print(f"{res.run_name}: stopped after {res.step} steps; checkpoint {res.ckpt_path} (--resume to continue)")
-    return 0
+            by = f" by {signal.Signals(res.stop_signal).name}" if res.stop_signal else ""
+            print(f"{res.run_name}: stopped{by} after {res.step} steps; checkpoint {res.ckpt_path} (--resume to continue)")
+    # stopped by a signal: the shell's status for it (128 + signal), so a batch script can tell
+    return 128 + res.stop_signal if res.stop_signal else 0

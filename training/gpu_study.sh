@@ -17,8 +17,9 @@
 #      with a double backward, launch-bound on a GPU), in plan order.
 # A background loop prints every running log's last evaluation each minute.
 # At the end every log (*.jsonl, and the runs' *.out) is packed into
-# $OUT/runs.tgz; a run cut off by the budget leaves a log without a final line,
-# which `dropcheck reproduce` starts again (its checkpoint stays behind).
+# $OUT/runs.tgz; a run cut off by the budget (SIGTERM: it checkpoints at its next
+# step and exits) leaves a log without a final line, which `dropcheck reproduce`
+# starts again (its checkpoint stays behind on the device machine).
 # The complete logs committed under results/runs/cpu-ptb-cuda are copied in
 # first, so a later session runs only what is missing.  Unpack the new complete
 # logs into that folder and draw them with

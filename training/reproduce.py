@@ -1,7 +1,8 @@
 """``dropcheck reproduce``: run a study plan to the end, then draw its results.
 
     dropcheck reproduce --plan cpu-ptb [--jobs 2] [--seeds N] [--arms PATTERN ...]
-                        [--runs DIR] [--out DIR] [--data DIR] [--status] [--draw-only]
+                        [--time-limit MINUTES] [--runs DIR] [--out DIR] [--data DIR]
+                        [--status] [--draw-only]
     dropcheck reproduce --plan cpu-ptb --recheck RUN_NAME
 
 Every run of the plan (``study.py``) is in one of four states, read from the
@@ -24,6 +25,13 @@ figures, tables and claims are drawn from the logs into ``--out`` (default
 A failed run is reported with the end of its output, and the command exits
 with status 1 after drawing what there is.
 
+Stopping: SIGTERM or Ctrl-C stops every running job at its next step, each
+writing a checkpoint first (``dropcheck train``'s signal handling), so the
+same command later resumes them without losing a step.  ``--time-limit
+MINUTES`` does the same after that many minutes (a session's or a batch
+job's end), then draws from the complete logs and exits with status 75
+(``EX_TEMPFAIL``: run again to continue).
+
 ``--recheck RUN`` re-runs the first epoch of a committed run with its logged
 config (in a temporary folder) and compares the validation perplexity of its
 first evaluation with the logged one (exit 1 beyond ``--tolerance``, 1%).
@@ -43,11 +51,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from dropcheck import DropcheckError
 
 from .study import Plan, best_member, get_plan, PLANS
+
+
+# seconds a stopped job has to reach its next step and checkpoint before it is killed
+_STOP_WAIT = 120.0
 
 
 @dataclass
@@ -176,35 +188,56 @@ def _finished(runs_dir: Path, name: str, rc: int) -> tuple[bool, str]:
                   f"{final['best_step']}, test {final['test_ppl']:.2f}")
 
 
+class PlanOutcome(NamedTuple):
+    failed: list[str]  # runs whose process ended without a complete log
+    left: list[str]  # runs not done when the time limit was reached (the same command resumes them)
+
+
 def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data: Optional[str] = None,
-             patterns: Optional[list[str]] = None, progress: bool = True, poll: float = 1.0) -> list[str]:
+             patterns: Optional[list[str]] = None, progress: bool = True, poll: float = 1.0,
+             time_limit: Optional[float] = None) -> PlanOutcome:
     """Runs every unfinished run (re-planning after each finish, so a
-    ``best_of`` winner's extra seeds join in); returns the names that failed."""
+    ``best_of`` winner's extra seeds join in).  After ``time_limit`` seconds
+    it stops the running jobs (each checkpoints at its next step) and starts
+    no more."""
     from tqdm import tqdm
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
+    left: list[str] = []
     running: dict[str, tuple[subprocess.Popen, RunJob, object]] = {}
+    deadline = None if time_limit is None else time.monotonic() + time_limit
     total0 = len([j for j in plan_jobs(plan, runs_dir, seeds, patterns) if j.state != "done"])
     bar = tqdm(total=total0, desc=f"{plan.name}", unit="run", file=sys.stderr, dynamic_ncols=True,
                disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 60.0)
     done_count = 0
 
     def stop_all(signum=None, frame=None):
+        """SIGTERM to every job (``dropcheck train`` checkpoints at its next
+        step and exits), SIGKILL to one that has not exited after ``_STOP_WAIT`` s."""
         for p, _, _ in running.values():
             if p.poll() is None:
                 p.terminate()
-        for p, _, _ in running.values():
+        for p, _, out in running.values():
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=_STOP_WAIT)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+            out.close()
         if signum is not None:
             raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, stop_all)
     try:
         while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                stop_all()
+                for name in sorted(running):
+                    bar.write(f"stopped {_progress_line(runs_dir, name)} ({run_state(runs_dir, name)})")
+                left = [j.name for j in plan_jobs(plan, runs_dir, seeds, patterns)
+                        if j.state != "done" and j.name not in failed]
+                break
             todo = [j for j in plan_jobs(plan, runs_dir, seeds, patterns)
                     if j.state != "done" and j.name not in running and j.name not in failed]
             started = todo[: max(0, jobs - len(running))]
@@ -236,7 +269,7 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
     finally:
         signal.signal(signal.SIGTERM, old)
         bar.close()
-    return failed
+    return PlanOutcome(failed, left)
 
 
 def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
@@ -314,6 +347,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draw-only", action="store_true", help="draw from the logs there are, run nothing")
     p.add_argument("--recheck", metavar="RUN", help="re-run the first epoch of RUN and compare its validation perplexity")
     p.add_argument("--tolerance", type=float, default=0.01, help="relative tolerance of --recheck (default 0.01)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="after this many minutes stop the running jobs (each checkpoints first), draw, and exit 75")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -323,6 +358,8 @@ def run(args: argparse.Namespace) -> int:
         raise DropcheckError(f"--jobs must be >= 1, got {args.jobs}")
     if args.seeds < 1:
         raise DropcheckError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise DropcheckError(f"--time-limit must be > 0 minutes, got {args.time_limit}")
     runs_dir = Path(args.runs or f"results/runs/{plan.name}")
     out = Path(args.out or f"results/{plan.name}")
     if args.recheck:
@@ -330,21 +367,29 @@ def run(args: argparse.Namespace) -> int:
     if args.status:
         print_status(plan, runs_dir, args.seeds, args.arms)
         return 0
-    failed: list[str] = []
+    outcome = PlanOutcome([], [])
     if not args.draw_only:
         pending = [j for j in plan_jobs(plan, runs_dir, args.seeds, args.arms) if j.state != "done"]
         if pending:
             print(f"{plan.name}: {len(pending)} run(s) to do, {args.jobs} at a time", file=sys.stderr)
             try:
-                failed = run_plan(plan, runs_dir, jobs=args.jobs, seeds=args.seeds, data=args.data,
-                                  patterns=args.arms, progress=not args.no_progress)
+                outcome = run_plan(plan, runs_dir, jobs=args.jobs, seeds=args.seeds, data=args.data,
+                                   patterns=args.arms, progress=not args.no_progress,
+                                   time_limit=None if args.time_limit is None else args.time_limit * 60)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: run_plan stopped the jobs and said how to resume
                 return 130
         else:
             print(f"{plan.name}: every run is done; drawing only", file=sys.stderr)
-    written = draw(plan, runs_dir, out)
-    print(f"wrote {len(written)} files under {out}")
-    if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    if outcome.left and not _complete_runs(plan, runs_dir):
+        print(f"{plan.name}: no complete run yet, nothing to draw", file=sys.stderr)
+    else:
+        written = draw(plan, runs_dir, out)
+        print(f"wrote {len(written)} files under {out}")
+    if outcome.failed:
+        print(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}", file=sys.stderr)
         return 1
+    if outcome.left:
+        print(f"time limit reached: {len(outcome.left)} run(s) left ({', '.join(outcome.left)}); run the same "
+              "command again to continue", file=sys.stderr)
+        return 75
     return 0

@@ -100,8 +100,10 @@ from __future__ import annotations
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +236,7 @@ class TrainResult:
     test_ppl: Optional[float]
     records: list = field(default_factory=list)
     last_state: dict = field(default_factory=dict)  # the model's state after the last step
+    stop_signal: Optional[int] = None  # the signal that stopped an unfinished run (SIGTERM, SIGINT)
 
 
 class _Objective(nn.Module):
@@ -619,6 +622,34 @@ def _test_best(tr: "Trainer", lm: AWDLSTM, d: _RunData, best_path: Path, world: 
     }
 
 
+class _StopOnSignal:
+    """SIGTERM, or a first Ctrl-C (SIGINT), asks the training loop to stop at the
+    next step boundary: it writes a checkpoint there and returns an unfinished
+    run, so no step since the last checkpoint is lost (a batch system's or
+    ``dropcheck reproduce``'s stop, the end of a session).  A second Ctrl-C
+    interrupts at once.  Only in the main thread of a single-process run: the
+    ranks of a distributed run could see the signal at different steps."""
+
+    def __init__(self, enabled: bool):
+        self.signum: Optional[int] = None
+        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> "_StopOnSignal":
+        if self._enabled:
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, signal.SIG_DFL if old is None else old)
+
+
 def train(
     cfg: Mapping[str, Any],
     *,
@@ -677,37 +708,39 @@ def train(
         return rec
 
     tr.model.train()
-    try:
-        while not _budget_spent(cfg, c):
-            if stop_after is not None and c.step >= stop_after:
-                stopped = True
-                break
-            epoch_end = _train_step(tr, d, cfg, world, device)
-            if bar is not None:
-                bar.update(1)
-            did_eval = bool(cfg["eval_every"] and c.step % cfg["eval_every"] == 0) or (epoch_end and not cfg["eval_every"])
-            if did_eval:
-                rec = eval_and_log()
+    with _StopOnSignal(world == 1) as stop:
+        try:
+            while not _budget_spent(cfg, c):
+                if (stop_after is not None and c.step >= stop_after) or stop.signum is not None:
+                    stopped = True
+                    break
+                epoch_end = _train_step(tr, d, cfg, world, device)
                 if bar is not None:
-                    bar.set_postfix(valid_ppl=f"{rec['valid_ppl']:.2f}", train_ppl=f"{rec['train_ppl']:.2f}")
-            if epoch_end:
-                c.epoch, c.pos = c.epoch + 1, 0
-                st.hidden = lm.init_hidden(d.per)
-            if did_eval or (cfg["checkpoint_every"] and c.step % cfg["checkpoint_every"] == 0):
-                ckpt.save(st, lm, tr.opt, log)
-                last_ckpt_step = c.step
-            if did_eval and tr.out_of_patience():
-                stopped_early = True
-                break
-    finally:
-        if bar is not None:
-            bar.close()
+                    bar.update(1)
+                did_eval = bool(cfg["eval_every"] and c.step % cfg["eval_every"] == 0) or (epoch_end and not cfg["eval_every"])
+                if did_eval:
+                    rec = eval_and_log()
+                    if bar is not None:
+                        bar.set_postfix(valid_ppl=f"{rec['valid_ppl']:.2f}", train_ppl=f"{rec['train_ppl']:.2f}")
+                if epoch_end:
+                    c.epoch, c.pos = c.epoch + 1, 0
+                    st.hidden = lm.init_hidden(d.per)
+                if did_eval or (cfg["checkpoint_every"] and c.step % cfg["checkpoint_every"] == 0):
+                    ckpt.save(st, lm, tr.opt, log)
+                    last_ckpt_step = c.step
+                if did_eval and tr.out_of_patience():
+                    stopped_early = True
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        if stopped and last_ckpt_step != c.step:
+            ckpt.save(st, lm, tr.opt, log)
 
     last_state = {k: v.detach().cpu().clone() for k, v in lm.state_dict().items()}
     if stopped:
-        if last_ckpt_step != c.step:
-            ckpt.save(st, lm, tr.opt, log)
-        return TrainResult(name, log_path, ckpt_path, best_path, c.step, False, c.best_valid, None, records, last_state)
+        return TrainResult(name, log_path, ckpt_path, best_path, c.step, False, c.best_valid, None, records, last_state,
+                           stop.signum)
 
     # ---- final: evaluate the last interval if needed, then test the best model
     if st.steps or c.evals == 0:

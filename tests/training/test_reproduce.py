@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,12 +129,46 @@ def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path, tiny_corpus
     proc.wait()
     state = run_state(runs, "killme-dropout-k1-s1")
     assert state in ("interrupted", "done")
-    assert run_plan(_kill_plan(120), runs, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == []
+    assert run_plan(_kill_plan(120), runs, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == ([], [])
     got = _final(runs / "killme-dropout-k1-s1.jsonl")
     if state == "interrupted":
         assert any(r["type"] == "resume" for r in _records(runs / "killme-dropout-k1-s1.jsonl"))
     for key in ("step", "best_step", "best_valid_ppl", "test_ppl"):
         assert got[key] == want[key], key
+
+
+def test_time_limit_stops_the_jobs_at_a_checkpoint_and_exits_75(tmp_path, tiny_corpus_dir, monkeypatch, capsys):
+    """``--time-limit``: the running job gets SIGTERM, finishes its step, writes a
+    checkpoint there and exits; the driver starts nothing more, names what is
+    left and exits 75.  The clock is the test's: time is up once the job's first
+    checkpoint exists (its signal handler is in place by then)."""
+    import time as real_time
+    import types
+
+    import training.reproduce as reproduce
+
+    runs = tmp_path / "runs"
+    name = "killme-dropout-k1-s1"
+    plan = Plan("killme", "smoke", (Arm("dropout-k1", {"rule": "dropout"}, "C1"),
+                                    Arm("none", {"rule": "none"}, "baseline")),
+                extra={**_kill_plan(0).extra, "max_steps": 10**6})
+    clock = types.SimpleNamespace(sleep=real_time.sleep,
+                                  monotonic=lambda: 1e9 if (runs / f"{name}.ckpt.pt").exists() else 0.0)
+    monkeypatch.setattr(reproduce, "time", clock)
+    monkeypatch.setattr(reproduce, "get_plan", lambda _: plan)
+    rc = cli_main(["reproduce", "--plan", "tiny", "--runs", str(runs), "--out", str(tmp_path / "out"),
+                   "--data", str(tiny_corpus_dir), "--no-progress", "--jobs", "1", "--time-limit", "1"])
+    assert rc == 75
+    err = capsys.readouterr().err
+    assert f"2 run(s) left ({name}, killme-none-s1)" in err and "nothing to draw" in err
+    assert run_state(runs, name) == "interrupted" and run_state(runs, "killme-none-s1") == "todo"
+    out = (runs / f"{name}.out").read_text()
+    m = re.search(r"stopped by SIGTERM after (\d+) steps", out)
+    assert m, out
+    import torch
+
+    assert torch.load(runs / f"{name}.ckpt.pt", weights_only=False)["loop"]["step"] == int(m.group(1))
+    assert not any(r["type"] == "final" for r in _records(runs / f"{name}.jsonl"))
 
 
 def test_broken_log_starts_again_and_recheck_compares_the_first_epoch(tmp_path, tiny_corpus_dir, capsys):
@@ -144,7 +179,7 @@ def test_broken_log_starts_again_and_recheck_compares_the_first_epoch(tmp_path, 
     plan = _kill_plan(10)
     (runs / "killme-dropout-k1-s1.jsonl").write_text('{"type": "header"}\n')  # killed before any checkpoint
     assert run_state(runs, "killme-dropout-k1-s1") == "broken"
-    assert run_plan(plan, runs, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == []
+    assert run_plan(plan, runs, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == ([], [])
     assert run_state(runs, "killme-dropout-k1-s1") == "done"
 
     assert recheck(plan, runs, "killme-dropout-k1-s1", str(tiny_corpus_dir), 0.01) == 0
@@ -168,7 +203,7 @@ def test_checkpoint_without_its_log_starts_again(tmp_path, tiny_corpus_dir):
     runs.mkdir()
     (runs / "killme-dropout-k1-s1.ckpt.pt").write_bytes(b"stale")
     assert run_state(runs, "killme-dropout-k1-s1") == "broken"
-    assert run_plan(_kill_plan(10), runs, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == []
+    assert run_plan(_kill_plan(10), runs, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == ([], [])
     assert run_state(runs, "killme-dropout-k1-s1") == "done"
 
 

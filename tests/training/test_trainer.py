@@ -4,6 +4,7 @@ bit for bit, best-validation model for test, the CLI end to end."""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -50,6 +51,40 @@ def test_resume_gives_the_same_numbers_bit_for_bit(tiny_cfg, tiny_corpus, tmp_pa
     assert _comparable(a) == _comparable(b)
     assert [r["type"] for r in b].count("resume") == 1
     assert not any(r.get("step") == 999 for r in b)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resume_is_exact(
+        tiny_cfg, tiny_corpus, tmp_path, monkeypatch, signum):
+    """SIGTERM (a batch system, ``reproduce``'s stop) or Ctrl-C mid-run: the loop
+    finishes the step, checkpoints it (the evaluations and checkpoint_every
+    would only have saved steps 3 and 4) and returns; the resumed run is the uninterrupted one bit for bit."""
+    import training.trainer as trainer
+
+    cfg = tiny_cfg(rule="dropout", max_steps=9, eval_every=3, checkpoint_every=4)
+    full = train(cfg, out=tmp_path / "full", corpus=tiny_corpus)
+    real_step = trainer._train_step
+
+    def step_then_signal(tr, *args):
+        out = real_step(tr, *args)
+        if tr.state.counters.step == 5:
+            signal.raise_signal(signum)  # arrives in step 5, between the saves of steps 4 and 6
+        elif tr.state.counters.step == 6:
+            signal.raise_signal(signum)  # never sent: the loop stops at the boundary after step 5
+        return out
+
+    before = signal.getsignal(signum)
+    monkeypatch.setattr(trainer, "_train_step", step_then_signal)
+    part = train(cfg, out=tmp_path / "part", corpus=tiny_corpus)
+    assert signal.getsignal(signum) is before  # the handlers are put back
+    assert not part.finished and part.stop_signal == signum and part.step == 5
+    assert torch.load(part.ckpt_path, weights_only=False)["loop"]["step"] == 5  # nothing lost
+    monkeypatch.setattr(trainer, "_train_step", real_step)
+    resumed = train(cfg, out=tmp_path / "part", corpus=tiny_corpus, resume=True)
+    assert resumed.finished and resumed.stop_signal is None
+    for k, v in full.last_state.items():
+        assert torch.equal(v, resumed.last_state[k]), k
+    assert _comparable(_records(full.log_path)) == _comparable(_records(resumed.log_path))
 
 
 def test_log_contents_and_best_model_for_test(tiny_cfg, tiny_corpus, tmp_path):
