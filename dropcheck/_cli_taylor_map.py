@@ -19,8 +19,9 @@ from ._taylor_map import DEFAULT_QS, DEFAULT_WIDTHS, MapRow, format_rows, map_mo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="MODULE:FACTORY",
-                   help="a user model: FACTORY() returns (model, inputs, targets); q varies at every site")
+    p.add_argument("--model", metavar="MODULE:FACTORY", nargs="+",
+                   help="user models (one table and plot): FACTORY() returns (model, inputs, targets); "
+                        "q varies at every site")
     p.add_argument("--qs", type=float, nargs="+", default=list(DEFAULT_QS), help="drop probabilities")
     p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS),
                    help="hidden widths of the built-in tanh family")
@@ -99,9 +100,8 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.model:
-        model, X, y = load_factory(args.model)()
-        jobs = [(args.model, None, model, X, y)]
-        title = f"taylor-map of {args.model}"
+        jobs = [(m, None, *load_factory(m)()) for m in args.model]
+        title = f"taylor-map of {', '.join(args.model)}"
     else:
         jobs = [("tanh-mlp", w, *tanh_family(w, seed=args.seed)) for w in args.widths]
         title = "taylor-map: tanh MLP 8-w-w-5, dropout after the first tanh layer, weights ~ 1/sqrt(fan-in), 16 examples"

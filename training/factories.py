@@ -41,3 +41,46 @@ def smoke_lm(steps: int = 300, seed: int = 1, batch: int = 8, seq_len: int = 20)
     lm.load_state_dict(state)
     X, Y = get_batch(batchify(corpus.valid, batch), 0, seq_len)
     return StatefulLM(lm), X, Y
+
+
+_RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"
+
+
+def study_lm(run: str, *, plan: str = "cpu-ptb", batch: int = 10, seq_len: int = 35, runs_dir=None):
+    """A trained study model: run ``run``'s best checkpoint (``<run>.best.pt``,
+    git-ignored, so only where the run was made) with its logged config, in
+    float64 on the loop backend (double backward for the Hutchinson routes),
+    with the first ``seq_len × batch`` validation tokens and a zero incoming
+    state, like the evaluation's first batch."""
+    from dropcheck import DropcheckError
+
+    from .reproduce import _read_log
+
+    folder = Path(runs_dir) if runs_dir is not None else _RUNS / plan
+    header, _, _ = _read_log(folder / f"{run}.jsonl")
+    best = folder / f"{run}.best.pt"
+    if header is None or not best.exists():
+        raise DropcheckError(f"{folder}: no log or no best checkpoint of {run!r} (checkpoints are not committed: "
+                             f"run `dropcheck reproduce --plan {plan}` for it first)")
+    cfg = header["config"]
+    corpus = load_corpus(_ptb_dir())
+    lm = build_lm(cfg, corpus.vocab_size, torch.device("cpu"), torch.float64, "loop")
+    lm.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["model"])
+    X, Y = get_batch(batchify(corpus.valid, batch), 0, seq_len)
+    return StatefulLM(lm), X, Y
+
+
+# ``dropcheck taylor-map --model training.factories:NAME``: the cpu-ptb study's seed-1 models
+def cpu_ptb_none():
+    """The cpu-ptb model trained without regularization."""
+    return study_lm("cpu-ptb-none-s1")
+
+
+def cpu_ptb_dropout():
+    """The cpu-ptb model trained with dropout (DROPOUT_1)."""
+    return study_lm("cpu-ptb-dropout-k1-s1")
+
+
+def cpu_ptb_explicit():
+    """The cpu-ptb model trained with R_approx alone at λ."""
+    return study_lm("cpu-ptb-explicit-x1-s1")

@@ -111,6 +111,12 @@ def float32_inputs():
     return m, torch.randn(2, 3), torch.tensor([0, 1])
 
 
+def float64_mlp():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.2), nn.Linear(6, 4)).double()
+    return m, torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0])
+
+
 def encoder_train_mode():
     z = Z.encoder_layer()
     z.model.train()
@@ -172,3 +178,14 @@ def test_verify_cnn_guards_dense_references_by_size(user_models, capsys):
     assert rc == 0, [r for r in out["checks"] if r["status"] == "FAIL"]
     skipped = {r["quantity"]: r["note"] for r in out["checks"] if r["status"] == "skip"}
     assert "numel(h)=16384" in skipped["R_approx (weighted, per site)"]
+
+
+def test_taylor_map_of_several_user_models_in_one_table(user_models, capsys, tmp_path):
+    rc = main(["taylor-map", "--model", "usermodels.py:float64_mlp", "usermodels.py:cnn", "--qs", "0.2",
+               "--samples", "20", "--no-limit", "--estimator", "hutchinson", "--estimator-samples", "20",
+               "--out", str(tmp_path / "map")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "map" / "taylor_map.json").read_text())["rows"]
+    assert [(r["model"], r["noise"]) for r in rows] == [
+        (m, n) for m in ("usermodels.py:float64_mlp", "usermodels.py:cnn") for n in ("bernoulli", "gaussian")]
+    assert all(r["estimator"] == "hutchinson" and r["R_drop"] != 0 for r in rows)
