@@ -53,16 +53,15 @@ def study_lm(run: str, *, plan: str = "cpu-ptb", batch: int = 10, seq_len: int =
     with the first ``seq_len × batch`` validation tokens and a zero incoming
     state, like the evaluation's first batch."""
     from dropcheck import DropcheckError
-
-    from .reproduce import _read_log
+    from paper_figures.logs import read_run
 
     folder = Path(runs_dir) if runs_dir is not None else _RUNS / plan
-    header, _, _ = _read_log(folder / f"{run}.jsonl")
-    best = folder / f"{run}.best.pt"
-    if header is None or not best.exists():
+    log, best = folder / f"{run}.jsonl", folder / f"{run}.best.pt"
+    logged = read_run(log, []) if log.exists() else None
+    if logged is None or not best.exists():
         raise DropcheckError(f"{folder}: no log or no best checkpoint of {run!r} (checkpoints are not committed: "
                              f"run `dropcheck reproduce --plan {plan}` for it first)")
-    cfg = header["config"]
+    cfg = logged.header["config"]
     corpus = load_corpus(_ptb_dir())
     lm = build_lm(cfg, corpus.vocab_size, torch.device("cpu"), torch.float64, "loop")
     lm.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["model"])
