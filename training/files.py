@@ -5,12 +5,18 @@ reader or a resumed run never sees half a file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save"]
+try:  # POSIX advisory locks; elsewhere runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover (Windows)
+    fcntl = None
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "run_lock", "is_locked"]
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -45,3 +51,40 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
     _atomic(path, lambda f: torch.save(obj, f))
+
+
+@contextlib.contextmanager
+def run_lock(path: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing) while
+    the block runs, so two processes never write one run's log and
+    checkpoints; a ``DropcheckError`` if another process holds it.  The
+    operating system drops the lock when the process ends, however it ends."""
+    if not enabled or fcntl is None:
+        yield
+        return
+    from dropcheck import DropcheckError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DropcheckError(f"{path}: this run is already running in another process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def is_locked(path: Path) -> bool:
+    """Whether another process holds ``run_lock(path)`` now."""
+    if fcntl is None or not Path(path).exists():
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False

@@ -5,10 +5,12 @@
                         [--status] [--draw-only]
     dropcheck reproduce --plan cpu-ptb --recheck RUN_NAME
 
-Every run of the plan (``study.py``) is in one of four states, read from the
+Every run of the plan (``study.py``) is in one of five states, read from the
 files under ``--runs`` (default ``results/runs/<plan>``):
 
 - ``done``: its log has a final line.  Never run again.
+- ``running``: a process holds its lock ``<run>.lock`` (``dropcheck
+  train``'s; another driver's job, or one of this driver's): left alone.
 - ``interrupted``: a log without a final line and a checkpoint
   ``<run>.ckpt.pt``: resumed (``dropcheck train --resume``, which continues
   to the same numbers as an uninterrupted run).
@@ -55,6 +57,7 @@ from typing import NamedTuple, Optional
 
 from dropcheck import DropcheckError
 
+from .files import is_locked
 from .study import Plan, best_member, get_plan, PLANS
 
 
@@ -67,7 +70,7 @@ class RunJob:
     arm: str
     seed: int
     name: str
-    state: str  # done | interrupted | broken | todo
+    state: str  # done | running | interrupted | broken | todo
 
 
 def _read_log(path: Path) -> tuple[Optional[dict], list[dict], Optional[dict]]:
@@ -84,6 +87,8 @@ def run_state(runs_dir: Path, name: str) -> str:
     _, _, final = _read_log(log)
     if final is not None:
         return "done"
+    if is_locked(runs_dir / f"{name}.lock"):
+        return "running"
     if log.exists():
         return "interrupted" if ckpt.exists() else "broken"
     return "broken" if ckpt.exists() else "todo"
@@ -239,7 +244,7 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
                         if j.state != "done" and j.name not in failed]
                 break
             todo = [j for j in plan_jobs(plan, runs_dir, seeds, patterns)
-                    if j.state != "done" and j.name not in running and j.name not in failed]
+                    if j.state not in ("done", "running") and j.name not in running and j.name not in failed]
             started = todo[: max(0, jobs - len(running))]
             for job in started:
                 running[job.name] = _launch(plan, job, runs_dir, data)
@@ -303,7 +308,7 @@ def print_status(plan: Plan, runs_dir: Path, seeds: int, patterns) -> None:
         if j.state == "done":
             _, evals, final = _read_log(runs_dir / f"{j.name}.jsonl")
             extra = f"best valid {final['best_valid_ppl']:.2f}, {final['wall_time'] / 60:.1f} min"
-        elif j.state in ("interrupted", "broken"):
+        elif j.state in ("running", "interrupted", "broken"):
             extra = _progress_line(runs_dir, j.name)
         print(f"{j.state:12s} {j.name:45s} {extra}")
     pend = [g for g in plan.best_of if best_member(g, _seed1_best(plan, runs_dir)) is None]
@@ -367,9 +372,13 @@ def run(args: argparse.Namespace) -> int:
     if args.status:
         print_status(plan, runs_dir, args.seeds, args.arms)
         return 0
-    outcome = PlanOutcome([], [])
+    outcome, busy = PlanOutcome([], []), []
     if not args.draw_only:
         pending = [j for j in plan_jobs(plan, runs_dir, args.seeds, args.arms) if j.state != "done"]
+        busy = [j.name for j in pending if j.state == "running"]
+        if busy:
+            print(f"{plan.name}: left to the process running them: {', '.join(busy)}", file=sys.stderr)
+        pending = [j for j in pending if j.state != "running"]
         if pending:
             print(f"{plan.name}: {len(pending)} run(s) to do, {args.jobs} at a time", file=sys.stderr)
             try:
@@ -378,9 +387,9 @@ def run(args: argparse.Namespace) -> int:
                                    time_limit=None if args.time_limit is None else args.time_limit * 60)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: run_plan stopped the jobs and said how to resume
                 return 130
-        else:
+        elif not busy:
             print(f"{plan.name}: every run is done; drawing only", file=sys.stderr)
-    if outcome.left and not _complete_runs(plan, runs_dir):
+    if (outcome.left or busy) and not _complete_runs(plan, runs_dir):
         print(f"{plan.name}: no complete run yet, nothing to draw", file=sys.stderr)
     else:
         written = draw(plan, runs_dir, out)

@@ -171,6 +171,21 @@ def test_time_limit_stops_the_jobs_at_a_checkpoint_and_exits_75(tmp_path, tiny_c
     assert not any(r["type"] == "final" for r in _records(runs / f"{name}.jsonl"))
 
 
+def test_a_run_held_by_another_process_is_left_to_it(tmp_path, tiny_corpus_dir, capsys):
+    from training.files import run_lock
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    name = "killme-dropout-k1-s1"
+    (runs / f"{name}.jsonl").write_text('{"type": "header"}\n')
+    (runs / f"{name}.ckpt.pt").write_bytes(b"theirs")
+    with run_lock(runs / f"{name}.lock"):  # another driver's job
+        assert run_state(runs, name) == "running"
+        assert run_plan(_kill_plan(10), runs, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == ([], [])
+        assert (runs / f"{name}.ckpt.pt").read_bytes() == b"theirs" and not (runs / f"{name}.out").exists()
+    assert run_state(runs, name) == "interrupted"
+
+
 def test_broken_log_starts_again_and_recheck_compares_the_first_epoch(tmp_path, tiny_corpus_dir, capsys):
     from training.reproduce import recheck
 

@@ -87,6 +87,22 @@ def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resume_is_exact(
     assert _comparable(_records(full.log_path)) == _comparable(_records(resumed.log_path))
 
 
+def test_a_run_that_is_running_elsewhere_is_refused(tiny_cfg, tiny_corpus, tmp_path):
+    """``<run>.lock``: two processes never write one run's log and checkpoints
+    (a second driver, a resume typed while the run goes on)."""
+    from training.files import is_locked, run_lock
+
+    cfg = tiny_cfg(rule="none", max_steps=2, run_name="locked-s1")
+    with run_lock(tmp_path / "locked-s1.lock"):  # as a running `dropcheck train` holds it
+        assert is_locked(tmp_path / "locked-s1.lock")
+        with pytest.raises(DropcheckError, match="already running in another process"):
+            train(cfg, out=tmp_path, corpus=tiny_corpus)
+        assert not (tmp_path / "locked-s1.jsonl").exists()
+    assert not is_locked(tmp_path / "locked-s1.lock")
+    assert train(cfg, out=tmp_path, corpus=tiny_corpus).finished  # released: the run goes ahead
+    assert not is_locked(tmp_path / "locked-s1.lock")  # and lets go when it ends
+
+
 def test_log_contents_and_best_model_for_test(tiny_cfg, tiny_corpus, tmp_path):
     cfg = tiny_cfg(rule="dropout", max_steps=9, eval_every=3, lr=8.0)
     res = train(cfg, out=tmp_path, corpus=tiny_corpus, config_name="tiny")
