@@ -69,9 +69,11 @@ def plot(rows: list[MapRow], path: Path, title: str) -> None:
             ax.axhline(1.0, color="k", lw=0.8)
             if ratio == "ratio_approx":
                 ax.axhline(2.0, color="grey", lw=0.8, ls="--")
-                ax.text(min(r.q for r in rows), 2.0, "ratio if q/(1-q) were the right multiplier",
-                        va="bottom", fontsize=8, color="grey")
+                ax.text(0.02, 2.0, "ratio if q/(1-q) were the right multiplier", va="bottom", fontsize=8,
+                        color="grey", transform=ax.get_yaxis_transform())  # x in axes units: inside the panel
             ax.set_xscale("log")
+            # padded limits (a star at min q / 2 included), so a single q is not drawn on the frame
+            ax.set_xlim(min(r.q for r in rows) / 3, max(r.q for r in rows) * 1.5)
             ax.set_title(f"{noise} noise: {label}")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
