@@ -127,6 +127,10 @@ def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path, tiny_corpus
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its training process, mid-run
     proc.wait()
+    # the killed training process holds its run lock until the kernel has reaped it (not our child)
+    deadline = time.time() + 30
+    while run_state(runs, "killme-dropout-k1-s1") == "running" and time.time() < deadline:
+        time.sleep(0.05)
     state = run_state(runs, "killme-dropout-k1-s1")
     assert state in ("interrupted", "done")
     assert run_plan(_kill_plan(120), runs, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == ([], [])
