@@ -1,7 +1,8 @@
 """Atomic file writes for every output of ``training/`` (run logs,
 checkpoints, bench and bound results): write a temporary file in the same
 folder, flush it to disk, then ``os.replace`` it over the target, so a
-reader or a resumed run never sees half a file."""
+reader or a resumed run never sees half a file.  And the run lock
+(``run_lock``, ``is_locked``): one process at a time writes a run's files."""
 
 from __future__ import annotations
 
