@@ -670,89 +670,98 @@ def train(
     """
     cfg = validate(cfg)
     world, rank, device, dtype = _setup_process(cfg)
-    name, out, is_main = default_run_name(config_name, cfg), Path(out), rank == 0
-    log_path, ckpt_path, best_path = out / f"{name}.jsonl", out / f"{name}.ckpt.pt", out / f"{name}.best.pt"
+    name, out = default_run_name(config_name, cfg), Path(out)
     # one process per run: a second driver or a stray resume cannot write the same log and checkpoints
-    with run_lock(out / f"{name}.lock", enabled=is_main):
-        if is_main:
-            _check_outputs(out, log_path, ckpt_path, resume, overwrite)
-        if corpus is None:
-            corpus = load_corpus(resolve_corpus_dir(data, cfg["corpus"]))
-        d = _load_data(cfg, corpus, device, world, rank)
+    with run_lock(out / f"{name}.lock", enabled=rank == 0):
+        return _run(cfg, name, out, world, rank, device, dtype, data=data, resume=resume, overwrite=overwrite,
+                    config_name=config_name, stop_after=stop_after, corpus=corpus)
 
-        # ---- model, rule, optimizer, state; log and checkpoints beside them
-        backend = resolve_backend(cfg, device)
-        lm = build_lm(cfg, corpus.vocab_size, device, dtype, backend)
-        tr = Trainer(cfg, lm, device=device, world=world, rank=rank, valid_data=d.valid, train_eval=d.train_eval,
-                     best_path=best_path, is_main=is_main)
-        st = tr.state
-        log = RunLog(log_path, is_main)
-        ckpt = Checkpointer(ckpt_path, cfg=cfg, config_name=config_name, run_name=name, world=world, is_main=is_main)
-        if resume:
-            ckpt.load(st, lm, tr.opt, log, rank)
-            log.write({"type": "resume", "step": st.counters.step, "epoch": st.counters.epoch, "time": time.time()})
-        else:
-            log.start()
-            log.write(_header(cfg, name, config_name, device, backend, world, corpus, d.token_counts(),
-                              sum(p.numel() for p in tr.params)))
-        c = st.counters
 
-        # ---- the loop
-        bar = _progress_bar(cfg, d, c.step, name) if cfg["progress"] and is_main else None
-        records: list = []
-        last_ckpt_step, stopped, stopped_early = c.step, False, False
+def _run(cfg: Mapping[str, Any], name: str, out: Path, world: int, rank: int, device: torch.device,
+         dtype: torch.dtype, *, data: Optional[str], resume: bool, overwrite: bool, config_name: str,
+         stop_after: Optional[int], corpus: Optional[Corpus]) -> TrainResult:
+    """``train``'s body, under the run's lock."""
+    is_main = rank == 0
+    log_path, ckpt_path, best_path = out / f"{name}.jsonl", out / f"{name}.ckpt.pt", out / f"{name}.best.pt"
+    if is_main:
+        _check_outputs(out, log_path, ckpt_path, resume, overwrite)
+    if corpus is None:
+        corpus = load_corpus(resolve_corpus_dir(data, cfg["corpus"]))
+    d = _load_data(cfg, corpus, device, world, rank)
 
-        def eval_and_log() -> dict:
-            """Evaluate (fractional epoch from the stream position), log and keep the record."""
-            rec = tr.evaluate(c.epoch + min(1.0, c.pos / max(d.rows - 2, 1)))
-            log.write(rec)
-            records.append(rec)
-            return rec
+    # ---- model, rule, optimizer, state; log and checkpoints beside them
+    backend = resolve_backend(cfg, device)
+    lm = build_lm(cfg, corpus.vocab_size, device, dtype, backend)
+    tr = Trainer(cfg, lm, device=device, world=world, rank=rank, valid_data=d.valid, train_eval=d.train_eval,
+                 best_path=best_path, is_main=is_main)
+    st = tr.state
+    log = RunLog(log_path, is_main)
+    ckpt = Checkpointer(ckpt_path, cfg=cfg, config_name=config_name, run_name=name, world=world, is_main=is_main)
+    if resume:
+        ckpt.load(st, lm, tr.opt, log, rank)
+        log.write({"type": "resume", "step": st.counters.step, "epoch": st.counters.epoch, "time": time.time()})
+    else:
+        log.start()
+        log.write(_header(cfg, name, config_name, device, backend, world, corpus, d.token_counts(),
+                          sum(p.numel() for p in tr.params)))
+    c = st.counters
 
-        tr.model.train()
-        with _StopOnSignal(world == 1) as stop:
-            try:
-                while not _budget_spent(cfg, c):
-                    if (stop_after is not None and c.step >= stop_after) or stop.signum is not None:
-                        stopped = True
-                        break
-                    epoch_end = _train_step(tr, d, cfg, world, device)
-                    if bar is not None:
-                        bar.update(1)
-                    did_eval = bool(cfg["eval_every"] and c.step % cfg["eval_every"] == 0) or (epoch_end and not cfg["eval_every"])
-                    if did_eval:
-                        rec = eval_and_log()
-                        if bar is not None:
-                            bar.set_postfix(valid_ppl=f"{rec['valid_ppl']:.2f}", train_ppl=f"{rec['train_ppl']:.2f}")
-                    if epoch_end:
-                        c.epoch, c.pos = c.epoch + 1, 0
-                        st.hidden = lm.init_hidden(d.per)
-                    if did_eval or (cfg["checkpoint_every"] and c.step % cfg["checkpoint_every"] == 0):
-                        ckpt.save(st, lm, tr.opt, log)
-                        last_ckpt_step = c.step
-                    if did_eval and tr.out_of_patience():
-                        stopped_early = True
-                        break
-            finally:
+    # ---- the loop
+    bar = _progress_bar(cfg, d, c.step, name) if cfg["progress"] and is_main else None
+    records: list = []
+    last_ckpt_step, stopped, stopped_early = c.step, False, False
+
+    def eval_and_log() -> dict:
+        """Evaluate (fractional epoch from the stream position), log and keep the record."""
+        rec = tr.evaluate(c.epoch + min(1.0, c.pos / max(d.rows - 2, 1)))
+        log.write(rec)
+        records.append(rec)
+        return rec
+
+    tr.model.train()
+    with _StopOnSignal(world == 1) as stop:
+        try:
+            while not _budget_spent(cfg, c):
+                if (stop_after is not None and c.step >= stop_after) or stop.signum is not None:
+                    stopped = True
+                    break
+                epoch_end = _train_step(tr, d, cfg, world, device)
                 if bar is not None:
-                    bar.close()
-            if stopped and last_ckpt_step != c.step:
-                ckpt.save(st, lm, tr.opt, log)
+                    bar.update(1)
+                did_eval = bool(cfg["eval_every"] and c.step % cfg["eval_every"] == 0) or (epoch_end and not cfg["eval_every"])
+                if did_eval:
+                    rec = eval_and_log()
+                    if bar is not None:
+                        bar.set_postfix(valid_ppl=f"{rec['valid_ppl']:.2f}", train_ppl=f"{rec['train_ppl']:.2f}")
+                if epoch_end:
+                    c.epoch, c.pos = c.epoch + 1, 0
+                    st.hidden = lm.init_hidden(d.per)
+                if did_eval or (cfg["checkpoint_every"] and c.step % cfg["checkpoint_every"] == 0):
+                    ckpt.save(st, lm, tr.opt, log)
+                    last_ckpt_step = c.step
+                if did_eval and tr.out_of_patience():
+                    stopped_early = True
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        if stopped and last_ckpt_step != c.step:
+            ckpt.save(st, lm, tr.opt, log)
 
-        last_state = {k: v.detach().cpu().clone() for k, v in lm.state_dict().items()}
-        if stopped:
-            return TrainResult(name, log_path, ckpt_path, best_path, c.step, False, c.best_valid, None, records, last_state,
-                               stop.signum)
+    last_state = {k: v.detach().cpu().clone() for k, v in lm.state_dict().items()}
+    if stopped:
+        return TrainResult(name, log_path, ckpt_path, best_path, c.step, False, c.best_valid, None, records, last_state,
+                           stop.signum)
 
-        # ---- final: evaluate the last interval if needed, then test the best model
-        if st.steps or c.evals == 0:
-            eval_and_log()
-        ckpt.save(st, lm, tr.opt, log)
-        final = _test_best(tr, lm, d, best_path, world, stopped_early)
-        log.write(final)
-        records.append(final)
-        return TrainResult(name, log_path, ckpt_path, best_path, c.step, True, c.best_valid, final["test_ppl"], records,
-                           last_state)
+    # ---- final: evaluate the last interval if needed, then test the best model
+    if st.steps or c.evals == 0:
+        eval_and_log()
+    ckpt.save(st, lm, tr.opt, log)
+    final = _test_best(tr, lm, d, best_path, world, stopped_early)
+    log.write(final)
+    records.append(final)
+    return TrainResult(name, log_path, ckpt_path, best_path, c.step, True, c.best_valid, final["test_ppl"], records,
+                       last_state)
 
 
 # --------------------------------------------------------------------------
