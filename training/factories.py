@@ -46,12 +46,10 @@ def smoke_lm(steps: int = 300, seed: int = 1, batch: int = 8, seq_len: int = 20)
 _RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"
 
 
-def study_lm(run: str, *, plan: str = "cpu-ptb", batch: int = 10, seq_len: int = 35, runs_dir=None):
-    """A trained study model: run ``run``'s best checkpoint (``<run>.best.pt``,
-    git-ignored, so only where the run was made) with its logged config, in
-    float64 on the loop backend (double backward for the Hutchinson routes),
-    with the first ``seq_len × batch`` validation tokens and a zero incoming
-    state, like the evaluation's first batch."""
+def study_checkpoint(run: str, *, plan: str = "cpu-ptb", runs_dir=None) -> tuple[dict, dict]:
+    """``(config, checkpoint)``: study run ``run``'s logged config and its best
+    checkpoint (``<run>.best.pt``: ``model``, ``step``, ``valid_ppl``;
+    git-ignored, so only where the run was made)."""
     from dropcheck import DropcheckError
     from paper_figures.logs import read_run
 
@@ -61,10 +59,18 @@ def study_lm(run: str, *, plan: str = "cpu-ptb", batch: int = 10, seq_len: int =
     if logged is None or not best.exists():
         raise DropcheckError(f"{folder}: no log or no best checkpoint of {run!r} (checkpoints are not committed: "
                              f"run `dropcheck reproduce --plan {plan}` for it first)")
-    cfg = logged.header["config"]
+    return logged.header["config"], torch.load(best, map_location="cpu", weights_only=False)
+
+
+def study_lm(run: str, *, plan: str = "cpu-ptb", batch: int = 10, seq_len: int = 35, runs_dir=None):
+    """A trained study model (``study_checkpoint``) in float64 on the loop
+    backend (double backward for the Hutchinson routes), with the first
+    ``seq_len × batch`` validation tokens and a zero incoming state, like the
+    evaluation's first batch."""
+    cfg, ckpt = study_checkpoint(run, plan=plan, runs_dir=runs_dir)
     corpus = load_corpus(_ptb_dir())
     lm = build_lm(cfg, corpus.vocab_size, torch.device("cpu"), torch.float64, "loop")
-    lm.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["model"])
+    lm.load_state_dict(ckpt["model"])
     X, Y = get_batch(batchify(corpus.valid, batch), 0, seq_len)
     return StatefulLM(lm), X, Y
 
