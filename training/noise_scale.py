@@ -51,13 +51,12 @@ DEFAULT_ARMS = ("none", "dropout-k1", "dropout-k4", "inject-k4", "dropout-implic
 
 @dataclass
 class NoiseSums:
-    """Running sums for the decomposition of the module docstring, one batch
-    of ``M`` draws at a time (``add_batch``), in float64.  Memory: two
-    parameter-sized vectors, whatever the number of batches."""
+    """The decomposition of the module docstring, one batch of ``M`` draws at
+    a time (``add_batch``).  Keeps each batch's mean draw (float32, ``B ×
+    P``) for the jackknife over batches; everything else in float64."""
 
     within: list = field(default_factory=list)  # per batch: unbiased tr Cov over the draws
-    total: Optional[torch.Tensor] = None  # Σ_b ḡ_b
-    sq: float = 0.0  # Σ_b ‖ḡ_b‖²
+    means: list = field(default_factory=list)  # per batch: ḡ_b
     norms: list = field(default_factory=list)  # ‖g‖ of every draw
     draws: int = 0
 
@@ -71,24 +70,40 @@ class NoiseSums:
         self.draws = g.size(0)
         mean = g.mean(0)
         self.within.append(float(((g - mean) ** 2).sum() / (g.size(0) - 1)))
-        self.total = mean.clone() if self.total is None else self.total + mean
-        self.sq += float(mean @ mean)
+        self.means.append(mean.float())
         self.norms.extend(float(v) for v in g.norm(dim=1))
 
+    @staticmethod
+    def _estimates(K: torch.Tensor, within: torch.Tensor, M: int) -> tuple[float, float]:
+        """``(batch_noise, signal)`` from the Gram matrix ``K`` of the batch
+        means and the batches' within-batch variances."""
+        B = K.size(0)
+        total_sq = float(K.sum())  # ‖Σ_b ḡ_b‖²
+        var_means = (float(K.diagonal().sum()) - total_sq / B) / (B - 1)  # tr Cov_b of ḡ_b, unbiased
+        # ḡ_b carries Cov_ω / M of the rule noise; E‖ḡ‖² = ‖E g‖² + var_means / B
+        return var_means - float(within.mean()) / M, total_sq / B**2 - var_means / B
+
     def result(self) -> dict:
-        """``rule_noise`` (± its standard error over batches), ``batch_noise``,
-        ``signal`` and the draws' mean norm; ``batch_noise`` needs ``B ≥ 2``."""
+        """``rule_noise``, ``batch_noise`` and ``signal`` (``‖E g‖²``), each with
+        its standard error over batches (``_se``; the jackknife for the last
+        two), and the draws' mean norm; needs ``B ≥ 3``."""
         B, M = len(self.within), self.draws
-        if B < 2:
-            raise DropcheckError(f"need at least 2 batches, got {B}")
+        if B < 3:
+            raise DropcheckError(f"need at least 3 batches, got {B}")
         w = torch.tensor(self.within, dtype=torch.float64)
-        rule = float(w.mean())
-        var_means = (self.sq - float(self.total @ self.total) / B) / (B - 1)  # tr Cov_b of ḡ_b
+        G = torch.stack(self.means).double()
+        K = G @ G.T
+        batch, signal = self._estimates(K, w, M)
+        keep = [[j for j in range(B) if j != i] for i in range(B)]
+        loo = torch.tensor([self._estimates(K[i][:, i], w[i], M) for i in keep], dtype=torch.float64)
+        jack = ((B - 1) / B * ((loo - loo.mean(0)) ** 2).sum(0)).sqrt()
         return {
-            "rule_noise": rule,
+            "rule_noise": float(w.mean()),
             "rule_noise_se": float(w.std() / math.sqrt(B)),
-            "batch_noise": var_means - rule / M,  # ḡ_b carries Cov_ω / M of the rule noise
-            "signal": float(self.total @ self.total) / B**2 - var_means / B,  # ‖E g‖², unbiased
+            "batch_noise": batch,
+            "batch_noise_se": float(jack[0]),
+            "signal": signal,
+            "signal_se": float(jack[1]),
             "mean_norm": sum(self.norms) / len(self.norms),
             "batches": B,
             "draws": M,
@@ -116,8 +131,8 @@ def measure(run: str, arms: Sequence[str] = DEFAULT_ARMS, *, plan: str = "cpu-pt
     from .rules import Gens, make_rule, sites_off
     from .trainer import build_lm, resolve_backend
 
-    if batches < 2 or draws < 2:
-        raise DropcheckError(f"need --batches >= 2 and --draws >= 2, got {batches} and {draws}")
+    if batches < 3 or draws < 2:
+        raise DropcheckError(f"need --batches >= 3 and --draws >= 2, got {batches} and {draws}")
     the_plan = study.get_plan(plan)
     cfg0, ckpt = study_checkpoint(run, plan=plan, runs_dir=runs_dir)
     corpus = corpus or load_corpus(_ptb_dir())
@@ -172,6 +187,7 @@ def rows(res: dict, which: str = "clipped") -> list[dict]:
             "rule_noise": v["rule_noise"],
             "rule_noise_se": v["rule_noise_se"],
             "batch_noise": v["batch_noise"],
+            "batch_noise_se": v["batch_noise_se"],
             "rule_over_batch": v["rule_noise"] / v["batch_noise"] if v["batch_noise"] > 0 else float("nan"),
             "rule_over_dropout1": v["rule_noise"] / ref if ref else float("nan"),
             "signal": v["signal"],
@@ -184,8 +200,8 @@ def markdown(res: dict) -> str:
     head = (f"# Gradient noise at `{res['run']}` (step {res['step']}, valid ppl {res['valid_ppl']:.2f})\n\n"
             f"`python -m training.noise_scale {res['run']}`: {res['batches']} consecutive training batches of "
             f"{res['batch_size']} x {res['bptt']} tokens, {res['draws']} draws of each arm's update per batch "
-            f"(seed {res['seed']}).  tr Cov summed over all parameters; rule noise ± its standard error over "
-            "batches.  See `training/noise_scale.py` for the estimators.\n")
+            f"(seed {res['seed']}).  tr Cov summed over all parameters; ± a standard error over batches (the "
+            "jackknife for batch noise).  See `training/noise_scale.py` for the estimators.\n")
     parts = [head]
     for which, what in (("clipped", f"the clipped update (clip {res['clip']}), as the optimizer applies it"),
                         ("raw", "the raw update, before clipping")):
@@ -193,7 +209,8 @@ def markdown(res: dict) -> str:
                      "| arm | rule noise | batch noise | rule / batch | rule / DROPOUT_1's | ‖E g‖² | mean ‖g‖ |\n"
                      "|---|---|---|---|---|---|---|\n")
         for r in rows(res, which):
-            parts.append(f"| {r['label']} | {r['rule_noise']:.4g} ± {r['rule_noise_se']:.2g} | {r['batch_noise']:.4g} "
+            parts.append(f"| {r['label']} | {r['rule_noise']:.4g} ± {r['rule_noise_se']:.2g} "
+                         f"| {r['batch_noise']:.4g} ± {r['batch_noise_se']:.2g} "
                          f"| {r['rule_over_batch']:.2f} | {r['rule_over_dropout1']:.2f} | {r['signal']:.3g} "
                          f"| {r['mean_norm']:.3f} |\n")
     return "".join(parts)
