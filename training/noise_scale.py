@@ -119,13 +119,15 @@ def clipped(g: torch.Tensor, clip: float) -> torch.Tensor:
 
 
 def measure(run: str, arms: Sequence[str] = DEFAULT_ARMS, *, plan: str = "cpu-ptb", batches: int = 16,
-            draws: int = 8, seed: int = 0, runs_dir=None, corpus=None, progress: bool = True) -> dict:
+            draws: int = 8, seed: int = 0, runs_dir=None, data=None, corpus=None, progress: bool = True) -> dict:
     """The decomposition for every arm of ``plan`` in ``arms`` at ``run``'s
-    best checkpoint (module docstring); arm -> {"raw": ..., "clipped": ...}."""
+    best checkpoint (module docstring); arm -> {"raw": ..., "clipped": ...}.
+    The corpus: ``corpus``, else the folder ``data`` (as ``--data``), else
+    ``$DROPCHECK_DATA`` or ``../shared/data`` beside the checkout."""
     from tqdm import tqdm
 
     from . import configs, study
-    from .data import batchify, get_batch, load_corpus
+    from .data import batchify, get_batch, load_corpus, resolve_corpus_dir
     from .factories import _ptb_dir, study_checkpoint
     from .model import StatefulLM, detach_hidden
     from .rules import Gens, make_rule, sites_off
@@ -135,7 +137,8 @@ def measure(run: str, arms: Sequence[str] = DEFAULT_ARMS, *, plan: str = "cpu-pt
         raise DropcheckError(f"need --batches >= 3 and --draws >= 2, got {batches} and {draws}")
     the_plan = study.get_plan(plan)
     cfg0, ckpt = study_checkpoint(run, plan=plan, runs_dir=runs_dir)
-    corpus = corpus or load_corpus(_ptb_dir())
+    if corpus is None:
+        corpus = load_corpus(resolve_corpus_dir(data, cfg0["corpus"]) if data else _ptb_dir())
     train = batchify(corpus.train[: cfg0["train_tokens"] or None], cfg0["batch_size"])
     if train.size(0) < batches * cfg0["bptt"] + 1:
         raise DropcheckError(f"the training text has {train.size(0)} rows, too few for {batches} batches of "
@@ -216,6 +219,38 @@ def markdown(res: dict) -> str:
     return "".join(parts)
 
 
+def plot(results: Sequence[dict], stem: Path, which: str = "clipped") -> list[Path]:
+    """``stem.png``/``.pdf``: per arm, rule noise and batch noise (log scale,
+    ± 2 standard errors), one panel per measured model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from paper_figures.figures import save_figure
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 0.5 + 0.45 * len(results[0]["arms"])),
+                             sharey=True, squeeze=False)
+    for ax, res in zip(axes[0], results):
+        rs = rows(res, which)
+        y = list(range(len(rs)))
+        for off, key, color, name in ((-0.18, "rule_noise", "tab:red", "rule noise (within a batch)"),
+                                      (0.18, "batch_noise", "tab:blue", "minibatch noise (between batches)")):
+            vals = [max(r[key], 1e-12) for r in rs]
+            err = [2 * r[key + "_se"] for r in rs]
+            ax.barh([v + off for v in y], vals, height=0.34, color=color, alpha=0.8, label=name, xerr=err,
+                    error_kw={"elinewidth": 0.8, "capsize": 2})
+        ax.set_xscale("log")
+        ax.set_yticks(y, [r["label"] for r in rs])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"tr Cov of the {which} update")
+        ax.set_title(f"{res['run']}\n(step {res['step']}, valid ppl {res['valid_ppl']:.1f})", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.noise_scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="study runs whose best checkpoints to measure")
@@ -224,18 +259,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=None, help="corpus folder (default: $DROPCHECK_DATA or ../shared/data)")
+    ap.add_argument("--runs-dir", default=None, help="folder of the runs' logs and checkpoints (default "
+                    "results/runs/<plan>)")
     ap.add_argument("--out", default=None, help="folder for <run>.json / .md (default results/<plan>/noise_scale)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--redraw", action="store_true", help="measure nothing: redraw the table and figure from the "
+                    "runs' JSON files in --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "results" / args.plan / "noise_scale"
     out.mkdir(parents=True, exist_ok=True)
+    results = []
     for run in args.runs:
+        if args.redraw:
+            path = out / f"{run}.json"
+            if not path.exists():
+                raise DropcheckError(f"--redraw: {path} does not exist; measure {run} first")
+            res = json.loads(path.read_text())
+            (out / f"{run}.md").write_text(markdown(res))
+            results.append(res)
+            continue
         res = measure(run, args.arms, plan=args.plan, batches=args.batches, draws=args.draws, seed=args.seed,
-                      progress=not args.no_progress)
+                      runs_dir=args.runs_dir, data=args.data, progress=not args.no_progress)
         (out / f"{run}.json").write_text(json.dumps(res, indent=1) + "\n")
         (out / f"{run}.md").write_text(markdown(res))
         print(markdown(res))
+        results.append(res)
+    for path in plot(results, out / "noise_scale"):
+        print(f"wrote {path}")
     return 0
 
 

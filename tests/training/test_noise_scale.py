@@ -84,6 +84,26 @@ def test_each_rules_noise_matches_its_derivation_on_a_trained_model(tiny_run, ti
     text = markdown(res)
     assert "DROPOUT_4 + ξ̃_drop" in text and "| no dropout | 0 ± 0 |" in text
     assert res["step"] == 4 and res["run"] == "tiny-s1"
+    assert all("rule_noise_se" in r and "batch_noise_se" in r for r in table)
+
+
+def test_main_writes_json_markdown_and_figure(tiny_run, tiny_corpus_dir, tmp_path, capsys):
+    import json
+
+    from training.noise_scale import main
+
+    out = tmp_path / "ns"
+    assert main(["tiny-s1", "--arms", "none", "dropout-k1", "--batches", "3", "--draws", "2", "--runs-dir",
+                 str(tiny_run), "--data", str(tiny_corpus_dir), "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "tiny-s1.json").read_text())
+    assert list(res["arms"]) == ["none", "dropout-k1"] and res["batches"] == 3
+    assert (out / "tiny-s1.md").read_text() == markdown(res) and markdown(res) in capsys.readouterr().out
+    assert (out / "noise_scale.png").stat().st_size > 0 and (out / "noise_scale.pdf").stat().st_size > 0
+    (out / "tiny-s1.md").unlink()
+    assert main(["tiny-s1", "--redraw", "--out", str(out)]) == 0  # no measuring: no runs dir, no corpus needed
+    assert (out / "tiny-s1.md").read_text() == markdown(res)
+    with pytest.raises(DropcheckError, match="measure nope first"):
+        main(["nope", "--redraw", "--out", str(out)])
 
 
 def test_measure_refuses_too_few_batches_and_unknown_arms(tiny_run, tiny_corpus):
