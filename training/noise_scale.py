@@ -220,8 +220,8 @@ def markdown(res: dict) -> str:
 
 
 def plot(results: Sequence[dict], stem: Path, which: str = "clipped") -> list[Path]:
-    """``stem.png``/``.pdf``: per arm, rule noise and batch noise (log scale,
-    ± 2 standard errors), one panel per measured model."""
+    """``stem.png``/``.pdf``: per arm, rule noise and batch noise (± 2
+    standard errors), one panel per measured model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,18 +236,18 @@ def plot(results: Sequence[dict], stem: Path, which: str = "clipped") -> list[Pa
         y = list(range(len(rs)))
         for off, key, color, name in ((-0.18, "rule_noise", "tab:red", "rule noise (within a batch)"),
                                       (0.18, "batch_noise", "tab:blue", "minibatch noise (between batches)")):
-            vals = [max(r[key], 1e-12) for r in rs]
+            vals = [r[key] for r in rs]
             err = [2 * r[key + "_se"] for r in rs]
             ax.barh([v + off for v in y], vals, height=0.34, color=color, alpha=0.8, label=name, xerr=err,
                     error_kw={"elinewidth": 0.8, "capsize": 2})
-        ax.set_xscale("log")
         ax.set_yticks(y, [r["label"] for r in rs])
         ax.invert_yaxis()
         ax.set_xlabel(f"tr Cov of the {which} update")
         ax.set_title(f"{res['run']}\n(step {res['step']}, valid ppl {res['valid_ppl']:.1f})", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return save_figure(fig, stem)
 
 
