@@ -7,7 +7,7 @@ noise of SGD dwarfs the noise dropout adds.  This measures it on a trained
 study model (a run's best checkpoint with its logged config)::
 
     python -m training.noise_scale cpu-ptb-dropout-k1-s1 [--arms dropout-k1 inject-k4 ...]
-                                   [--batches 16] [--draws 8] [--out results/cpu-ptb/noise_scale]
+                                   [--batches 10] [--draws 5] [--out results/cpu-ptb/noise_scale]
 
 For each arm of the plan (its update rule exactly as the study trains it,
 ``UpdateRule.gradient``: objective gradient plus noise, before clipping) and
@@ -118,8 +118,8 @@ def clipped(g: torch.Tensor, clip: float) -> torch.Tensor:
     return g * torch.clamp(clip / (g.norm(dim=1, keepdim=True) + 1e-6), max=1.0)
 
 
-def measure(run: str, arms: Sequence[str] = DEFAULT_ARMS, *, plan: str = "cpu-ptb", batches: int = 16,
-            draws: int = 8, seed: int = 0, runs_dir=None, data=None, corpus=None, progress: bool = True) -> dict:
+def measure(run: str, arms: Sequence[str] = DEFAULT_ARMS, *, plan: str = "cpu-ptb", batches: int = 10,
+            draws: int = 5, seed: int = 0, runs_dir=None, data=None, corpus=None, progress: bool = True) -> dict:
     """The decomposition for every arm of ``plan`` in ``arms`` at ``run``'s
     best checkpoint (module docstring); arm -> {"raw": ..., "clipped": ...}.
     The corpus: ``corpus``, else the folder ``data`` (as ``--data``), else
@@ -160,11 +160,11 @@ def measure(run: str, arms: Sequence[str] = DEFAULT_ARMS, *, plan: str = "cpu-pt
         for i in range(batches):
             x, y = get_batch(train, i * cfg["bptt"], cfg["bptt"])
             model.hidden = hidden
-            rows = []
+            flat = []
             for _ in range(draws):
                 g, _res = rule.gradient(model, x, y, gens)
-                rows.append(torch.cat([v.reshape(-1) for v in g.values()]).detach())
-            G = torch.stack(rows)
+                flat.append(torch.cat([v.reshape(-1) for v in g.values()]).detach())
+            G = torch.stack(flat)
             raw.add_batch(G)
             clip.add_batch(clipped(G, cfg["clip"]))
             with torch.no_grad(), sites_off(model):
