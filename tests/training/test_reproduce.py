@@ -280,6 +280,18 @@ def test_claims_flip_when_the_pattern_is_not_there():
     # C2: injection no better than DROPOUT_4
     a = {**base, "inj": (_c("dropout_inject", k=4), [108.5])}
     assert _verdicts(_arms(**a))["C2"]["verdict"] == "not reproduced"
+    # C2 with the gap reversed (DROPOUT_4 better than DROPOUT_1): injection back at DROPOUT_1's level -> partly,
+    # and the summary says which way the noise moved DROPOUT_4
+    a = {**base, "d4": (_c("dropout", k=4), [92.0]), "inj": (_c("dropout_inject", k=4), [100.5])}
+    c2 = _verdicts(_arms(**a))["C2"]
+    assert c2["verdict"] == "partly"
+    assert "other way here: d4 92.00 (1 seed) vs d1 100.50 (range 1.00, 2 seeds): better" in c2["summary"]
+    assert "brings DROPOUT_4 back to DROPOUT_1's level: the noise accounts for the difference" in c2["summary"]
+    a = {**base, "d4": (_c("dropout", k=4), [92.0]), "inj": (_c("dropout_inject", k=4), [108.0])}
+    c2 = _verdicts(_arms(**a))["C2"]
+    assert c2["verdict"] == "not reproduced" and "makes DROPOUT_4 worse than DROPOUT_1." in c2["summary"]
+    a = {**base, "d4": (_c("dropout", k=4), [92.0]), "inj": (_c("dropout_inject", k=4), [92.5])}
+    assert "leaves DROPOUT_4 where it was." in _verdicts(_arms(**a))["C2"]["summary"]
     # C3: R_approx worse than DROPOUT_8 but below DROPOUT_1 -> partly
     a = {**base, "ex1": (_c("explicit", explicit_mult=1.0), [115.0]), "ex2": (_c("explicit", explicit_mult=2.0), [116.0])}
     assert _verdicts(_arms(**a))["C3"]["verdict"] == "partly"
