@@ -215,14 +215,17 @@ def _c2(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
         return pending
     gap = _cmp(d[4], d[1])
     rec = _cmp(inj, d[1]) in ("same", "better")
-    better4 = _cmp(inj, d[4]) == "better"
+    vs4 = _cmp(inj, d[4])
+    better4 = vs4 == "better"
     if gap == "better":  # the paper's gap reversed: averaging the noise helps
         verdict = "partly" if rec else "not reproduced"
-        moved = {"worse": "brings DROPOUT_4 back to DROPOUT_1's level" if rec else "makes DROPOUT_4 worse than DROPOUT_1",
-                 "same": "leaves DROPOUT_4 where it was", "better": "improves DROPOUT_4 further"}[_cmp(inj, d[4])]
-        note = (f"The gap runs the other way here: {_vs(d[4], d[1])}. The injected noise {moved}"
-                + (": the noise accounts for the difference between DROPOUT_4 and DROPOUT_1, as in the paper, "
-                   "but here restoring it hurts." if rec and _cmp(inj, d[4]) == "worse" else "."))
+        if vs4 == "worse":
+            moved = ("brings DROPOUT_4 back to DROPOUT_1's level: the noise accounts for the difference between "
+                     "DROPOUT_4 and DROPOUT_1, as in the paper, but here restoring it hurts" if rec
+                     else "makes DROPOUT_4 worse than DROPOUT_1")
+        else:
+            moved = "leaves DROPOUT_4 where it was" if vs4 == "same" else "improves DROPOUT_4 further"
+        note = f"The gap runs the other way here: {_vs(d[4], d[1])}. The injected noise {moved}."
     elif gap == "same":
         verdict = "partly" if rec else "not reproduced"
         note = "DROPOUT_4 is not clearly worse than DROPOUT_1 here, so there is little for the noise to recover."
