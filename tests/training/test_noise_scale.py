@@ -102,8 +102,9 @@ def test_main_writes_json_markdown_and_figure(tiny_run, tiny_corpus_dir, tmp_pat
     (out / "tiny-s1.md").unlink()
     assert main(["tiny-s1", "--redraw", "--out", str(out)]) == 0  # no measuring: no runs dir, no corpus needed
     assert (out / "tiny-s1.md").read_text() == markdown(res)
-    with pytest.raises(DropcheckError, match="measure nope first"):
-        main(["nope", "--redraw", "--out", str(out)])
+    assert main(["nope", "--redraw", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "noise_scale: error: --redraw:" in err and "measure nope first" in err
 
 
 def test_measure_refuses_too_few_batches_and_unknown_arms(tiny_run, tiny_corpus):
