@@ -154,7 +154,7 @@ def measure(run: str, arms: Sequence[str] = DEFAULT_ARMS, *, plan: str = "cpu-pt
         lm.train()
         model = StatefulLM(lm)
         rule = make_rule(cfg, model)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # every arm from the same seed: common random numbers
         gens = Gens(gen, gen)
         raw, clip = NoiseSums(), NoiseSums()
         hidden = lm.init_hidden(cfg["batch_size"])
