@@ -155,7 +155,9 @@ def test_time_limit_stops_the_jobs_at_a_checkpoint_and_exits_75(tmp_path, tiny_c
     name = "killme-dropout-k1-s1"
     plan = Plan("killme", "smoke", (Arm("dropout-k1", {"rule": "dropout"}, "C1"),
                                     Arm("none", {"rule": "none"}, "baseline")),
-                extra={**_kill_plan(0).extra, "max_steps": 10**6})
+                extra={**_kill_plan(0).extra, "max_steps": 10**6, "epochs": 10**4})
+    # the run must outlast the driver's poll: 2 epochs of the tiny corpus take
+    # about a second, and CI saw one finish before the driver looked again
     clock = types.SimpleNamespace(sleep=real_time.sleep,
                                   monotonic=lambda: 1e9 if (runs / f"{name}.ckpt.pt").exists() else 0.0)
     monkeypatch.setattr(reproduce, "time", clock)
