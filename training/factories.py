@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .configs import make_config
+from .files import run_files
 from .data import batchify, get_batch, load_corpus, resolve_corpus_dir
 from .model import StatefulLM
 from .trainer import build_lm, train
@@ -54,7 +55,8 @@ def study_checkpoint(run: str, *, plan: str = "cpu-ptb", runs_dir=None) -> tuple
     from paper_figures.logs import read_run
 
     folder = Path(runs_dir) if runs_dir is not None else _RUNS / plan
-    log, best = folder / f"{run}.jsonl", folder / f"{run}.best.pt"
+    files = run_files(folder, run)
+    log, best = files.log, files.best
     logged = read_run(log, []) if log.exists() else None
     if logged is None or not best.exists():
         raise DropcheckError(f"{folder}: no log or no best checkpoint of {run!r} (checkpoints are not committed: "

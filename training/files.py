@@ -1,8 +1,10 @@
 """Atomic file writes for every output of ``training/`` (run logs,
 checkpoints, bench and bound results): write a temporary file in the same
 folder, flush it to disk, then ``os.replace`` it over the target, so a
-reader or a resumed run never sees half a file.  And the run lock
-(``run_lock``, ``is_locked``): one process at a time writes a run's files."""
+reader or a resumed run never sees half a file.  The run lock
+(``run_lock``, ``is_locked``): one process at a time writes a run's files.
+And their names (``run_files``), in one place for the trainer, the study
+driver and the tools that read a trained run."""
 
 from __future__ import annotations
 
@@ -10,17 +12,34 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 try:  # POSIX advisory locks; elsewhere runs are not locked
     import fcntl
 except ImportError:  # pragma: no cover (Windows)
     fcntl = None
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "run_lock", "is_locked"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "run_lock", "is_locked", "RunFiles",
+           "run_files"]
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+class RunFiles(NamedTuple):
+    """A run's files in its output folder."""
+
+    log: Path  # <run>.jsonl: the JSON-lines log (header, evaluations, final line)
+    ckpt: Path  # <run>.ckpt.pt: the last checkpoint (resume)
+    best: Path  # <run>.best.pt: the model with the best validation perplexity so far
+    lock: Path  # <run>.lock: held by the one process writing the run
+    out: Path  # <run>.out: the process's output, when the study driver started it
+
+
+def run_files(folder, name: str) -> RunFiles:
+    """The paths of run ``name``'s files in ``folder`` (``RunFiles``)."""
+    folder = Path(folder)
+    return RunFiles(*(folder / f"{name}{suffix}" for suffix in (".jsonl", ".ckpt.pt", ".best.pt", ".lock", ".out")))
 
 
 def _atomic(path: Path, write: Callable) -> None:

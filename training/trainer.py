@@ -117,7 +117,7 @@ from torch import nn
 from dropcheck import DropcheckError, value_checks
 
 from .configs import run_name as default_run_name, validate
-from .files import atomic_torch_save, atomic_write_bytes, run_lock
+from .files import atomic_torch_save, atomic_write_bytes, run_files, run_lock
 from .data import Corpus, batchify, get_batch, load_corpus, resolve_corpus_dir, sample_seq_len
 from .model import AWDLSTM, StatefulLM
 from .rules import Gens, UpdateRule, make_rule, needs_double_backward
@@ -672,7 +672,7 @@ def train(
     world, rank, device, dtype = _setup_process(cfg)
     name, out = default_run_name(config_name, cfg), Path(out)
     # one process per run: a second driver or a stray resume cannot write the same log and checkpoints
-    with run_lock(out / f"{name}.lock", enabled=rank == 0):
+    with run_lock(run_files(out, name).lock, enabled=rank == 0):
         return _run(cfg, name, out, world, rank, device, dtype, data=data, resume=resume, overwrite=overwrite,
                     config_name=config_name, stop_after=stop_after, corpus=corpus)
 
@@ -682,7 +682,8 @@ def _run(cfg: Mapping[str, Any], name: str, out: Path, world: int, rank: int, de
          stop_after: Optional[int], corpus: Optional[Corpus]) -> TrainResult:
     """``train``'s body, under the run's lock."""
     is_main = rank == 0
-    log_path, ckpt_path, best_path = out / f"{name}.jsonl", out / f"{name}.ckpt.pt", out / f"{name}.best.pt"
+    files = run_files(out, name)
+    log_path, ckpt_path, best_path = files.log, files.ckpt, files.best
     if is_main:
         _check_outputs(out, log_path, ckpt_path, resume, overwrite)
     if corpus is None:
