@@ -217,21 +217,21 @@ def _c2(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
     rec = _cmp(inj, d[1]) in ("same", "better")
     vs4 = _cmp(inj, d[4])
     better4 = vs4 == "better"
-    if gap == "better":  # the paper's gap reversed: averaging the noise helps
-        verdict = "partly" if rec else "not reproduced"
-        if vs4 == "worse":
-            moved = ("brings DROPOUT_4 back to DROPOUT_1's level: the noise accounts for the difference between "
-                     "DROPOUT_4 and DROPOUT_1, as in the paper, but here restoring it hurts" if rec
-                     else "makes DROPOUT_4 worse than DROPOUT_1")
-        else:
-            moved = "leaves DROPOUT_4 where it was" if vs4 == "same" else "improves DROPOUT_4 further"
-        note = f"The gap runs the other way here: {_vs(d[4], d[1])}. The injected noise {moved}."
-    elif gap == "same":
-        verdict = "partly" if rec else "not reproduced"
-        note = "DROPOUT_4 is not clearly worse than DROPOUT_1 here, so there is little for the noise to recover."
-    else:
+    if gap == "worse":  # the paper's picture: averaging the noise away hurts
         verdict = "reproduced" if rec and better4 else ("partly" if rec or better4 else "not reproduced")
         note = ""
+    else:  # no gap to recover: at most partly, by reaching DROPOUT_1
+        verdict = "partly" if rec else "not reproduced"
+        if gap == "same":
+            note = "DROPOUT_4 is not clearly worse than DROPOUT_1 here, so there is little for the noise to recover."
+        else:  # the paper's gap reversed: averaging the noise helps
+            if vs4 == "worse":
+                moved = ("brings DROPOUT_4 back to DROPOUT_1's level: the noise accounts for the difference between "
+                         "DROPOUT_4 and DROPOUT_1, as in the paper, but here restoring it hurts" if rec
+                         else "makes DROPOUT_4 worse than DROPOUT_1")
+            else:
+                moved = "leaves DROPOUT_4 where it was" if vs4 == "same" else "improves DROPOUT_4 further"
+            note = f"The gap runs the other way here: {_vs(d[4], d[1])}. The injected noise {moved}."
     summary = f"{_vs(inj, d[1])}; {_vs(inj, d[4])}. {note}".strip()
     return _claim("C2", verdict, summary, [d[1], d[4], inj], scale)
 
