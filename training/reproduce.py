@@ -24,6 +24,9 @@ train`` subprocess (its output in ``<run>.out`` beside the log); a progress
 display shows every running job's epoch and validation perplexity.  Then the
 figures, tables and claims are drawn from the logs into ``--out`` (default
 ``results/<plan>``).  When every run is done, the command only redraws.
+If the code under ``paper_figures/`` or ``training/`` changed while the runs
+went on, the drawing happens in a new process, so the results come from the
+code on disk and not from what the driver loaded hours earlier.
 A failed run is reported with the end of its output, and the command exits
 with status 1 after drawing what there is.
 
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import math
 import os
 import re
@@ -57,7 +61,7 @@ from typing import NamedTuple, Optional
 
 from dropcheck import DropcheckError
 
-from .files import is_locked
+from .files import is_locked, run_files
 from .study import Plan, best_member, get_plan, PLANS
 
 
@@ -73,31 +77,33 @@ class RunJob:
     state: str  # done | running | interrupted | broken | todo
 
 
-def _read_log(path: Path) -> tuple[Optional[dict], list[dict], Optional[dict]]:
-    """``(header, evals, final)`` of a run log, read by ``paper_figures.logs``
-    (damaged lines skipped); nothing for a missing or header-less file."""
+def _read_log(runs_dir: Path, name: str) -> tuple[Optional[dict], list[dict], Optional[dict]]:
+    """``(header, evals, final)`` of run ``name``'s log, read by
+    ``paper_figures.logs`` (damaged lines skipped); nothing for a missing or
+    header-less file."""
     from paper_figures.logs import read_run
 
+    path = run_files(runs_dir, name).log
     run = read_run(path, []) if path.exists() else None
     return (run.header, run.evals, run.final) if run is not None else (None, [], None)
 
 
 def run_state(runs_dir: Path, name: str) -> str:
-    log, ckpt = runs_dir / f"{name}.jsonl", runs_dir / f"{name}.ckpt.pt"
-    _, _, final = _read_log(log)
+    files = run_files(runs_dir, name)
+    _, _, final = _read_log(runs_dir, name)
     if final is not None:
         return "done"
-    if is_locked(runs_dir / f"{name}.lock"):
+    if is_locked(files.lock):
         return "running"
-    if log.exists():
-        return "interrupted" if ckpt.exists() else "broken"
-    return "broken" if ckpt.exists() else "todo"
+    if files.log.exists():
+        return "interrupted" if files.ckpt.exists() else "broken"
+    return "broken" if files.ckpt.exists() else "todo"
 
 
 def _seed1_best(plan: Plan, runs_dir: Path) -> dict[str, Optional[float]]:
     out = {}
     for a in plan.arms:
-        _, _, final = _read_log(runs_dir / f"{plan.run_name(a.name, 1)}.jsonl")
+        _, _, final = _read_log(runs_dir, plan.run_name(a.name, 1))
         out[a.name] = float(final["best_valid_ppl"]) if final else None
     return out
 
@@ -163,7 +169,7 @@ def _command(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str]) -> li
 
 
 def _progress_line(runs_dir: Path, name: str) -> str:
-    _, evals, _ = _read_log(runs_dir / f"{name}.jsonl")
+    _, evals, _ = _read_log(runs_dir, name)
     if not evals:
         return f"{name}: starting"
     e = evals[-1]
@@ -176,7 +182,7 @@ def _progress_line(runs_dir: Path, name: str) -> str:
 def _launch(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str]):
     """Start one run as a ``dropcheck train`` process on one thread, its output
     appended to ``<run>.out``; returns ``(process, job, output file)``."""
-    out = open(runs_dir / f"{job.name}.out", "a", encoding="utf-8")
+    out = open(run_files(runs_dir, job.name).out, "a", encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     p = subprocess.Popen(_command(plan, job, runs_dir, data), stdout=out, stderr=subprocess.STDOUT, env=env)
     return p, job, out
@@ -185,9 +191,9 @@ def _launch(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str]):
 def _finished(runs_dir: Path, name: str, rc: int) -> tuple[bool, str]:
     """Whether a finished process left a complete log, and the line that says so
     (with the tail of its output when it did not)."""
-    _, _, final = _read_log(runs_dir / f"{name}.jsonl")  # a final line: run_state's "done"
+    _, _, final = _read_log(runs_dir, name)  # a final line: run_state's "done"
     if rc != 0 or final is None:
-        tail = (runs_dir / f"{name}.out").read_text(errors="replace").splitlines()[-8:]
+        tail = run_files(runs_dir, name).out.read_text(errors="replace").splitlines()[-8:]
         return False, f"FAILED {name} (exit {rc}):\n    " + "\n    ".join(tail)
     return True, (f"done   {name}: best valid {final['best_valid_ppl']:.2f} at step "
                   f"{final['best_step']}, test {final['test_ppl']:.2f}")
@@ -277,6 +283,19 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
     return PlanOutcome(failed, left)
 
 
+def _drawing_code() -> str:
+    """A digest of the code that draws (``paper_figures/`` and ``training/``,
+    which holds the plans).  A driver that ran for hours holds the code it
+    loaded when it started: if these files changed meanwhile, ``run`` draws in
+    a new process, so that the results always come from the code on disk."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in ("paper_figures", "training"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
     """Figures, tables and the claims (JSON + Markdown) from the logs alone."""
     from paper_figures.claims import write_claims
@@ -306,7 +325,7 @@ def print_status(plan: Plan, runs_dir: Path, seeds: int, patterns) -> None:
     for j in jobs:
         extra = ""
         if j.state == "done":
-            _, evals, final = _read_log(runs_dir / f"{j.name}.jsonl")
+            _, evals, final = _read_log(runs_dir, j.name)
             extra = f"best valid {final['best_valid_ppl']:.2f}, {final['wall_time'] / 60:.1f} min"
         elif j.state in ("running", "interrupted", "broken"):
             extra = _progress_line(runs_dir, j.name)
@@ -323,9 +342,9 @@ def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance
     """Re-run the first epoch of a committed run with its logged config."""
     from .trainer import train
 
-    header, evals, _ = _read_log(runs_dir / f"{run}.jsonl")
+    header, evals, _ = _read_log(runs_dir, run)
     if header is None or not evals:
-        raise DropcheckError(f"{runs_dir / (run + '.jsonl')}: no header or no evaluation to re-check")
+        raise DropcheckError(f"{run_files(runs_dir, run).log}: no header or no evaluation to re-check")
     first = evals[0]
     cfg = dict(header["config"])
     cfg.update({"max_steps": int(first["step"]), "progress": False})
@@ -373,6 +392,7 @@ def run(args: argparse.Namespace) -> int:
         print_status(plan, runs_dir, args.seeds, args.arms)
         return 0
     outcome, busy = PlanOutcome([], []), []
+    code = _drawing_code()
     if not args.draw_only:
         pending = [j for j in plan_jobs(plan, runs_dir, args.seeds, args.arms) if j.state != "done"]
         busy = [j.name for j in pending if j.state == "running"]
@@ -391,6 +411,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"{plan.name}: every run is done; drawing only", file=sys.stderr)
     if (outcome.left or busy) and not _complete_runs(plan, runs_dir):
         print(f"{plan.name}: no complete run yet, nothing to draw", file=sys.stderr)
+    elif _drawing_code() != code:
+        print(f"{plan.name}: the code under paper_figures/ or training/ changed while the runs went on; "
+              "drawing in a new process with the code as it is now", file=sys.stderr)
+        cmd = [sys.executable, "-m", "dropcheck", "reproduce", "--plan", plan.name, "--draw-only",
+               "--runs", str(runs_dir), "--out", str(out)]
+        if subprocess.run(cmd).returncode != 0:
+            print(f"{plan.name}: drawing failed: run `dropcheck reproduce --plan {plan.name} --draw-only`",
+                  file=sys.stderr)
+            return 1
     else:
         written = draw(plan, runs_dir, out)
         print(f"wrote {len(written)} files under {out}")

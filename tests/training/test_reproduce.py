@@ -60,7 +60,7 @@ def test_best_member_waits_for_the_whole_group():
     assert best_member(("a", "b"), {"a": 3.0, "b": 2.0}) == "b"
 
 
-def test_tiny_plan_end_to_end_then_redraw_only(tmp_path, tiny_corpus_dir):
+def test_tiny_plan_end_to_end_then_redraw_only(tmp_path, tiny_corpus_dir, monkeypatch, capsys):
     runs, out = tmp_path / "runs", tmp_path / "out"
     args = ["reproduce", "--plan", "tiny", "--runs", str(runs), "--out", str(out), "--data", str(tiny_corpus_dir),
             "--no-progress", "--jobs", "2", "--seeds", "2"]
@@ -95,6 +95,17 @@ def test_tiny_plan_end_to_end_then_redraw_only(tmp_path, tiny_corpus_dir):
     (out / "claims.json").unlink()
     assert cli_main(args) == 0  # nothing left to run: only redraws
     assert {p.name: p.read_bytes() for p in runs.glob("*.jsonl")} == logs_before
+    assert (out / "claims.json").read_bytes() == claims_before
+    # the drawing code changed on disk while the driver ran: it draws in a new process, not with what it loaded
+    import training.reproduce as reproduce
+
+    digests = iter(["at start", "changed since"])
+    monkeypatch.setattr(reproduce, "_drawing_code", lambda: next(digests))
+    monkeypatch.setattr(reproduce, "draw", lambda *a: pytest.fail("drew with the code loaded at start"))
+    (out / "claims.json").unlink()
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    assert "drawing in a new process" in capsys.readouterr().err
     assert (out / "claims.json").read_bytes() == claims_before
 
 
