@@ -46,3 +46,40 @@ def test_every_python_block_of_the_readme_runs():
                 assert list(got)[: len(want)] == want, (where, lines[j - 1], got)
                 done = j + 1
         exec(compile("\n".join(lines[done:]), where, "exec"), ns)  # noqa: S102
+
+
+def _numbers(cell: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\d+(?:\.\d+)?", cell)]
+
+
+def test_the_cpu_study_table_is_the_committed_logs():
+    """The README's cpu-ptb results table is typed by hand; every row must be
+    complete logs under results/runs/cpu-ptb (best valid, test, best epoch,
+    training time, seed by seed), and every complete log must be in it."""
+    from paper_figures.logs import read_run
+
+    text = README.read_text(encoding="utf-8")
+    start = text.index("| arm | seeds | best valid ppl | test ppl | best epoch | training time |")
+    rows = text[start:].split("\n\n", 1)[0].splitlines()[2:]
+    shown = []
+    for row in rows:
+        arm, seeds, valid, test, epoch, minutes = [c.strip() for c in row.strip("|").split("|")]
+        cols = [_numbers(c) for c in (valid, test, epoch, minutes)]
+        assert all(len(c) == int(seeds) for c in cols), row
+        shown += [(arm, *v) for v in zip(*cols)]
+    logged = []
+    for path in sorted((README.parent / "results" / "runs" / "cpu-ptb").glob("*.jsonl")):
+        run = read_run(path, [])
+        if run is None or run.final is None:
+            continue
+        f = run.final
+        epoch = next(e["epoch"] for e in run.evals if e["step"] == f["best_step"])
+        logged.append((path.stem, round(f["best_valid_ppl"], 2), round(f["test_ppl"], 2), epoch,
+                       round(f["wall_time"] / 60)))
+    want = sorted(v[1:] for v in logged)
+    got = sorted(v[1:] for v in shown)
+    missing = [v for v in logged if v[1:] not in got]
+    unknown = [v for v in shown if v[1:] not in want]
+    assert not missing and not unknown, f"complete logs not in the README table: {missing}; " \
+                                        f"README rows that are no complete log: {unknown}"
+    assert got == want
