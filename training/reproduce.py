@@ -392,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
         print_status(plan, runs_dir, args.seeds, args.arms)
         return 0
     outcome, busy = PlanOutcome([], []), []
-    code = _drawing_code()
+    code = None if args.draw_only else _drawing_code()  # only a driver that runs can outlive its code
     if not args.draw_only:
         pending = [j for j in plan_jobs(plan, runs_dir, args.seeds, args.arms) if j.state != "done"]
         busy = [j.name for j in pending if j.state == "running"]
@@ -411,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{plan.name}: every run is done; drawing only", file=sys.stderr)
     if (outcome.left or busy) and not _complete_runs(plan, runs_dir):
         print(f"{plan.name}: no complete run yet, nothing to draw", file=sys.stderr)
-    elif _drawing_code() != code:
+    elif code is not None and _drawing_code() != code:
         print(f"{plan.name}: the code under paper_figures/ or training/ changed while the runs went on; "
               "drawing in a new process with the code as it is now", file=sys.stderr)
         cmd = [sys.executable, "-m", "dropcheck", "reproduce", "--plan", plan.name, "--draw-only",
