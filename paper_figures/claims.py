@@ -207,31 +207,48 @@ def _c1(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
     return _claim("C1", verdict, summary, [none, *chain], scale)
 
 
+def _noise_back_to_dropout1(x: ArmStats, dk: ArmStats, d1: ArmStats, k: int, noise: str) -> tuple[bool, bool, str]:
+    """Does ``x`` (DROPOUT_k plus a noise meant to stand for the part that
+    averaging k draws removes) perform like DROPOUT_1?  Returns
+    ``(reaches, paper_gap, note)``.
+
+    In the paper DROPOUT_k is worse than DROPOUT_1 (``paper_gap``); there,
+    reaching DROPOUT_1's level or beating it is what the claim says.  Where
+    DROPOUT_k is as good as DROPOUT_1 there is nothing to recover, and
+    reaching DROPOUT_1 says little.  Where DROPOUT_k is *better* (the gap
+    reversed), only a run that moved from DROPOUT_k to DROPOUT_1's level
+    tracks DROPOUT_1: one better than DROPOUT_1 but level with DROPOUT_k
+    shows the noise doing nothing.
+    """
+    gap, vs1, vsk = _cmp(dk, d1), _cmp(x, d1), _cmp(x, dk)
+    if gap == "worse":  # the paper's picture: averaging the noise away hurts
+        return vs1 in ("same", "better"), True, ""
+    if gap == "same":
+        return (vs1 in ("same", "better"), False,
+                f"DROPOUT_{k} is not clearly worse than DROPOUT_1 here, so there is little for the noise to recover.")
+    if vsk == "worse":
+        moved = {"same": f"brings DROPOUT_{k} back to DROPOUT_1's level: the noise accounts for the difference "
+                         f"between DROPOUT_{k} and DROPOUT_1, as in the paper, but here restoring it hurts",
+                 "better": f"moves DROPOUT_{k} part of the way back to DROPOUT_1",
+                 "worse": f"makes DROPOUT_{k} worse than DROPOUT_1"}[vs1]
+    else:
+        moved = f"leaves DROPOUT_{k} where it was" if vsk == "same" else f"improves DROPOUT_{k} further"
+    note = f"The gap runs the other way here: {_vs(dk, d1)}. The {noise} {moved}."
+    return vs1 == "same" and vsk == "worse", False, note
+
+
 def _c2(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
     """C2: DROPOUT_4 + ξ̃_drop recovers DROPOUT_1."""
     inj = _one(arms, _is("dropout_inject", k=4))
     pending = _pending("C2", {"DROPOUT_1": d[1], "DROPOUT_4": d[4], "DROPOUT_4 + ξ̃_drop": inj})
     if pending:
         return pending
-    gap = _cmp(d[4], d[1])
-    rec = _cmp(inj, d[1]) in ("same", "better")
-    vs4 = _cmp(inj, d[4])
-    better4 = vs4 == "better"
-    if gap == "worse":  # the paper's picture: averaging the noise away hurts
-        verdict = "reproduced" if rec and better4 else ("partly" if rec or better4 else "not reproduced")
-        note = ""
-    else:  # no gap to recover: at most partly, by reaching DROPOUT_1
-        verdict = "partly" if rec else "not reproduced"
-        if gap == "same":
-            note = "DROPOUT_4 is not clearly worse than DROPOUT_1 here, so there is little for the noise to recover."
-        else:  # the paper's gap reversed: averaging the noise helps
-            if vs4 == "worse":
-                moved = ("brings DROPOUT_4 back to DROPOUT_1's level: the noise accounts for the difference between "
-                         "DROPOUT_4 and DROPOUT_1, as in the paper, but here restoring it hurts" if rec
-                         else "makes DROPOUT_4 worse than DROPOUT_1")
-            else:
-                moved = "leaves DROPOUT_4 where it was" if vs4 == "same" else "improves DROPOUT_4 further"
-            note = f"The gap runs the other way here: {_vs(d[4], d[1])}. The injected noise {moved}."
+    reaches, paper_gap, note = _noise_back_to_dropout1(inj, d[4], d[1], 4, "injected noise")
+    if paper_gap:  # full credit needs both: DROPOUT_1's level, and clearly better than DROPOUT_4
+        better4 = _cmp(inj, d[4]) == "better"
+        verdict = "reproduced" if reaches and better4 else ("partly" if reaches or better4 else "not reproduced")
+    else:  # no gap to recover, or a reversed one: at most partly
+        verdict = "partly" if reaches else "not reproduced"
     summary = f"{_vs(inj, d[1])}; {_vs(inj, d[4])}. {note}".strip()
     return _claim("C2", verdict, summary, [d[1], d[4], inj], scale)
 
@@ -253,16 +270,27 @@ def _c3(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str
 
 
 def _c4(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:
-    """C4: DROPOUT_k + sqrt(1-1/k) ξ_approx tracks DROPOUT_1."""
+    """C4: DROPOUT_k + sqrt(1-1/k) ξ_approx tracks DROPOUT_1 for k = 2, 4, 8.
+
+    Each k is judged as C2 judges its injection (``_noise_back_to_dropout1``):
+    the full verdict needs every k to reach DROPOUT_1 where DROPOUT_k is
+    worse than DROPOUT_1, as in the paper; where that gap is absent or
+    reversed, reaching DROPOUT_1 counts for at most "partly".
+    """
     di = {k: _one(arms, _is("dropout_implicit", k=k)) for k in (2, 4, 8)}
-    pending = _pending("C4", {"DROPOUT_1": d[1], **{f"DROPOUT_{k} + ξ_approx": v for k, v in di.items()}},
-                       [d[k] for k in (2, 4, 8) if d[k]])
+    pending = _pending("C4", {"DROPOUT_1": d[1], **{f"DROPOUT_{k} + ξ_approx": v for k, v in di.items()},
+                              **{f"DROPOUT_{k}": d[k] for k in di}})
     if pending:
         return pending
-    tracks = {k: _cmp(v, d[1]) in ("same", "better") for k, v in di.items()}
-    verdict = "reproduced" if all(tracks.values()) else ("partly" if any(tracks.values()) else "not reproduced")
-    parts = [_vs(v, d[1]) + (f"; plain DROPOUT_{k}: {d[k].text()}" if d.get(k) else "") for k, v in di.items()]
-    return _claim("C4", verdict, "; ".join(parts) + ".", [d[1], *di.values()], scale)
+    judged = {k: _noise_back_to_dropout1(v, d[k], d[1], k, "analytic noise") for k, v in di.items()}
+    reached = [k for k, (r, _, _) in judged.items() if r]
+    if len(reached) == len(judged) and all(g for _, g, _ in judged.values()):
+        verdict = "reproduced"
+    else:
+        verdict = "partly" if reached else "not reproduced"
+    parts = [f"k={k}: {_vs(v, d[1])}; {_vs(v, d[k])}." + (f" {judged[k][2]}" if judged[k][2] else "")
+             + (" Tracks DROPOUT_1." if judged[k][0] else " Does not track DROPOUT_1.") for k, v in di.items()]
+    return _claim("C4", verdict, " ".join(parts), [d[1], *di.values(), *(d[k] for k in di)], scale)
 
 
 def _c5(arms: dict[str, ArmStats], none: Optional[ArmStats], d: dict, scale: str) -> dict:

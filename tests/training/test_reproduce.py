@@ -303,14 +303,34 @@ def test_claims_flip_when_the_pattern_is_not_there():
     a = {**base, "d4": (_c("dropout", k=4), [92.0]), "inj": (_c("dropout_inject", k=4), [108.0])}
     c2 = _verdicts(_arms(**a))["C2"]
     assert c2["verdict"] == "not reproduced" and "makes DROPOUT_4 worse than DROPOUT_1." in c2["summary"]
+    # better than DROPOUT_1 but level with DROPOUT_4: the noise did nothing, so it does not recover DROPOUT_1
     a = {**base, "d4": (_c("dropout", k=4), [92.0]), "inj": (_c("dropout_inject", k=4), [92.5])}
-    assert "leaves DROPOUT_4 where it was." in _verdicts(_arms(**a))["C2"]["summary"]
+    c2 = _verdicts(_arms(**a))["C2"]
+    assert c2["verdict"] == "not reproduced" and "leaves DROPOUT_4 where it was." in c2["summary"]
     # C3: R_approx worse than DROPOUT_8 but below DROPOUT_1 -> partly
     a = {**base, "ex1": (_c("explicit", explicit_mult=1.0), [115.0]), "ex2": (_c("explicit", explicit_mult=2.0), [116.0])}
     assert _verdicts(_arms(**a))["C3"]["verdict"] == "partly"
     # C4: one k misses
     a = {**base, "di8": (_c("dropout_implicit", k=8), [109.0])}
     assert _verdicts(_arms(**a))["C4"]["verdict"] == "partly"
+    # C4 where DROPOUT_4 beats DROPOUT_1 (the gap reversed): DROPOUT_4 + xi level with DROPOUT_4 is better than
+    # DROPOUT_1, yet the noise did nothing, so k = 4 does not track DROPOUT_1
+    rev4 = {**base, "d4": (_c("dropout", k=4), [92.0]), "di4": (_c("dropout_implicit", k=4), [92.5])}
+    c4 = _verdicts(_arms(**rev4))["C4"]
+    assert c4["verdict"] == "partly"
+    assert "k=4: di4 92.50 (1 seed) vs d1 100.50 (range 1.00, 2 seeds): better" in c4["summary"]
+    assert "The analytic noise leaves DROPOUT_4 where it was. Does not track DROPOUT_1." in c4["summary"]
+    assert "k=2: di2 100.50 (1 seed) vs d1 100.50 (range 1.00, 2 seeds): same" in c4["summary"]
+    # every gap reversed and every k left where it was: not reproduced
+    rev = {**base, **{f"d{k}": (_c("dropout", k=k), [92.0]) for k in (2, 4, 8)},
+           **{f"di{k}": (_c("dropout_implicit", k=k), [92.5]) for k in (2, 4, 8)}}
+    assert _verdicts(_arms(**rev))["C4"]["verdict"] == "not reproduced"
+    # every gap reversed and every k brought back to DROPOUT_1: the noise does what the paper says, but with no
+    # gap of the paper's sign to recover that is "partly" (as for C2)
+    back = {**rev, **{f"di{k}": (_c("dropout_implicit", k=k), [100.5]) for k in (2, 4, 8)}}
+    c4 = _verdicts(_arms(**back))["C4"]
+    assert c4["verdict"] == "partly" and c4["summary"].count("Tracks DROPOUT_1.") == 3
+    assert "brings DROPOUT_8 back to DROPOUT_1's level" in c4["summary"]
     # C5: R_approx + xi no better than R_approx alone and far from DROPOUT_1
     a = {**base, "ei": (_c("explicit_implicit"), [106.5])}
     assert _verdicts(_arms(**a))["C5"]["verdict"] == "not reproduced"
@@ -351,6 +371,8 @@ def test_claims_pending_names_the_missing_arms():
     assert set(v["C1"]["arms"]) == {"none", "d1", "d2", "d4"}
     assert "d4 108.00 (1 seed)" in v["C1"]["summary"]
     assert set(v["C2"]["arms"]) == {"d1", "d4"}
+    # C4 compares each k with its plain DROPOUT_k too, so it waits for DROPOUT_8
+    assert v["C4"]["verdict"] == "pending" and "missing: DROPOUT_8." in v["C4"]["summary"]
 
 
 def test_close_comparisons_name_the_arms_that_need_more_seeds():
