@@ -36,7 +36,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # ARMS_A / ARMS_B (space-separated glob patterns of arm names) and JOBS_A / JOBS_B override the defaults
 if [ "${DRY_RUN:-0}" = 1 ]; then
-    PLAN=tiny BUDGET=${BUDGET:-120} EVERY=5
+    PLAN=tiny BUDGET=${BUDGET:-300} EVERY=5  # a cap: the tiny plan takes about a minute on an idle machine
     : "${ARMS_A:=dropout-*}" "${ARMS_B:=none explicit*}" "${JOBS_A:=1}" "${JOBS_B:=1}"
 else
     PLAN=cpu-ptb-cuda BUDGET=${BUDGET:-530} EVERY=60

@@ -417,7 +417,7 @@ def test_plan_jobs_adds_seeds_to_the_arms_of_close_comparisons(tmp_path):
 
 def _gpu_study(env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(["bash", str(REPO / "training" / "gpu_study.sh")], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
