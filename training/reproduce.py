@@ -321,15 +321,35 @@ def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
 
 
 def print_status(plan: Plan, runs_dir: Path, seeds: int, patterns) -> None:
+    """One line per run (state, best valid or progress), then an estimate of the
+    training left: a run not done is expected to take as long as the mean of
+    its arm's complete seeds, less the training time it has logged."""
     jobs = plan_jobs(plan, runs_dir, seeds, patterns)
+    logs = {j.name: _read_log(runs_dir, j.name) for j in jobs}
+    took: dict[str, list[float]] = {}  # arm -> minutes of its complete seeds
     for j in jobs:
+        if j.state == "done":
+            took.setdefault(j.arm, []).append(logs[j.name][2]["wall_time"] / 60)
+    left, unknown = 0.0, 0
+    for j in jobs:
+        _, evals, final = logs[j.name]
         extra = ""
         if j.state == "done":
-            _, evals, final = _read_log(runs_dir, j.name)
             extra = f"best valid {final['best_valid_ppl']:.2f}, {final['wall_time'] / 60:.1f} min"
         elif j.state in ("running", "interrupted", "broken"):
             extra = _progress_line(runs_dir, j.name)
+        if j.state != "done":
+            if j.arm in took:
+                mean = sum(took[j.arm]) / len(took[j.arm])
+                so_far = evals[-1].get("wall_time", 0.0) / 60 if evals and j.state != "broken" else 0.0
+                left += max(mean - so_far, 0.0)
+                extra += f"{'; ' if extra else ''}its arm's complete seeds took {mean:.0f} min"
+            else:
+                unknown += 1
         print(f"{j.state:12s} {j.name:45s} {extra}")
+    if left or unknown:
+        print(f"(training left: about {left:.0f} min on one core, from the complete seeds of the same arms"
+              + (f"; {unknown} run(s) of arms with no complete seed yet" if unknown else "") + ")")
     pend = [g for g in plan.best_of if best_member(g, _seed1_best(plan, runs_dir)) is None]
     for g in pend:
         print(f"(best of {', '.join(g)}: extra seeds once all have seed 1)")

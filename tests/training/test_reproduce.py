@@ -441,3 +441,27 @@ def test_gpu_study_script_dry_run_on_cpu(tmp_path, tiny_corpus_dir):
     _gpu_study(env)
     for log in ("driver-a.log", "driver-b.log"):
         assert "every run is done" in (tmp_path / "out2" / log).read_text()
+
+
+def test_status_estimates_the_training_left_from_complete_seeds(tmp_path, capsys):
+    from training.reproduce import print_status
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    plan = Plan("est", "smoke", (Arm("a", {"rule": "dropout"}, "C1", key=True), Arm("b", {"rule": "none"}, "C1")))
+    for seed, minutes in ((1, 10.0), (2, 20.0)):  # arm a: two complete seeds, 15 min on average
+        _fake_log(runs, f"est-a-s{seed}", {"rule": "dropout"}, 100.0)
+        log = runs / f"est-a-s{seed}.jsonl"
+        log.write_text(log.read_text().replace('"wall_time": 1.0', f'"wall_time": {minutes * 60}'))
+    # seed 3 stopped after 6 min of training (a log with one evaluation, and its checkpoint)
+    recs = [{"type": "header", "run_name": "est-a-s3", "config": {"rule": "dropout"}},
+            {"type": "eval", "step": 10, "epoch": 1.0, "valid_ppl": 300.0, "wall_time": 360.0}]
+    (runs / "est-a-s3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (runs / "est-a-s3.ckpt.pt").write_bytes(b"")
+    print_status(plan, runs, seeds=3, patterns=None)
+    out = capsys.readouterr().out
+    assert re.search(r"interrupted +est-a-s3 .*6\.0 min/epoch; its arm's complete seeds took 15 min", out)
+    assert re.search(r"todo +est-b-s1 *\n", out)  # arm b has no complete seed: no estimate
+    # 15 - 6 min for seed 3; arm b counted as unknown
+    assert "(training left: about 9 min on one core, from the complete seeds of the same arms; " \
+           "1 run(s) of arms with no complete seed yet)" in out
