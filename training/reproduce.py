@@ -1,6 +1,6 @@
 """``dropcheck reproduce``: run a study plan to the end, then draw its results.
 
-    dropcheck reproduce --plan cpu-ptb [--jobs 2] [--seeds N] [--arms PATTERN ...]
+    dropcheck reproduce --plan cpu-ptb [--jobs 2] [--threads T] [--seeds N] [--arms PATTERN ...]
                         [--time-limit MINUTES] [--runs DIR] [--out DIR] [--data DIR]
                         [--status] [--draw-only]
     dropcheck reproduce --plan cpu-ptb --recheck RUN_NAME
@@ -20,8 +20,10 @@ files under ``--runs`` (default ``results/runs/<plan>``):
 - ``todo``: nothing yet.
 
 Runs go in plan order, up to ``--jobs`` at a time, each a ``dropcheck
-train`` subprocess (its output in ``<run>.out`` beside the log); a progress
-display shows every running job's epoch and validation perplexity.  Then the
+train`` subprocess on one thread, or on ``--threads`` threads (logged as the
+run's ``threads``; a resume may change it), its output in ``<run>.out``
+beside the log; a progress display shows every running job's epoch and
+validation perplexity.  Then the
 figures, tables and claims are drawn from the logs into ``--out`` (default
 ``results/<plan>``).  When every run is done, the command only redraws.
 If the code under ``paper_figures/`` or ``training/`` changed while the runs
@@ -154,8 +156,10 @@ def plan_jobs(plan: Plan, runs_dir: Path, seeds: int, patterns: Optional[list[st
     return jobs
 
 
-def _command(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str]) -> list[str]:
+def _command(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str], threads: Optional[int] = None) -> list[str]:
     over = plan.overrides(job.arm, job.seed)
+    if threads is not None:
+        over["threads"] = threads
     cmd = [sys.executable, "-m", "dropcheck", "train", "--config", plan.config, "--out", str(runs_dir),
            "--no-progress"]
     if data:
@@ -179,12 +183,14 @@ def _progress_line(runs_dir: Path, name: str) -> str:
     return line
 
 
-def _launch(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str]):
-    """Start one run as a ``dropcheck train`` process on one thread, its output
-    appended to ``<run>.out``; returns ``(process, job, output file)``."""
+def _launch(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str], threads: Optional[int] = None):
+    """Start one run as a ``dropcheck train`` process on one thread (the
+    config's ``threads``), or on ``threads`` threads, its output appended to
+    ``<run>.out``; returns ``(process, job, output file)``."""
     out = open(run_files(runs_dir, job.name).out, "a", encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    p = subprocess.Popen(_command(plan, job, runs_dir, data), stdout=out, stderr=subprocess.STDOUT, env=env)
+    n = str(threads or 1)
+    env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+    p = subprocess.Popen(_command(plan, job, runs_dir, data, threads), stdout=out, stderr=subprocess.STDOUT, env=env)
     return p, job, out
 
 
@@ -206,11 +212,11 @@ class PlanOutcome(NamedTuple):
 
 def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data: Optional[str] = None,
              patterns: Optional[list[str]] = None, progress: bool = True, poll: float = 1.0,
-             time_limit: Optional[float] = None) -> PlanOutcome:
+             time_limit: Optional[float] = None, threads: Optional[int] = None) -> PlanOutcome:
     """Runs every unfinished run (re-planning after each finish, so a
-    ``best_of`` winner's extra seeds join in).  After ``time_limit`` seconds
-    it stops the running jobs (each checkpoints at its next step) and starts
-    no more."""
+    ``best_of`` winner's extra seeds join in), each on ``threads`` threads
+    (default: the config's).  After ``time_limit`` seconds it stops the
+    running jobs (each checkpoints at its next step) and starts no more."""
     from tqdm import tqdm
 
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +259,7 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
                     if j.state not in ("done", "running") and j.name not in running and j.name not in failed]
             started = todo[: max(0, jobs - len(running))]
             for job in started:
-                running[job.name] = _launch(plan, job, runs_dir, data)
+                running[job.name] = _launch(plan, job, runs_dir, data, threads)
                 bar.write(f"start  {job.name} ({job.state})")
             # runs known so far (a best_of winner's extra seeds join once the group has finished)
             bar.total = done_count + len(running) + len(todo) - len(started)
@@ -382,6 +388,9 @@ def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", required=True, choices=sorted(PLANS), help="the study plan")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2; one thread each)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per run (default: the config's, 1 for cpu-ptb); e.g. --jobs 1 --threads 2 "
+                        "puts both cores of a 2-core machine on one long run")
     p.add_argument("--seeds", type=int, default=2, help="seeds of the key arms and of the best R_approx coefficient (default 2)")
     p.add_argument("--arms", nargs="+", metavar="PATTERN", help="run only arms matching these glob patterns")
     p.add_argument("--runs", default=None, help="folder of the run logs (default results/runs/<plan>)")
@@ -402,6 +411,8 @@ def run(args: argparse.Namespace) -> int:
         raise DropcheckError(f"--jobs must be >= 1, got {args.jobs}")
     if args.seeds < 1:
         raise DropcheckError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.threads is not None and args.threads < 1:
+        raise DropcheckError(f"--threads must be >= 1, got {args.threads}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise DropcheckError(f"--time-limit must be > 0 minutes, got {args.time_limit}")
     runs_dir = Path(args.runs or f"results/runs/{plan.name}")
@@ -420,11 +431,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{plan.name}: left to the process running them: {', '.join(busy)}", file=sys.stderr)
         pending = [j for j in pending if j.state != "running"]
         if pending:
-            print(f"{plan.name}: {len(pending)} run(s) to do, {args.jobs} at a time", file=sys.stderr)
+            print(f"{plan.name}: {len(pending)} run(s) to do, {args.jobs} at a time, "
+                  f"{args.threads or 1} thread(s) each", file=sys.stderr)
             try:
                 outcome = run_plan(plan, runs_dir, jobs=args.jobs, seeds=args.seeds, data=args.data,
                                    patterns=args.arms, progress=not args.no_progress,
-                                   time_limit=None if args.time_limit is None else args.time_limit * 60)
+                                   time_limit=None if args.time_limit is None else args.time_limit * 60,
+                                   threads=args.threads)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: run_plan stopped the jobs and said how to resume
                 return 130
         elif not busy:

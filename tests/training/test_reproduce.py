@@ -156,7 +156,8 @@ def test_time_limit_stops_the_jobs_at_a_checkpoint_and_exits_75(tmp_path, tiny_c
     """``--time-limit``: the running job gets SIGTERM, finishes its step, writes a
     checkpoint there and exits; the driver starts nothing more, names what is
     left and exits 75.  The clock is the test's: time is up once the job's first
-    checkpoint exists (its signal handler is in place by then)."""
+    checkpoint exists (its signal handler is in place by then).  The job runs on
+    ``--threads 2``, which its log's config records (the smoke config says 1)."""
     import time as real_time
     import types
 
@@ -174,10 +175,13 @@ def test_time_limit_stops_the_jobs_at_a_checkpoint_and_exits_75(tmp_path, tiny_c
     monkeypatch.setattr(reproduce, "time", clock)
     monkeypatch.setattr(reproduce, "get_plan", lambda _: plan)
     rc = cli_main(["reproduce", "--plan", "tiny", "--runs", str(runs), "--out", str(tmp_path / "out"),
-                   "--data", str(tiny_corpus_dir), "--no-progress", "--jobs", "1", "--time-limit", "1"])
+                   "--data", str(tiny_corpus_dir), "--no-progress", "--jobs", "1", "--time-limit", "1",
+                   "--threads", "2"])
     assert rc == 75
     err = capsys.readouterr().err
     assert f"2 run(s) left ({name}, killme-none-s1)" in err and "nothing to draw" in err
+    assert "1 at a time, 2 thread(s) each" in err
+    assert _records(runs / f"{name}.jsonl")[0]["config"]["threads"] == 2
     assert run_state(runs, name) == "interrupted" and run_state(runs, "killme-none-s1") == "todo"
     out = (runs / f"{name}.out").read_text()
     m = re.search(r"stopped by SIGTERM after (\d+) steps", out)
@@ -186,6 +190,12 @@ def test_time_limit_stops_the_jobs_at_a_checkpoint_and_exits_75(tmp_path, tiny_c
 
     assert torch.load(runs / f"{name}.ckpt.pt", weights_only=False)["loop"]["step"] == int(m.group(1))
     assert not any(r["type"] == "final" for r in _records(runs / f"{name}.jsonl"))
+
+
+@pytest.mark.parametrize("flag", ["--jobs", "--seeds", "--threads"])
+def test_counts_below_one_are_refused(flag, capsys):
+    assert cli_main(["reproduce", "--plan", "cpu-ptb", flag, "0", "--status"]) != 0
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_a_run_held_by_another_process_is_left_to_it(tmp_path, tiny_corpus_dir, capsys):
