@@ -59,7 +59,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
 from dropcheck import DropcheckError
 
@@ -365,8 +365,13 @@ def print_status(plan: Plan, runs_dir: Path, seeds: int, patterns) -> None:
 
 
 def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance: float) -> int:
-    """Re-run the first epoch of a committed run with its logged config."""
-    from .trainer import train
+    """Re-run the first epoch of a committed run with its logged config.
+
+    The re-run matches exactly on the machine kind the run was logged on; a
+    different processor or kernel instruction set rounds differently, and 300
+    steps at lr 20 grow that into a few percent (README, "Re-checking a
+    run"), so the machine of both is printed beside the verdict."""
+    from .trainer import cpu_kernels, train
 
     header, evals, _ = _read_log(runs_dir, run)
     if header is None or not evals:
@@ -382,7 +387,19 @@ def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance
     ok = rel <= tolerance
     print(f"{run}: first evaluation at step {first['step']}: logged valid ppl {want:.4f}, re-run {got:.4f} "
           f"(relative difference {rel:.2e}, tolerance {tolerance:g}): {'ok' if ok else 'MISMATCH'}")
+    here = cpu_kernels()
+    there = {k: header.get(k) for k in here}
+    print(f"  logged on: {_machine(there)}\n  re-run on: {_machine(here)}")
+    if not ok and there != here:
+        print("  the machines differ (or the log does not say): float rounding differs between processors and "
+              "kernel instruction sets, and the first epoch grows it; re-check on the logged machine kind")
     return 0 if ok else 1
+
+
+def _machine(m: Mapping[str, Optional[str]]) -> str:
+    if not m.get("cpu"):
+        return "not recorded (logs before the header kept the processor)"
+    return f"{m['cpu']}, {m['cpu_capability']} kernels"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -148,14 +148,28 @@ __all__ = [
 
 def git_commit() -> Optional[str]:
     """``HEAD`` of the checkout (``-dirty`` with uncommitted changes to tracked
-    files); where there is no git repository (a copied tree) the value of
+    files outside ``results/``, where the runs' own logs are written); where there is no git repository (a copied tree) the value of
     ``$DROPCHECK_GIT_COMMIT``, else None."""
     sha = _git_head()
     return sha if sha is not None else (os.environ.get("DROPCHECK_GIT_COMMIT") or None)
 
 
-def _git_head() -> Optional[str]:
-    here = Path(__file__).resolve().parent
+def cpu_kernels() -> dict:
+    """The processor and the vector instruction set torch's CPU kernels use
+    (``AVX512``, ``AVX2``, ...; ``ATEN_CPU_CAPABILITY`` lowers it).  Both change
+    float rounding, which a first epoch at lr 20 grows into percent-level
+    differences of validation perplexity; the header records them so that
+    ``reproduce --recheck`` can tell a different machine from a regression."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _git_head(here: Path = Path(__file__).resolve().parent) -> Optional[str]:
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
@@ -163,7 +177,8 @@ def _git_head() -> Optional[str]:
         if not sha:
             return None
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"],
+            cwd=here, capture_output=True, text=True, timeout=5,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -493,6 +508,7 @@ def _header(cfg, name, config_name, device, backend, world, corpus, tokens: dict
         "git_commit": git_commit(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        **cpu_kernels(),
         "corpus": str(corpus.path),
         "vocab": corpus.vocab_size,
         **tokens,

@@ -224,9 +224,13 @@ def test_broken_log_starts_again_and_recheck_compares_the_first_epoch(tmp_path, 
     assert run_plan(plan, runs, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == ([], [])
     assert run_state(runs, "killme-dropout-k1-s1") == "done"
 
+    from training.trainer import cpu_kernels
+
     assert recheck(plan, runs, "killme-dropout-k1-s1", str(tiny_corpus_dir), 0.01) == 0
-    assert "ok" in capsys.readouterr().out
-    # a tampered log is caught
+    out = capsys.readouterr().out
+    here = f"{cpu_kernels()['cpu']}, {cpu_kernels()['cpu_capability']} kernels"
+    assert "ok" in out and f"logged on: {here}" in out and f"re-run on: {here}" in out
+    # a tampered log is caught, on the same machine without blaming the machine
     path = runs / "killme-dropout-k1-s1.jsonl"
     recs = _records(path)
     for r in recs:
@@ -235,6 +239,13 @@ def test_broken_log_starts_again_and_recheck_compares_the_first_epoch(tmp_path, 
             break
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert recheck(plan, runs, "killme-dropout-k1-s1", str(tiny_corpus_dir), 0.01) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH" in out and "machines differ" not in out
+    # a log from another kind of machine: the mismatch names the machines
+    recs[0]["cpu_capability"] = "AVX2" if cpu_kernels()["cpu_capability"] != "AVX2" else "AVX512"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert recheck(plan, runs, "killme-dropout-k1-s1", str(tiny_corpus_dir), 0.01) == 1
+    assert "the machines differ" in capsys.readouterr().out
 
 
 def test_checkpoint_without_its_log_starts_again(tmp_path, tiny_corpus_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -110,6 +111,7 @@ def test_log_contents_and_best_model_for_test(tiny_cfg, tiny_corpus, tmp_path):
     head = recs[0]
     assert head["type"] == "header" and head["config"] == cfg and head["seed"] == cfg["seed"]
     assert head["device"] == "cpu" and head["torch"] == torch.__version__ and "git_commit" in head
+    assert head["cpu"] and head["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert head["vocab"] == len(tiny_corpus.dictionary)
     evals = [r for r in recs if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [3, 6, 9]
@@ -160,3 +162,25 @@ def test_cli_smoke_on_ptb_stop_and_resume(data_root, tmp_path, capsys):
     assert recs[0]["vocab"] == 10_000 and recs[0]["train_tokens"] == 64_000 - 64_000 % 16
     assert [r["type"] for r in recs] == ["header", "eval", "resume", "eval", "final"]
     assert recs[-1]["test_ppl"] < 10_000  # below the uniform model's
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_run_logs(tmp_path):
+    """A run writes its log under results/, often over a committed partial log:
+    that must not mark the code it ran as changed; a changed module must."""
+    from training.trainer import _git_head
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "training").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "training" / "rules.py").write_text("x = 1\n")
+    (tmp_path / "results" / "run.jsonl").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "results" / "run.jsonl").write_text("{}\n{}\n")
+    assert _git_head(tmp_path / "training") == sha
+    (tmp_path / "training" / "rules.py").write_text("x = 2\n")
+    assert _git_head(tmp_path / "training") == sha + "-dirty"
