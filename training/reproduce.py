@@ -23,9 +23,9 @@ Runs go in plan order, up to ``--jobs`` at a time, each a ``dropcheck
 train`` subprocess on one thread, or on ``--threads`` threads (logged as the
 run's ``threads``; a resume may change it), its output in ``<run>.out``
 beside the log; a progress display shows every running job's epoch and
-validation perplexity.  Then the
-figures, tables and claims are drawn from the logs into ``--out`` (default
-``results/<plan>``).  When every run is done, the command only redraws.
+validation perplexity.  Then the figures, tables and claims are drawn from
+the logs into ``--out`` (default ``results/<plan>``).  When every run is
+done, the command only redraws.
 If the code under ``paper_figures/`` or ``training/`` changed while the runs
 went on, the drawing happens in a new process, so the results come from the
 code on disk and not from what the driver loaded hours earlier.
@@ -184,9 +184,9 @@ def _progress_line(runs_dir: Path, name: str) -> str:
 
 
 def _launch(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str], threads: Optional[int] = None):
-    """Start one run as a ``dropcheck train`` process on one thread (the
-    config's ``threads``), or on ``threads`` threads, its output appended to
-    ``<run>.out``; returns ``(process, job, output file)``."""
+    """Start one run as a ``dropcheck train`` process on one thread, or on
+    ``threads`` threads (its config's ``threads`` and the BLAS/OpenMP pools),
+    its output appended to ``<run>.out``; returns ``(process, job, output file)``."""
     out = open(run_files(runs_dir, job.name).out, "a", encoding="utf-8")
     n = str(threads or 1)
     env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}

@@ -148,7 +148,8 @@ __all__ = [
 
 def git_commit() -> Optional[str]:
     """``HEAD`` of the checkout (``-dirty`` with uncommitted changes to tracked
-    files outside ``results/``, where the runs' own logs are written); where there is no git repository (a copied tree) the value of
+    files outside ``results/``, where the runs write their own logs); where
+    there is no git repository (a copied tree) the value of
     ``$DROPCHECK_GIT_COMMIT``, else None."""
     sha = _git_head()
     return sha if sha is not None else (os.environ.get("DROPCHECK_GIT_COMMIT") or None)
