@@ -185,18 +185,11 @@ class _CpuPeak:
 def _device_name(device) -> str:
     import torch
 
+    from .trainer import cpu_name
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} logical CPUs)"
+    return f"{cpu_name()} ({os.cpu_count()} logical CPUs)"
 
 
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:

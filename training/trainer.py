@@ -155,19 +155,24 @@ def git_commit() -> Optional[str]:
     return sha if sha is not None else (os.environ.get("DROPCHECK_GIT_COMMIT") or None)
 
 
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``, else ``platform``)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return name
+
+
 def cpu_kernels() -> dict:
     """The processor and the vector instruction set torch's CPU kernels use
     (``AVX512``, ``AVX2``, ...; ``ATEN_CPU_CAPABILITY`` lowers it).  Both change
     float rounding, which a first epoch at lr 20 grows into percent-level
     differences of validation perplexity; the header records them so that
     ``reproduce --recheck`` can tell a different machine from a regression."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _git_head(here: Path = Path(__file__).resolve().parent) -> Optional[str]:

@@ -228,7 +228,8 @@ def test_broken_log_starts_again_and_recheck_compares_the_first_epoch(tmp_path, 
 
     assert recheck(plan, runs, "killme-dropout-k1-s1", str(tiny_corpus_dir), 0.01) == 0
     out = capsys.readouterr().out
-    here = f"{cpu_kernels()['cpu']}, {cpu_kernels()['cpu_capability']} kernels"
+    k = cpu_kernels()
+    here = f"{k['cpu']}, {k['cpu_capability']} kernels"
     assert "ok" in out and f"logged on: {here}" in out and f"re-run on: {here}" in out
     # a tampered log is caught, on the same machine without blaming the machine
     path = runs / "killme-dropout-k1-s1.jsonl"
