@@ -20,8 +20,9 @@ files under ``--runs`` (default ``results/runs/<plan>``):
 - ``todo``: nothing yet.
 
 Runs go in plan order, up to ``--jobs`` at a time, each a ``dropcheck
-train`` subprocess on one thread, or on ``--threads`` threads (logged as the
-run's ``threads``; a resume may change it), its output in ``<run>.out``
+train`` subprocess on its config's ``threads`` (1 for cpu-ptb), or on
+``--threads`` threads (logged as the run's ``threads``; a resume may change
+it), its output in ``<run>.out``
 beside the log; a progress display shows every running job's epoch and
 validation perplexity.  Then the figures, tables and claims are drawn from
 the logs into ``--out`` (default ``results/<plan>``).  When every run is
@@ -183,13 +184,24 @@ def _progress_line(runs_dir: Path, name: str) -> str:
     return line
 
 
+def _job_threads(plan: Plan, job: RunJob, threads: Optional[int]) -> int:
+    """The threads one run gets: ``threads`` (``--threads``) or else its
+    config's ``threads`` (1 for cpu-ptb; 0: torch's default)."""
+    if threads is not None:
+        return threads
+    from .configs import get_config
+
+    return get_config(plan.config, plan.overrides(job.arm, job.seed))[1]["threads"]
+
+
 def _launch(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str], threads: Optional[int] = None):
-    """Start one run as a ``dropcheck train`` process on one thread, or on
-    ``threads`` threads (its config's ``threads`` and the BLAS/OpenMP pools),
-    its output appended to ``<run>.out``; returns ``(process, job, output file)``."""
+    """Start one run as a ``dropcheck train`` process on ``_job_threads``
+    threads (its config's ``threads`` and the BLAS/OpenMP pools; for 0 the
+    pools keep the environment's size), its output appended to ``<run>.out``;
+    returns ``(process, job, output file)``."""
     out = open(run_files(runs_dir, job.name).out, "a", encoding="utf-8")
-    n = str(threads or 1)
-    env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+    n = _job_threads(plan, job, threads)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)} if n else {})}
     p = subprocess.Popen(_command(plan, job, runs_dir, data, threads), stdout=out, stderr=subprocess.STDOUT, env=env)
     return p, job, out
 
@@ -404,7 +416,7 @@ def _machine(m: Mapping[str, Optional[str]]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", required=True, choices=sorted(PLANS), help="the study plan")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2; one thread each)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads per run (default: the config's, 1 for cpu-ptb); e.g. --jobs 1 --threads 2 "
                         "puts both cores of a 2-core machine on one long run")
@@ -448,8 +460,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{plan.name}: left to the process running them: {', '.join(busy)}", file=sys.stderr)
         pending = [j for j in pending if j.state != "running"]
         if pending:
+            n = _job_threads(plan, pending[0], args.threads)
             print(f"{plan.name}: {len(pending)} run(s) to do, {args.jobs} at a time, "
-                  f"{args.threads or 1} thread(s) each", file=sys.stderr)
+                  + (f"{n} thread(s) each" if n else "torch's default threads each"), file=sys.stderr)
             try:
                 outcome = run_plan(plan, runs_dir, jobs=args.jobs, seeds=args.seeds, data=args.data,
                                    patterns=args.arms, progress=not args.no_progress,

@@ -192,6 +192,24 @@ def test_time_limit_stops_the_jobs_at_a_checkpoint_and_exits_75(tmp_path, tiny_c
     assert not any(r["type"] == "final" for r in _records(runs / f"{name}.jsonl"))
 
 
+@pytest.mark.parametrize("threads, extra, want", [(None, {}, "1"), (None, {"threads": 3}, "3"),
+                                                   (2, {"threads": 3}, "2"), (None, {"threads": 0}, None)])
+def test_launch_sizes_the_thread_pools_from_the_run_config(threads, extra, want, tmp_path, monkeypatch):
+    """Without ``--threads`` a run's OpenMP/MKL pools take its config's
+    ``threads`` (the smoke config says 1); 0 leaves the environment's size."""
+    import training.reproduce as reproduce
+
+    seen = {}
+    monkeypatch.setattr(reproduce.subprocess, "Popen", lambda cmd, **kw: seen.update(kw, cmd=cmd))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    plan = Plan("p", "smoke", (Arm("none", {"rule": "none"}, "baseline"),), extra=extra)
+    _, _, out = reproduce._launch(plan, plan_jobs(plan, tmp_path, 1)[0], tmp_path, None, threads)
+    out.close()
+    assert seen["env"].get("OMP_NUM_THREADS") == want and seen["env"].get("MKL_NUM_THREADS") == want
+    assert ("threads=2" in seen["cmd"]) == (threads == 2)
+
+
 @pytest.mark.parametrize("flag", ["--jobs", "--seeds", "--threads"])
 def test_counts_below_one_are_refused(flag, capsys):
     assert cli_main(["reproduce", "--plan", "cpu-ptb", flag, "0", "--status"]) != 0
