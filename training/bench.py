@@ -182,16 +182,6 @@ class _CpuPeak:
 # the bench
 
 
-def _device_name(device) -> str:
-    import torch
-
-    from .trainer import cpu_name
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({os.cpu_count()} logical CPUs)"
-
-
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     if len(xs) == 1:
         return xs[0], xs[0], xs[0]
@@ -397,10 +387,12 @@ def _environment(dev) -> dict:
 
     import dropcheck
 
+    from .trainer import device_name
+
     return {
         "device_type": dev.type,
         "device": str(dev),
-        "device_name": _device_name(dev),
+        "device_name": device_name(dev),
         "label": ("CPU timing (not a GPU result)" if dev.type == "cpu" else "GPU timing"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

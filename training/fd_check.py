@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 
@@ -42,6 +41,7 @@ import torch
 import dropcheck as dc
 
 from .model import AWDLSTM, StatefulLM
+from .trainer import device_name
 
 
 def _setting(name: str):
@@ -191,7 +191,7 @@ def check(device: str = "cpu", samples: int = 200, settings=None, *, V=30, emb=1
     out.update(
         {
             "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+            "device_name": device_name(dev),
             "torch": torch.__version__,
             "samples": samples,
             "model": size,

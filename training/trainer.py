@@ -166,6 +166,14 @@ def cpu_name() -> str:
     return name
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the processor's with its logical CPU count (benchmark
+    and fd-check outputs)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({os.cpu_count()} logical CPUs)"
+
+
 def cpu_kernels() -> dict:
     """The processor and the vector instruction set torch's CPU kernels use
     (``AVX512``, ``AVX2``, ...; ``ATEN_CPU_CAPABILITY`` lowers it).  Both change

@@ -116,6 +116,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     fd = json.loads((tmp_path / "fd_check.json").read_text())
     assert set(fd["settings"]) == {"float64", "float32"} and fd["pass"]
     assert fd["settings"]["float32"]["xi_fd_rel_error"]["median"] < 1e-3
+    assert fd["device_name"] == bench["device_name"]  # one reader of the processor's name
     for name in ("nvidia-smi.txt", "bench.log", "fd_check.log"):
         assert (tmp_path / name).exists()
 
