@@ -68,6 +68,7 @@ class RunState:
     loss_sum: Optional[torch.Tensor] = None  # float64 sum of the interval's step losses (on the device)
     steps: int = 0  # steps in the interval
     reg_sum: dict = field(default_factory=dict)  # float64 sums of the interval's regularizer values
+    grad_sum: dict = field(default_factory=dict)  # float64 sums of the pre-clip gradient norm and clipped steps
 
     def __post_init__(self):
         if self.loss_sum is None:
@@ -75,16 +76,19 @@ class RunState:
             self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
 
     # -- the interval accumulators ------------------------------------------
-    def accumulate(self, loss: torch.Tensor, reg: Mapping[str, torch.Tensor]) -> None:
+    def accumulate(self, loss: torch.Tensor, reg: Mapping[str, torch.Tensor],
+                   grad: Optional[Mapping[str, torch.Tensor]] = None) -> None:
         self.loss_sum += loss.double()
         self.steps += 1
-        for k, v in reg.items():
-            self.reg_sum[k] = self.reg_sum.get(k, torch.zeros_like(self.loss_sum)) + v.double()
+        for sums, values in ((self.reg_sum, reg), (self.grad_sum, grad or {})):
+            for k, v in values.items():
+                sums[k] = sums.get(k, torch.zeros_like(self.loss_sum)) + v.double()
 
     def reset_interval(self) -> None:
         self.loss_sum.zero_()
         self.steps = 0
         self.reg_sum = {}
+        self.grad_sum = {}
         self.counters.interval_time = 0.0
         self.counters.interval_tokens = 0
 
@@ -96,7 +100,8 @@ class RunState:
             "gens": self.gens.state(),
             "hidden": [(snap(h), snap(c)) for h, c in self.hidden],
             "acc": {"loss": snap(self.loss_sum), "steps": self.steps,
-                    "reg": {k: snap(v) for k, v in self.reg_sum.items()}},
+                    "reg": {k: snap(v) for k, v in self.reg_sum.items()},
+                    "grad": {k: snap(v) for k, v in self.grad_sum.items()}},
         }
 
     def state_dict(self) -> dict:
@@ -113,6 +118,7 @@ class RunState:
         self.loss_sum = mine["acc"]["loss"].to(dev)
         self.steps = mine["acc"]["steps"]
         self.reg_sum = {k: v.to(dev) for k, v in mine["acc"]["reg"].items()}
+        self.grad_sum = {k: v.to(dev) for k, v in mine["acc"].get("grad", {}).items()}  # absent before grad_norm
 
 
 class RunLog:

@@ -16,7 +16,10 @@ draws for the dropout rules, the clean loss otherwise),
 validation text: the training perplexity of the paper's Figure 1),
 ``valid_loss``/``valid_ppl`` (no dropout, the whole validation slice,
 hidden state carried), ``best_valid_ppl``, ``reg`` (interval means of the regularizer
-values, e.g. ``R`` and ``R/<group>``), ``wall_time`` (training seconds so
+values, e.g. ``R`` and ``R/<group>``), ``grad_norm`` and ``clipped_frac``
+(with ``clip``: the interval's mean gradient norm before clipping, noise
+included, and the fraction of its steps that clipping shortened; NaN
+without ``clip``), ``wall_time`` (training seconds so
 far, evaluation excluded) and ``tokens_per_s`` (training tokens per
 second over the interval, all ranks together).
 Files are written atomically (temporary file + ``os.replace``).  ``resume``
@@ -435,27 +438,32 @@ class Trainer:
                     p.grad = v
                 else:
                     p.grad.add_(v)
-        if self.cfg["clip"]:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg["clip"])
+        grad = {}
+        if self.cfg["clip"]:  # the norm before clipping, kept on the device (no sync)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["clip"])
+            grad = {"norm": norm, "clipped": norm > self.cfg["clip"]}
         self.opt.step()
         model.hidden = None
-        self.state.accumulate(loss, reg)
+        self.state.accumulate(loss, reg, grad)
         return loss, reg, new_hidden
 
-    def _interval_means(self) -> tuple[float, dict]:
+    def _interval_means(self) -> tuple[float, dict, dict]:
+        """Interval means of the training loss, the regularizer values and the
+        gradient statistics (``norm``, ``clipped``)."""
         st = self.state
-        reg = dict(st.reg_sum)
+        reg, grad = dict(st.reg_sum), dict(st.grad_sum)
         loss_sum = st.loss_sum.clone()
         if self.world > 1:
-            _all_reduce_mean([loss_sum] + [reg[k] for k in sorted(reg)], self.world)
+            _all_reduce_mean([loss_sum] + [reg[k] for k in sorted(reg)] + [grad[k] for k in sorted(grad)],
+                             self.world)
         steps = max(st.steps, 1)
         train_loss = float(loss_sum) / steps if st.steps else math.nan
-        return train_loss, {k: float(v) / steps for k, v in sorted(reg.items())}
+        return train_loss, *({k: float(v) / steps for k, v in sorted(d.items())} for d in (reg, grad))
 
     def evaluate(self, epoch: float) -> dict:
         """The eval record of the interval that just ended (module docstring)."""
         cfg, st, c = self.cfg, self.state, self.state.counters
-        train_loss, reg = self._interval_means()
+        train_loss, reg, grad = self._interval_means()
         vloss, _ = evaluate(self.lm, self.valid_data, cfg["bptt"])
         if not math.isfinite(vloss) or (st.steps and not math.isfinite(train_loss)):
             raise DropcheckError(
@@ -493,6 +501,8 @@ class Trainer:
             "lr": lr_now,
             "next_lr": cfg["lr"] * c.lr_scale,
             "reg": reg,
+            "grad_norm": grad.get("norm", math.nan),
+            "clipped_frac": grad.get("clipped", math.nan),
             "wall_time": c.train_time,
             "tokens_per_s": tps,
         }

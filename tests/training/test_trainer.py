@@ -4,6 +4,7 @@ bit for bit, best-validation model for test, the CLI end to end."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 
@@ -119,6 +120,7 @@ def test_log_contents_and_best_model_for_test(tiny_cfg, tiny_corpus, tmp_path):
         for key in ("epoch", "train_ppl", "valid_ppl", "wall_time", "tokens_per_s", "reg"):
             assert key in r
         assert r["tokens_per_s"] > 0
+        assert r["grad_norm"] > 0 and 0 <= r["clipped_frac"] <= 1
     final = recs[-1]
     assert final["type"] == "final"
     best = min(evals, key=lambda r: r["valid_ppl"])
@@ -127,6 +129,21 @@ def test_log_contents_and_best_model_for_test(tiny_cfg, tiny_corpus, tmp_path):
     ckpt = torch.load(res.best_path, weights_only=False)
     assert ckpt["step"] == best["step"]
     assert res.ckpt_path.exists() and not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+def test_the_gradient_norm_is_logged_before_clipping(tiny_cfg, tiny_corpus, tmp_path):
+    """One step from the same seed: the logged norm is the gradient's before
+    ``clip`` shortens it (the same under a clip that never acts and one that
+    always does), ``clipped_frac`` says which happened, and without ``clip``
+    both are NaN."""
+    first = {}
+    for clip in (1e-6, 1e6, 0.0):
+        cfg = tiny_cfg(rule="dropout", clip=clip, max_steps=1, eval_every=1, run_name=f"clip-{clip}")
+        first[clip] = [r for r in _records(train(cfg, out=tmp_path, corpus=tiny_corpus).log_path)
+                       if r["type"] == "eval"][0]
+    assert first[1e-6]["grad_norm"] == first[1e6]["grad_norm"] > 1e-3
+    assert (first[1e-6]["clipped_frac"], first[1e6]["clipped_frac"]) == (1.0, 0.0)
+    assert math.isnan(first[0.0]["grad_norm"]) and math.isnan(first[0.0]["clipped_frac"])
 
 
 def test_resume_rejects_a_different_config(tiny_cfg, tiny_corpus, tmp_path):
