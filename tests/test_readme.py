@@ -52,14 +52,16 @@ def _numbers(cell: str) -> list[float]:
     return [float(x) for x in re.findall(r"\d+(?:\.\d+)?", cell)]
 
 
-def test_the_cpu_study_table_is_the_committed_logs():
-    """The README's cpu-ptb results table is typed by hand; every row must be
-    complete logs under results/runs/cpu-ptb (best valid, test, best epoch,
-    training time, seed by seed), and every complete log must be in it."""
+@pytest.mark.parametrize("first, folder", [("arm", "cpu-ptb"), ("run", "cpu-ptb-clip")])
+def test_the_cpu_study_tables_are_the_committed_logs(first, folder):
+    """The README's cpu-ptb results table (and the clipping probe's, first
+    column ``run``) is typed by hand; every row must be complete logs under
+    results/runs/<folder> (best valid, test, best epoch, training time, seed
+    by seed), and every complete log must be in it."""
     from paper_figures.logs import read_run
 
     text = README.read_text(encoding="utf-8")
-    start = text.index("| arm | seeds | best valid ppl | test ppl | best epoch | training time |")
+    start = text.index(f"| {first} | seeds | best valid ppl | test ppl | best epoch | training time |")
     rows = text[start:].split("\n\n", 1)[0].splitlines()[2:]
     shown = []
     for row in rows:
@@ -68,7 +70,7 @@ def test_the_cpu_study_table_is_the_committed_logs():
         assert all(len(c) == int(seeds) for c in cols), row
         shown += [(arm, *v) for v in zip(*cols)]
     logged = []
-    for path in sorted((README.parent / "results" / "runs" / "cpu-ptb").glob("*.jsonl")):
+    for path in sorted((README.parent / "results" / "runs" / folder).glob("*.jsonl")):
         run = read_run(path, [])
         if run is None or run.final is None:
             continue
