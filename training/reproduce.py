@@ -341,7 +341,9 @@ def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
 def print_status(plan: Plan, runs_dir: Path, seeds: int, patterns) -> None:
     """One line per run (state, best valid or progress), then an estimate of the
     training left: a run not done is expected to take as long as the mean of
-    its arm's complete seeds, less the training time it has logged."""
+    its arm's complete seeds, less the training time it has logged.  These are
+    wall minutes as those seeds ran (their machine, their thread count), not
+    a per-core figure: seeds logged by slower code or machines overstate it."""
     jobs = plan_jobs(plan, runs_dir, seeds, patterns)
     logs = {j.name: _read_log(runs_dir, j.name) for j in jobs}
     took: dict[str, list[float]] = {}  # arm -> minutes of its complete seeds
@@ -366,7 +368,7 @@ def print_status(plan: Plan, runs_dir: Path, seeds: int, patterns) -> None:
                 unknown += 1
         print(f"{j.state:12s} {j.name:45s} {extra}")
     if left or unknown:
-        print(f"(training left: about {left:.0f} min on one core, from the complete seeds of the same arms"
+        print(f"(training left: about {left:.0f} min of wall time, as the same arms' complete seeds ran"
               + (f"; {unknown} run(s) of arms with no complete seed yet" if unknown else "") + ")")
     pend = [g for g in plan.best_of if best_member(g, _seed1_best(plan, runs_dir)) is None]
     for g in pend:

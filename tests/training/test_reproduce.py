@@ -503,5 +503,5 @@ def test_status_estimates_the_training_left_from_complete_seeds(tmp_path, capsys
     assert re.search(r"interrupted +est-a-s3 .*6\.0 min/epoch; its arm's complete seeds took 15 min", out)
     assert re.search(r"todo +est-b-s1 *\n", out)  # arm b has no complete seed: no estimate
     # 15 - 6 min for seed 3; arm b counted as unknown
-    assert "(training left: about 9 min on one core, from the complete seeds of the same arms; " \
+    assert "(training left: about 9 min of wall time, as the same arms' complete seeds ran; " \
            "1 run(s) of arms with no complete seed yet)" in out
