@@ -20,8 +20,8 @@ Named configs:
 - ``mini-ptb``, ``mini-wikitext2``: short GPU runs (2 x 512, emb 256,
   batch 32; 4 epochs of PTB, 2 of WikiText-2; test batch 10 instead of 1);
   the analytic terms use the finite-difference estimators so that every arm
-  but ``loss_jacobian`` runs on the fused cuDNN LSTM (GPU_NOTES.md: about
-  1.3-1.8 x the cuDNN dropout step, which is 14 ms at the full size).
+  but ``loss_jacobian`` runs on the fused cuDNN LSTM (measured earlier on an
+  H100, in notes outside this repository: about 1.3-1.8 x the cuDNN dropout step, which is 14 ms at the full size).
   Estimated, not measured (no GPU was lent while writing this): ~415 steps
   per PTB epoch, well under 10 ms per step, so about 0.5-1 min per
   DROPOUT_1 / explicit / implicit arm; DROPOUT_k costs about k times
@@ -66,8 +66,9 @@ DEFAULTS: dict[str, Any] = {
     # update rule
     "rule": "dropout",
     "k": 1,
-    "estimator": "sampled",  # exact | sampled | hutchinson | fd   (R_approx); fd_shared, fd_mid: explicit and
-    # explicit_implicit only, one probe shared by R_approx and ξ_approx (dc.analytic_dropout_objective; rules.py)
+    "estimator": "sampled",  # exact | sampled | hutchinson | fd   (R_approx); fd_shared, fd_mid: the rules
+    # with shared_probe_ok (explicit, explicit_implicit, dropout_implicit, identity_hessian), one probe shared by
+    # R_approx and ξ_approx (dc.analytic_dropout_objective; rules.py)
     "samples": 1,
     "noise_structure": "locked",  # locked: the analytic terms keep locked sites' cross-time terms;
     # positions: every position independent (the official code's treatment), for R_approx and ξ_approx

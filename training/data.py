@@ -1,8 +1,8 @@
 """Word-level language-modelling corpora: vocabulary, batching, BPTT windows.
 
 Layout: a corpus folder holds ``train.txt``, ``valid.txt`` and ``test.txt``
-(``/work/shared/data/ptb``, ``/work/shared/data/wikitext-2``; see that
-folder's README).  Tokenisation is the ``word_language_model`` one: every
+(``$DROPCHECK_DATA/ptb``, ``$DROPCHECK_DATA/wikitext-2``; provenance and
+checksums in that folder's README).  Tokenisation is the ``word_language_model`` one: every
 line is ``line.split()`` plus one ``<eos>``, empty lines included, so PTB has
 929,589 training tokens and a 10,000-word vocabulary, WikiText-2 2,088,628
 and 33,278.  The vocabulary is built from ``train.txt`` in order of first

@@ -17,7 +17,7 @@
 #
 # Budget: the bench is every arm of `dropcheck bench --list` (18) x (5 warm-up
 # + 20 timed + 1 memory) steps; the slowest arm (loop LSTM, double backward)
-# took 0.52 s/step on an H100 (GPU_NOTES.md), 9 arms then about 1.1 s per
+# took 0.52 s/step on an H100 (an earlier measurement), 9 arms then about 1.1 s per
 # round; three loop-LSTM arms and DROPOUT_4 with its variants now make a round
 # a few seconds, so about 2 min plus start-up (an estimate, not measured); the fd check is 200 samples x 4 precision settings on a tiny
 # model, launch-bound, about 1 min, after a float64 reference on the CPU
