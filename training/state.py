@@ -118,7 +118,11 @@ class RunState:
         self.loss_sum = mine["acc"]["loss"].to(dev)
         self.steps = mine["acc"]["steps"]
         self.reg_sum = {k: v.to(dev) for k, v in mine["acc"]["reg"].items()}
-        self.grad_sum = {k: v.to(dev) for k, v in mine["acc"].get("grad", {}).items()}  # absent before grad_norm
+        if "grad" in mine["acc"]:
+            self.grad_sum = {k: v.to(dev) for k, v in mine["acc"]["grad"].items()}
+        else:  # a checkpoint from before grad_norm: the interval's steps before it are unknown, so its means are NaN
+            nan = torch.full((), math.nan, dtype=torch.float64, device=dev)
+            self.grad_sum = {"norm": nan.clone(), "clipped": nan.clone()} if self.steps else {}
 
 
 class RunLog:

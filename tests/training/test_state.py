@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from training.rules import Gens
@@ -56,3 +58,23 @@ def test_reset_interval_clears_the_accumulators_only():
     a.reset_interval()
     assert a.steps == 0 and float(a.loss_sum) == 0.0 and a.reg_sum == {}
     assert a.counters.interval_time == 0.0 and a.counters.interval_tokens == 0 and a.counters.step == 7
+
+
+def test_a_checkpoint_without_gradient_sums_leaves_its_interval_unknown():
+    """A checkpoint from before ``grad_norm`` was logged holds no gradient
+    sums: the interval it resumes already has steps whose norms are lost, so
+    its means must come out NaN, not a sum of the later steps over all of them."""
+    a = _state(0)
+    a.accumulate(torch.tensor(1.0), {}, {"norm": torch.tensor(0.5), "clipped": torch.tensor(True)})
+    full = a.state_dict()
+    b = _state(7)
+    b.load_state_dict(full)
+    assert {k: float(v) for k, v in b.grad_sum.items()} == {"norm": 0.5, "clipped": 1.0}
+    old = a.state_dict()
+    del old["rank"]["acc"]["grad"]
+    b.load_state_dict(old)
+    b.accumulate(torch.tensor(1.0), {}, {"norm": torch.tensor(0.25), "clipped": torch.tensor(False)})
+    assert b.steps == 4 and all(math.isnan(float(v)) for v in b.grad_sum.values()) and set(b.grad_sum) == {"norm", "clipped"}
+    b.reset_interval()  # the next interval is whole again
+    b.accumulate(torch.tensor(1.0), {}, {"norm": torch.tensor(0.25), "clipped": torch.tensor(False)})
+    assert float(b.grad_sum["norm"]) == 0.25
