@@ -218,7 +218,8 @@ def _noise_back_to_dropout1(x: ArmStats, dk: ArmStats, d1: ArmStats, k: int, noi
     reaching DROPOUT_1 says little.  Where DROPOUT_k is *better* (the gap
     reversed), only a run that moved from DROPOUT_k to DROPOUT_1's level
     tracks DROPOUT_1: one better than DROPOUT_1 but level with DROPOUT_k
-    shows the noise doing nothing.
+    shows the noise doing nothing, and one level with both does not show
+    that it moved (the note says the seeds cannot tell).
     """
     gap, vs1, vsk = _cmp(dk, d1), _cmp(x, d1), _cmp(x, dk)
     if gap == "worse":  # the paper's picture: averaging the noise away hurts
@@ -231,6 +232,9 @@ def _noise_back_to_dropout1(x: ArmStats, dk: ArmStats, d1: ArmStats, k: int, noi
                          f"between DROPOUT_{k} and DROPOUT_1, as in the paper, but here restoring it hurts",
                  "better": f"moves DROPOUT_{k} part of the way back to DROPOUT_1",
                  "worse": f"makes DROPOUT_{k} worse than DROPOUT_1"}[vs1]
+    elif vsk == "same" and vs1 == "same":  # level with both: these seeds cannot place it
+        moved = (f"ends level with both DROPOUT_{k} and DROPOUT_1, so these seeds cannot tell whether it moved "
+                 f"DROPOUT_{k}")
     else:
         moved = f"leaves DROPOUT_{k} where it was" if vsk == "same" else f"improves DROPOUT_{k} further"
     note = f"The gap runs the other way here: {_vs(dk, d1)}. The {noise} {moved}."

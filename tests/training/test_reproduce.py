@@ -347,6 +347,12 @@ def test_claims_flip_when_the_pattern_is_not_there():
     a = {**base, "d4": (_c("dropout", k=4), [92.0]), "inj": (_c("dropout_inject", k=4), [92.5])}
     c2 = _verdicts(_arms(**a))["C2"]
     assert c2["verdict"] == "not reproduced" and "leaves DROPOUT_4 where it was." in c2["summary"]
+    # level with both DROPOUT_4 and DROPOUT_1 (wide seeds): not shown to move, and the summary says it can't tell
+    a = {**base, "d4": (_c("dropout", k=4), [92.0]), "inj": (_c("dropout_inject", k=4), [94.0, 102.0])}
+    c2 = _verdicts(_arms(**a))["C2"]
+    assert c2["verdict"] == "not reproduced" and "where it was" not in c2["summary"]
+    assert "ends level with both DROPOUT_4 and DROPOUT_1, so these seeds cannot tell whether it moved DROPOUT_4." \
+        in c2["summary"]
     # C3: R_approx worse than DROPOUT_8 but below DROPOUT_1 -> partly
     a = {**base, "ex1": (_c("explicit", explicit_mult=1.0), [115.0]), "ex2": (_c("explicit", explicit_mult=2.0), [116.0])}
     assert _verdicts(_arms(**a))["C3"]["verdict"] == "partly"
