@@ -21,7 +21,8 @@ Named configs:
   batch 32; 4 epochs of PTB, 2 of WikiText-2; test batch 10 instead of 1);
   the analytic terms use the finite-difference estimators so that every arm
   but ``loss_jacobian`` runs on the fused cuDNN LSTM (measured earlier on an
-  H100, in notes outside this repository: about 1.3-1.8 x the cuDNN dropout step, which is 14 ms at the full size).
+  H100, in notes outside this repository: about 1.3-1.8 x the cuDNN dropout
+  step, which is 14 ms at the full size).
   Estimated, not measured (no GPU was lent while writing this): ~415 steps
   per PTB epoch, well under 10 ms per step, so about 0.5-1 min per
   DROPOUT_1 / explicit / implicit arm; DROPOUT_k costs about k times
