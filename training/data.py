@@ -3,11 +3,12 @@
 Layout: a corpus folder holds ``train.txt``, ``valid.txt`` and ``test.txt``
 (``$DROPCHECK_DATA/ptb``, ``$DROPCHECK_DATA/wikitext-2``; provenance and
 checksums in that folder's README).  Tokenisation is the
-``word_language_model`` one: every line is ``line.split()`` plus one ``<eos>``, empty lines included, so PTB has
-929,589 training tokens and a 10,000-word vocabulary, WikiText-2 2,088,628
-and 33,278.  The vocabulary is built from ``train.txt`` in order of first
-appearance; a word of ``valid``/``test`` missing from it is an error (both
-corpora guarantee there is none).
+``word_language_model`` one: every line is ``line.split()`` plus one
+``<eos>``, empty lines included, so PTB has 929,589 training tokens and a
+10,000-word vocabulary, WikiText-2 2,088,628 and 33,278.  The vocabulary is
+built from ``train.txt`` in order of first appearance; a word of
+``valid``/``test`` missing from it is an error (both corpora guarantee there
+is none).
 
 Where the corpora are: ``--data DIR`` or the environment variable
 ``DROPCHECK_DATA``; ``DIR`` is either a corpus folder (holding ``train.txt``)
