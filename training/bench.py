@@ -236,7 +236,7 @@ def _build_arms(chosen: list[Arm], base: dict, vocab: int, dev, dtype) -> list[_
         except Exception as exc:  # noqa: BLE001 - reported in the JSON and the table
             run.fail(exc)
             continue
-        run.hidden = lm.init_hidden(base["batch_size"])
+        run.hidden = lm.init_state(base["batch_size"])
         run.trainer.model.train()
     return runs
 

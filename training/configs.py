@@ -41,8 +41,10 @@ from typing import Any, Iterable, Mapping
 
 from dropcheck import DropcheckError
 
-from .model import GROUPS
+from .lm import ARCHS, all_groups, get_arch
 from .rules import REGISTRY
+
+GROUPS = all_groups()  # the site groups of every architecture (per-group coefficient keys)
 
 RULES = tuple(REGISTRY)  # the values of config key "rule", one class each in rules.py
 
@@ -52,7 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "train_tokens": 0,  # 0: all; else the first N training tokens (vocabulary stays full)
     "valid_tokens": 0,
     "test_tokens": 0,
-    # model
+    # model (arch: a key of training.lm.ARCHS; keys marked with an arch are read by it alone)
+    "arch": "awd-lstm",
     "emb": 400,
     "hidden": 1150,
     "layers": 3,
@@ -64,6 +67,9 @@ DEFAULTS: dict[str, Any] = {
     "q_rows": 0.0,
     "backend": "auto",  # auto | loop | fused
     "lstm_init": "uniform",  # uniform (nn.LSTM's) | xavier (the official code's: Xavier weights, zero biases)
+    "heads": 4,  # gpt2: attention heads
+    "q_attention": 0.0,  # gpt2: attention-probability dropout (attn_pdrop)
+    "q_residual": 0.0,  # gpt2: dropout before each residual add (resid_pdrop)
     # update rule
     "rule": "dropout",
     "k": 1,
@@ -111,6 +117,7 @@ DEFAULTS: dict[str, Any] = {
 
 CHOICES: dict[str, tuple] = {
     "corpus": ("ptb", "wikitext-2"),
+    "arch": tuple(ARCHS),
     "backend": ("auto", "loop", "fused"),
     "lstm_init": ("uniform", "xavier"),
     "noise_structure": ("locked", "positions"),
@@ -121,14 +128,14 @@ CHOICES: dict[str, tuple] = {
     "dtype": ("float32", "float64"),
 }
 
-POSITIVE_INT = ("emb", "hidden", "layers", "k", "samples", "bptt", "batch_size", "eval_batch_size", "test_batch_size")
+POSITIVE_INT = ("emb", "hidden", "layers", "heads", "k", "samples", "bptt", "batch_size", "eval_batch_size", "test_batch_size")
 NONNEG_INT = ("train_tokens", "valid_tokens", "test_tokens", "train_eval_tokens", "epochs", "patience", "max_steps", "eval_every", "checkpoint_every", "threads", "seed")
 NONNEG_FLOAT = (
     "eps", "explicit_mult", "implicit_mult", "l2", "lr", "clip", "weight_decay", "lr_decay", "min_improvement",
     *(f"explicit_mult_{g}" for g in GROUPS),
     *(f"implicit_mult_{g}" for g in GROUPS),
 )
-PROBS = ("q_embedding", "q_hidden", "q_output", "q_weights", "q_rows")
+PROBS = ("q_embedding", "q_hidden", "q_output", "q_weights", "q_rows", "q_attention", "q_residual")
 
 _PAPER = {
     "corpus": "ptb",
@@ -338,9 +345,27 @@ def validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if out["noise_structure"] == "positions" and not REGISTRY[out["rule"]].positions_ok:
         raise _err("noise_structure", f"'positions' is not available for rule {out['rule']!r} (it keeps "
                    "the sites' own structure); use noise_structure=locked")
+    _check_arch(out)
     if out["run_name"] and any(c in out["run_name"] for c in "/\\\0"):
         raise _err("run_name", f"must be a plain file name, got {out['run_name']!r}")
     return out
+
+
+def _check_arch(cfg: Mapping[str, Any]) -> None:
+    """Refuse, when the config is read, what its architecture cannot run:
+    a key another architecture reads, set away from its default (it would be
+    silently ignored), and whatever the architecture's own ``check`` refuses."""
+    arch = get_arch(cfg["arch"])
+    for other in ARCHS:
+        if other == arch.name:
+            continue
+        for key in get_arch(other).keys:
+            if key not in arch.keys and cfg[key] != DEFAULTS[key]:
+                raise _err(key, f"is read by arch {other!r} only, not by arch {arch.name!r} "
+                           f"(got {cfg[key]!r}, default {DEFAULTS[key]!r})")
+    why = arch.check(cfg)
+    if why:
+        raise DropcheckError(f"arch {arch.name!r} refuses this config (rule {cfg['rule']!r}): {why}")
 
 
 def load_config_source(name_or_file: str) -> tuple[str, dict[str, Any]]:

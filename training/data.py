@@ -212,4 +212,10 @@ def sample_seq_len(
     z = float(torch.randn((), generator=gen))
     base = bptt if u < p_full else bptt / 2.0
     n = int(base + std * z)  # truncation, as AWD-LSTM's int(np.random.normal(...))
-    return max(min(min_len, bptt), min(n, bptt + max_extra))
+    return max(min(min_len, bptt), min(n, max_seq_len(bptt, max_extra=max_extra)))
+
+
+def max_seq_len(bptt: int, *, max_extra: int = 20) -> int:
+    """The longest length ``sample_seq_len`` can return (a model with a fixed
+    number of positions needs at least this many)."""
+    return int(bptt) + max_extra

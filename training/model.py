@@ -43,6 +43,7 @@ LSTM backends (``LSTMLayer``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Optional
@@ -51,12 +52,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropcheck import DropcheckError
+from dropcheck import DropcheckError, SiteSpec
 from dropcheck import DropConnect, LockedDropout
+
+from .lm import Arch, LanguageModel, StatefulLM, detach_state
 
 BACKENDS = ("loop", "fused")
 INITS = ("uniform", "xavier")
-GROUPS = ("embedding", "hidden", "output", "weights", "rows")  # the site groups; configs builds its per-group keys from them
+GROUPS = ("embedding", "hidden", "output", "weights", "rows")  # the site groups (ARCH.groups)
 
 # cuDNN warns when the weights it gets are not one flat buffer; ours never are
 # (DropConnect makes a fresh w_hh every pass), as in AWD-LSTM.
@@ -74,6 +77,7 @@ __all__ = [
     "StatefulLM",
     "site_groups",
     "detach_hidden",
+    "ARCH",
 ]
 
 
@@ -162,9 +166,10 @@ class LSTMLayer(nn.Module):
         return f"{self.n_in}, {self.n_out}"
 
 
-class AWDLSTM(nn.Module):
-    """The language model: ``forward(tokens (T, B), hidden)`` ->
-    ``(logits (T, B, V), new_hidden)``; ``hidden=None`` starts from zeros.
+class AWDLSTM(LanguageModel):
+    """The language model (a ``training.lm.LanguageModel``): ``forward(tokens
+    (T, B), hidden)`` -> ``(logits (T, B, V), new_hidden)``; ``hidden=None``
+    starts from zeros (``init_state``); ``decoder`` is the tied ``nn.Linear``.
 
     ``q``: drop probabilities per group (module docstring); ``backend``:
     ``"loop"`` or ``"fused"`` (can be changed later through ``.backend``);
@@ -210,11 +215,33 @@ class AWDLSTM(nn.Module):
         else:
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
-    def init_hidden(self, bsz: int) -> Hidden:
+    def init_state(self, bsz: int) -> Hidden:
+        """Zero ``(h, c)`` for every layer."""
         w = self.encoder.weight
         return [
             (w.new_zeros(bsz, r.n_out), w.new_zeros(bsz, r.n_out)) for r in self.rnns
         ]
+
+    init_hidden = init_state  # the name the LSTM code used before the contract
+
+    @contextlib.contextmanager
+    def record_states(self):
+        """Collects the new ``(h, c)`` of every LSTM layer call in the block, in
+        call order, as the hidden states of whole passes (``[(h, c)] * layers``
+        each): the passes of ``center="midpoint"`` stop at the decoder, so
+        ``forward`` itself never returns their state (``rules.py``, fd_mid)."""
+        seen: list = []
+        handles = [r.register_forward_hook(lambda mod, args, out: seen.append(out[1])) for r in self.rnns]
+        passes: list = []
+        try:
+            yield passes
+        finally:
+            for h in handles:
+                h.remove()
+            L = len(self.rnns)
+            if len(seen) % L:
+                raise DropcheckError(f"expected a multiple of {L} LSTM layer calls, got {len(seen)}")
+            passes.extend(seen[i : i + L] for i in range(0, len(seen), L))
 
     def forward(self, tokens: torch.Tensor, hidden: Optional[Hidden] = None):
         if tokens.dim() != 2:
@@ -233,59 +260,68 @@ class AWDLSTM(nn.Module):
         return self.decoder(x), new_hidden
 
 
-class StatefulLM(nn.Module):
-    """``model(tokens) -> logits`` for dropcheck's API: holds the incoming
-    hidden state (``.hidden``, set by the trainer before each step; ``None``
-    means zeros) and never changes it, so every forward pass of one step
-    (k dropout draws, probes, finite differences) starts from the same state.
-    """
-
-    def __init__(self, lm: AWDLSTM):
-        super().__init__()
-        self.lm = lm
-        self.hidden: Optional[Hidden] = None
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.lm(tokens, self.hidden)[0]
+detach_hidden = detach_state  # the LSTM-era name
 
 
-def detach_hidden(hidden: Hidden) -> Hidden:
-    return [(h.detach(), c.detach()) for h, c in hidden]
+def _awd(model: nn.Module) -> AWDLSTM:
+    lm = model.lm if isinstance(model, StatefulLM) else model
+    if not isinstance(lm, AWDLSTM):
+        raise DropcheckError(f"expected an AWDLSTM (or a StatefulLM around one), got {type(lm).__name__}")
+    return lm
+
+
+def site_group(spec: SiteSpec, model: nn.Module) -> str:
+    """The group of a site the core found (``dc.find_sites``), by the module
+    object it is (module docstring's table), not by its name."""
+    lm, m = _awd(model), spec.module
+    if isinstance(m, EmbeddingRowDropout):
+        return "rows"
+    if isinstance(m, DropConnect):
+        return "weights"
+    if m is lm.drop_emb:
+        return "embedding"
+    if m is lm.drop_out:
+        return "output"
+    if any(m is d for d in lm.drop_hidden):
+        return "hidden"
+    raise DropcheckError(f"dropout site {spec.name!r} ({type(m).__name__}) belongs to no group of the AWD-LSTM")
 
 
 def site_groups(model: nn.Module) -> dict[str, str]:
-    """``{qualified module name: group}`` for every dropout site of the
+    """``{qualified module name: group}`` for every dropout site module of the
     ``AWDLSTM`` inside ``model`` (``model`` may be the LM itself or a wrapper
-    such as ``StatefulLM``), whatever its ``q``."""
+    such as ``StatefulLM``), whatever its ``q`` (the module list; the
+    trainer's rules take the sites a forward pass calls, ``rules.site_table``)."""
     out = {}
     for name, m in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        parent = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
-        if isinstance(m, EmbeddingRowDropout):
-            out[name] = "rows"
-        elif isinstance(m, DropConnect):
-            out[name] = "weights"
-        elif isinstance(m, LockedDropout):
-            if leaf == "drop_emb":
-                out[name] = "embedding"
-            elif leaf == "drop_out":
-                out[name] = "output"
-            elif parent == "drop_hidden" or leaf.startswith("drop_hidden"):
-                out[name] = "hidden"
+        if isinstance(m, (DropConnect, LockedDropout)):
+            out[name] = site_group(SiteSpec(name, m, 0.0, "bernoulli", "position"), model)
     return out
 
 
-def group_of(site_key: str, groups: dict[str, str]) -> str:
-    """Group of a dropcheck site key (module name, ``#k`` for repeated calls)."""
-    name = site_key.split("#", 1)[0]
-    try:
-        return groups[name]
-    except KeyError:
-        raise DropcheckError(f"dropout site {site_key!r} belongs to no known group") from None
+def build(cfg, vocab: int) -> AWDLSTM:
+    """The AWD-LSTM of a run config (``ARCH.build``)."""
+    return AWDLSTM(
+        vocab,
+        cfg["emb"],
+        cfg["hidden"],
+        cfg["layers"],
+        q_embedding=cfg["q_embedding"],
+        q_hidden=cfg["q_hidden"],
+        q_output=cfg["q_output"],
+        q_weights=cfg["q_weights"],
+        q_rows=cfg["q_rows"],
+        tie=cfg["tie"],
+        backend=cfg["backend"] if cfg["backend"] in BACKENDS else "fused",
+        lstm_init=cfg["lstm_init"],
+    )
 
 
-def all_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every site module (q = 0 included) with its name, in module order."""
-    groups = site_groups(model)
-    mods = dict(model.named_modules())
-    return [(n, mods[n]) for n in groups]
+ARCH = Arch(
+    name="awd-lstm",
+    build=build,
+    groups=GROUPS,
+    site_group=site_group,
+    keys=("hidden", "q_hidden", "q_output", "q_weights", "q_rows", "backend", "lstm_init"),
+    summary="AWD-LSTM (Merity et al. 2018): locked dropout on embedding, hidden and output, DropConnect on w_hh",
+)

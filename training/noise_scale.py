@@ -157,7 +157,7 @@ def measure(run: str, arms: Sequence[str] = DEFAULT_ARMS, *, plan: str = "cpu-pt
         gen = torch.Generator().manual_seed(seed)  # every arm from the same seed: common random numbers
         gens = Gens(gen, gen)
         raw, clip = NoiseSums(), NoiseSums()
-        hidden = lm.init_hidden(cfg["batch_size"])
+        hidden = lm.init_state(cfg["batch_size"])
         for i in range(batches):
             x, y = get_batch(train, i * cfg["bptt"], cfg["bptt"])
             model.hidden = hidden

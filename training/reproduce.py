@@ -391,7 +391,10 @@ def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance
     if header is None or not evals:
         raise DropcheckError(f"{run_files(runs_dir, run).log}: no header or no evaluation to re-check")
     first = evals[0]
-    cfg = dict(header["config"])
+    from .configs import DEFAULTS
+
+    # keys added since the run was logged take their defaults, which compute what the code did before them
+    cfg = {**DEFAULTS, **header["config"]}
     cfg.update({"max_steps": int(first["step"]), "progress": False})
     with tempfile.TemporaryDirectory() as tmp:
         res = train(cfg, data=data, out=tmp, config_name=header.get("config_name", plan.config))

@@ -153,11 +153,12 @@ from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 import dropcheck as dc
 from dropcheck import DropcheckError
 
-from .model import StatefulLM, all_sites, detach_hidden, site_groups
+from .lm import StatefulLM, detach_state as detach_hidden, get_arch
 
 __all__ = [
     "REGISTRY",
@@ -203,10 +204,32 @@ class StepResult(NamedTuple):
     hidden: list  # detached hidden state to carry to the next batch
 
 
+def site_table(model: StatefulLM, arch: str = "awd-lstm") -> dict[str, tuple[dc.SiteSpec, str]]:
+    """``{site name: (SiteSpec, group)}`` for every site with ``q > 0`` that a
+    forward pass of ``model`` calls: the sites, their ``q`` and structure come
+    from dropcheck's core (``dc.find_sites(model, tokens)`` on a two-token
+    probe segment), the group from the architecture (``training.lm.Arch``)."""
+    p0 = next(model.parameters())
+    probe = torch.zeros((2, 2), dtype=torch.long, device=p0.device)
+    saved, model.hidden = model.hidden, None
+    try:
+        specs = dc.find_sites(model, probe, require=False)
+    finally:
+        model.hidden = saved
+    a = get_arch(arch)
+    return {s.name: (s, a.site_group(s, model)) for s in specs}
+
+
 @contextlib.contextmanager
-def sites_off(model: nn.Module):
-    """Every dropout site is the identity inside the block (the clean network)."""
-    mods = [m for _, m in all_sites(model)]
+def sites_off(model: nn.Module, sites=None):
+    """Every dropout site is the identity inside the block (the clean network):
+    the site modules, and the modules whose functional dropout calls are
+    sites (their ``p`` follows ``self.training``), are in eval mode.
+    ``sites``: a ``site_table``, else the model's dropout modules."""
+    if sites is None:
+        mods = [s.module for s in dc.find_sites(model, require=False)]
+    else:
+        mods = [spec.module for spec, _g in sites.values()]
     saved = [m.training for m in mods]
     try:
         for m in mods:
@@ -215,6 +238,16 @@ def sites_off(model: nn.Module):
     finally:
         for m, t in zip(mods, saved):
             m.training = t
+
+
+def _has_state(lm: nn.Module) -> bool:
+    """Whether the language model carries a state between segments."""
+    return bool(tree_leaves(lm.init_state(1)))
+
+
+def state_midpoint(a, b):
+    """``(a + b) / 2`` leaf by leaf (two states of one structure)."""
+    return tree_map(lambda s, t: (s + t) / 2.0, a, b)
 
 
 def _mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -232,20 +265,6 @@ def _dropout_policy(gens: Gens):
         return (shared if occ.site.structure == "weight" else local)(occ)
 
     return policy
-
-
-@contextlib.contextmanager
-def _record_layer_states(model: StatefulLM):
-    """Collects the new ``(h, c)`` of every LSTM layer call in the block, in
-    call order (the passes of ``center="midpoint"`` stop at the decoder, so
-    ``model.lm`` itself never returns)."""
-    seen: list = []
-    handles = [r.register_forward_hook(lambda mod, args, out: seen.append(out[1])) for r in model.lm.rnns]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -335,8 +354,9 @@ class UpdateRule:
     def __init__(self, cfg: Mapping[str, Any], model: StatefulLM):
         self.cfg = dict(cfg)
         self.k = int(cfg["k"])
-        self.groups = site_groups(model)
-        self.modules = dict(all_sites(model))  # name -> site module
+        self.arch = cfg.get("arch", "awd-lstm")
+        self.sites = site_table(model, self.arch)  # name -> (SiteSpec, group): q and structure from the core
+        self.groups = {n: g for n, (_s, g) in self.sites.items()}
         self.eps = float(cfg["eps"]) or None
         self.positions = cfg.get("noise_structure", "locked") == "positions"
         self.shared_probe = self.uses_shared_probe(cfg)
@@ -357,6 +377,14 @@ class UpdateRule:
             raise DropcheckError(f"rule {self.name!r} needs at least one dropout site with q > 0; all q_* are 0")
         if self.shared_probe:
             self.shared_probe_weights()  # raises when the multipliers cannot share one probe
+        if self.center == "midpoint" and self.shared_probe:
+            lm = model.lm
+            if lm.decoder is None:
+                raise DropcheckError(f"estimator 'fd_mid' needs the model's trailing linear decoder; arch "
+                                     f"{self.arch!r} has none: use fd_shared")
+            if _has_state(lm) and not hasattr(lm, "record_states"):
+                raise DropcheckError(f"estimator 'fd_mid' carries the midpoint state to the next segment, which "
+                                     f"arch {self.arch!r} cannot record (no record_states): use fd_shared")
 
     def objective(self, model: StatefulLM, x: torch.Tensor, y: torch.Tensor, gens: Gens) -> StepResult:
         """The differentiable part of the update (module docstring)."""
@@ -386,7 +414,7 @@ class UpdateRule:
 
     def explicit_coef(self, site_name: str) -> float:
         """``c_g = λ(q) · explicit_mult · explicit_mult_<g>``."""
-        return lam(self.modules[site_name].p) * self.explicit_weight(site_name)
+        return lam(self.sites[site_name][0].q) * self.explicit_weight(site_name)
 
     def implicit_mult(self, site_name: str) -> float:
         g = self.groups[site_name]
@@ -426,10 +454,11 @@ class UpdateRule:
         return 1.0, m[first] / math.sqrt(e[first]), e
 
     def _active(self) -> list[str]:
-        return [n for n, m in self.modules.items() if m.p > 0]
+        return [n for n, (spec, _g) in self.sites.items() if spec.q > 0]
 
     def _is_weight(self, name: str) -> bool:
-        return self.groups[name] in ("weights", "rows")
+        """One noise draw for the whole batch (DropConnect, embedding rows, batch-level stochastic depth)."""
+        return self.sites[name][0].structure in ("weight", "batch")
 
     # -- data parallelism --------------------------------------------------
     def _probe_generator(self, gens: Gens, b: float, w: Mapping[str, float]) -> torch.Generator:
@@ -458,7 +487,7 @@ class UpdateRule:
 
     # -- pieces ----------------------------------------------------------
     def clean(self, model: StatefulLM, x, y):
-        with sites_off(model):
+        with sites_off(model, self.sites):
             logits, hid = model.lm(x, model.hidden)
         return _mean_ce(logits, y), detach_hidden(hid)
 
@@ -566,12 +595,13 @@ class UpdateRule:
         if not keep_hidden:
             return dc.analytic_dropout_objective(model, x, y, **kw), None
         if self.center == "midpoint":
-            with _record_layer_states(model) as states:
+            if not _has_state(model.lm):
+                return dc.analytic_dropout_objective(model, x, y, **kw), model.lm.init_state(x.shape[1])
+            with model.lm.record_states() as passes:
                 res = dc.analytic_dropout_objective(model, x, y, **kw)
-            L = len(model.lm.rnns)
-            if len(states) != 2 * L:
-                raise DropcheckError(f"expected {2 * L} LSTM layer calls in the two probe passes, got {len(states)}")
-            hid = [((hp + hm) / 2.0, (cp + cm) / 2.0) for (hp, cp), (hm, cm) in zip(states[:L], states[L:])]
+            if len(passes) != 2:
+                raise DropcheckError(f"expected the states of 2 probe passes, got {len(passes)}")
+            hid = state_midpoint(passes[0], passes[1])
             return res, detach_hidden(hid)
         with _record_hidden(model) as hiddens:
             res = dc.analytic_dropout_objective(model, x, y, **kw)

@@ -29,6 +29,7 @@ from dropcheck import DropcheckError
 
 from .configs import DEFAULTS
 from .files import atomic_torch_save, atomic_write_bytes
+from .lm import state_to
 from .rules import Gens
 
 CKPT_VERSION = 1
@@ -98,7 +99,7 @@ class RunState:
         snap = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731 - a copy, never a view of live state
         return {
             "gens": self.gens.state(),
-            "hidden": [(snap(h), snap(c)) for h, c in self.hidden],
+            "hidden": state_to(self.hidden, snap),
             "acc": {"loss": snap(self.loss_sum), "steps": self.steps,
                     "reg": {k: snap(v) for k, v in self.reg_sum.items()},
                     "grad": {k: snap(v) for k, v in self.grad_sum.items()}},
@@ -114,7 +115,7 @@ class RunState:
         mine = st["rank"]
         self.gens.load_state(mine["gens"])
         dev = self.loss_sum.device
-        self.hidden = [(h.to(dev), c.to(dev)) for h, c in mine["hidden"]]
+        self.hidden = state_to(mine["hidden"], lambda t: t.to(dev))
         self.loss_sum = mine["acc"]["loss"].to(dev)
         self.steps = mine["acc"]["steps"]
         self.reg_sum = {k: v.to(dev) for k, v in mine["acc"]["reg"].items()}
@@ -204,9 +205,9 @@ class Checkpointer:
         ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
         if ckpt.get("version") != CKPT_VERSION:
             raise DropcheckError(f"checkpoint {self.path}: unknown format version {ckpt.get('version')!r}")
-        diff = sorted(k for k in DEFAULTS if k not in RESUME_MAY_DIFFER and ckpt["config"].get(k) != self.cfg[k])
+        diff = sorted(k for k in DEFAULTS if k not in RESUME_MAY_DIFFER and ckpt["config"].get(k, DEFAULTS[k]) != self.cfg[k])
         if diff:
-            pairs = ", ".join(f"{k}: {ckpt['config'].get(k)!r} -> {self.cfg[k]!r}" for k in diff)
+            pairs = ", ".join(f"{k}: {ckpt['config'].get(k, DEFAULTS[k])!r} -> {self.cfg[k]!r}" for k in diff)
             raise DropcheckError(f"cannot resume {self.path}: the config differs ({pairs})")
         if ckpt["world_size"] != self.world:
             raise DropcheckError(

@@ -122,7 +122,7 @@ from dropcheck import DropcheckError, value_checks
 from .configs import run_name as default_run_name, validate
 from .files import atomic_torch_save, atomic_write_bytes, run_files, run_lock
 from .data import Corpus, batchify, get_batch, load_corpus, resolve_corpus_dir, sample_seq_len
-from .model import AWDLSTM, StatefulLM
+from .lm import LanguageModel, StatefulLM, get_arch
 from .rules import Gens, UpdateRule, make_rule, needs_double_backward
 from .state import CKPT_VERSION, RESUME_MAY_DIFFER, Checkpointer, RunLog, RunState  # noqa: F401 (re-exported)
 
@@ -232,14 +232,14 @@ def stream_seed(seed: int, *parts: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(lm: AWDLSTM, data: torch.Tensor, bptt: int) -> tuple[float, int]:
+def evaluate(lm: LanguageModel, data: torch.Tensor, bptt: int) -> tuple[float, int]:
     """Mean cross-entropy (nats/token) of ``lm`` without dropout over the
     batchified stream ``data`` ``(N, B)``, carrying the hidden state, and the
     number of tokens scored."""
     was = lm.training
     lm.eval()
     try:
-        hidden = lm.init_hidden(data.size(1))
+        hidden = lm.init_state(data.size(1))
         total = torch.zeros((), dtype=torch.float64, device=data.device)
         n = 0
         for i in range(0, data.size(0) - 1, bptt):
@@ -320,7 +320,10 @@ def _all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
 def resolve_backend(cfg: Mapping[str, Any], device: torch.device) -> str:
     """The LSTM backend of a run: ``auto`` is the loop LSTM on CUDA when the
     rule needs double backward, else the fused one; ``fused`` on CUDA with
-    such a rule is an error (cuDNN has no double backward)."""
+    such a rule is an error (cuDNN has no double backward).  An architecture
+    without the ``backend`` key has none (``"n/a"``)."""
+    if "backend" not in get_arch(cfg.get("arch", "awd-lstm")).keys:
+        return "n/a"
     backend = cfg["backend"]
     if backend == "auto":
         backend = "loop" if (device.type == "cuda" and needs_double_backward(cfg)) else "fused"
@@ -333,23 +336,13 @@ def resolve_backend(cfg: Mapping[str, Any], device: torch.device) -> str:
     return backend
 
 
-def build_lm(cfg: Mapping[str, Any], vocab: int, device: torch.device, dtype: torch.dtype, backend: str) -> AWDLSTM:
-    """The run's model, initialised from the run's seed."""
+def build_lm(cfg: Mapping[str, Any], vocab: int, device: torch.device, dtype: torch.dtype,
+             backend: str = "auto") -> LanguageModel:
+    """The run's model (its ``arch``, ``training.lm.ARCHS``), initialised from
+    the run's seed; ``backend``: the LSTM's (``resolve_backend``)."""
+    arch = get_arch(cfg.get("arch", "awd-lstm"))
     torch.manual_seed(stream_seed(cfg["seed"], 0))
-    return AWDLSTM(
-        vocab,
-        cfg["emb"],
-        cfg["hidden"],
-        cfg["layers"],
-        q_embedding=cfg["q_embedding"],
-        q_hidden=cfg["q_hidden"],
-        q_output=cfg["q_output"],
-        q_weights=cfg["q_weights"],
-        q_rows=cfg["q_rows"],
-        tie=cfg["tie"],
-        backend=backend,
-        lstm_init=cfg["lstm_init"],
-    ).to(device=device, dtype=dtype)
+    return arch.build({**cfg, "backend": backend}, vocab).to(device=device, dtype=dtype)
 
 
 def make_optimizer(cfg: Mapping[str, Any], params: list) -> torch.optim.Optimizer:
@@ -381,7 +374,7 @@ class Trainer:
     ``dropcheck bench`` times ``step`` alone (no data needed).
     """
 
-    def __init__(self, cfg: Mapping[str, Any], lm: AWDLSTM, *, device: torch.device, world: int = 1, rank: int = 0,
+    def __init__(self, cfg: Mapping[str, Any], lm: LanguageModel, *, device: torch.device, world: int = 1, rank: int = 0,
                  valid_data: Optional[torch.Tensor] = None, train_eval: Optional[torch.Tensor] = None,
                  best_path: Optional[Path] = None, is_main: bool = True):
         self.cfg = dict(cfg)
@@ -396,7 +389,7 @@ class Trainer:
         data_gen = _make_gen(torch.device("cpu"), stream_seed(cfg["seed"], 1))
         gens = make_gens(cfg["seed"], device, world, rank)
         per = cfg["batch_size"] // world
-        self.state = RunState(data_gen, gens, lm.init_hidden(per))
+        self.state = RunState(data_gen, gens, lm.init_state(per))
         objective = _Objective(self.model, self.rule, gens)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -526,6 +519,7 @@ def _header(cfg, name, config_name, device, backend, world, corpus, tokens: dict
         "config": cfg,
         "seed": cfg["seed"],
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "arch": cfg.get("arch", "awd-lstm"),
         "backend": backend,
         "dtype": cfg["dtype"],
         "world_size": world,
@@ -639,7 +633,7 @@ def _train_step(tr: "Trainer", d: _RunData, cfg: Mapping[str, Any], world: int, 
     return c.pos >= d.rows - 2
 
 
-def _test_best(tr: "Trainer", lm: AWDLSTM, d: _RunData, best_path: Path, world: int, stopped_early: bool) -> dict:
+def _test_best(tr: "Trainer", lm: LanguageModel, d: _RunData, best_path: Path, world: int, stopped_early: bool) -> dict:
     """The ``final`` record: the best checkpoint's test and validation perplexity."""
     c, cfg = tr.state.counters, tr.cfg
     if world > 1:
@@ -776,7 +770,7 @@ def _run(cfg: Mapping[str, Any], name: str, out: Path, world: int, rank: int, de
                         bar.set_postfix(valid_ppl=f"{rec['valid_ppl']:.2f}", train_ppl=f"{rec['train_ppl']:.2f}")
                 if epoch_end:
                     c.epoch, c.pos = c.epoch + 1, 0
-                    st.hidden = lm.init_hidden(d.per)
+                    st.hidden = lm.init_state(d.per)
                 if did_eval or (cfg["checkpoint_every"] and c.step % cfg["checkpoint_every"] == 0):
                     ckpt.save(st, lm, tr.opt, log)
                     last_ckpt_step = c.step

@@ -16,6 +16,11 @@ from training.rules import REGISTRY, lam, make_rule, needs_double_backward, rule
 
 from rule_fixtures import Q, V, X, Y, _clean_loss, _gens, _grad, _setup, _train_briefly  # noqa: F401
 
+
+def _site_modules(model):
+    """The model's dropout modules by name (to change a q before a rule is built)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (dc.LockedDropout, dc.DropConnect))}
+
 def _named(model):
     return [(n, p) for n, p in model.named_parameters()]
 
@@ -110,12 +115,14 @@ def test_fd_estimator_with_group_coefficients_uses_lambda_of_q_prime():
     exactly c/λ(q) times the default one (same probes)."""
     only_hidden = dict(q_embedding=0.0, q_output=0.0, q_weights=0.0, q_rows=0.0)
     cfg, model, rule = _setup("explicit", estimator="fd", explicit_mult_hidden=2.5, **only_hidden)
-    for n, m in rule.modules.items():
+    mods = _site_modules(model)
+    for n, m in mods.items():
         m.p = {"lm.drop_hidden.0": 0.2}.get(n, 0.0)
+    rule = make_rule(cfg, model)  # the rule reads q from the core's sites when it is built
     R, reg = rule.explicit_term(model, X, Y, _gens())
     R0 = dc.explicit_regularizer(model, X, Y, estimator="fd", generator=torch.Generator().manual_seed(5))
     assert R.item() == pytest.approx(2.5 * R0.item(), rel=1e-6)
-    assert rule.modules["lm.drop_hidden.0"].p == 0.2  # restored
+    assert mods["lm.drop_hidden.0"].p == 0.2  # restored
 
 
 def test_dropout_implicit_is_dropout_k_plus_sqrt_one_minus_one_over_k_xi():
@@ -145,28 +152,26 @@ def test_implicit_group_multipliers_scale_each_groups_eta():
     (the embedding site is the first whose η is drawn once rows are off)."""
     base = dict(q_rows=0.0)
     cfg, model, rule = _setup("explicit_implicit", implicit_mult_embedding=2.0, **base)
-    for n, m in rule.modules.items():
-        if n == "lm.drop_rows":
-            m.p = 0.0
+    mods = _site_modules(model)
+    mods["lm.drop_rows"].p = 0.0
+    rule = make_rule(cfg, model)
     xi = rule.implicit_noise(model, X, Y, _gens(), 1.0)
     full = dc.implicit_noise(model, X, Y, generator=torch.Generator().manual_seed(5))
-    saved = {n: m.p for n, m in rule.modules.items()}
-    for n, m in rule.modules.items():
+    saved = {n: m.p for n, m in mods.items()}
+    for n, m in mods.items():
         if n != "lm.drop_emb":
             m.p = 0.0
     emb_only = dc.implicit_noise(model, X, Y, generator=torch.Generator().manual_seed(5))
-    for n, m in rule.modules.items():
+    for n, m in mods.items():
         m.p = saved[n]
     _close(xi, _add(full, emb_only), 1e-10)
     # a multiplier of 0 removes the group
     cfg, model, rule = _setup("explicit_implicit", implicit_mult_embedding=0.0, **base)
-    for n, m in rule.modules.items():
-        if n == "lm.drop_rows":
-            m.p = 0.0
+    mods = _site_modules(model)
+    mods["lm.drop_rows"].p = 0.0
+    rule = make_rule(cfg, model)
     xi0 = rule.implicit_noise(model, X, Y, _gens(), 1.0)
-    for n, m in rule.modules.items():
-        if n == "lm.drop_emb":
-            m.p = 0.0
+    mods["lm.drop_emb"].p = 0.0
     ref = dc.implicit_noise(model, X, Y, generator=torch.Generator().manual_seed(5))
     _close(xi0, ref, 1e-10)
 

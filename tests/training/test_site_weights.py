@@ -32,8 +32,9 @@ def _gens(seed=5):
 def test_fd_zero_group_draws_no_probe_and_weights_scale_the_rest():
     cfg, model, rule = _setup(rule="explicit", estimator="fd", explicit_mult_rows=0.0, explicit_mult_hidden=3.0)
     R, _ = rule.explicit_term(model, X, Y, _gens())
-    assert rule.modules["lm.drop_rows"].p == 0.1  # restored
-    rule.modules["lm.drop_rows"].p = 0.0  # the same model without row dropout: same probes for the others
+    rows = dict(model.named_modules())["lm.drop_rows"]
+    assert rows.p == 0.1  # restored
+    rows.p = 0.0  # the same model without row dropout: same probes for the others
     ref = dc.explicit_regularizer(model, X, Y, estimator="fd", site_weights={"lm.drop_hidden.0": 3.0},
                                   generator=torch.Generator().manual_seed(5))
     assert torch.equal(R, ref)
