@@ -219,6 +219,25 @@ class _ArmRun:
         self.error = f"{type(exc).__name__}: {exc}"[:1000]
 
 
+def arms_for(arch: str, chosen: list[Arm]) -> list[Arm]:
+    """The arms that mean something on ``arch``: an architecture without the
+    LSTM's ``backend`` key runs each rule once (its arms without a backend;
+    the ``-loop`` variants, which differ from another arm by the backend
+    alone, are dropped)."""
+    from .lm import get_arch
+
+    if "backend" in get_arch(arch).keys:
+        return chosen
+    seen, out = set(), []
+    for a in chosen:
+        key = tuple(sorted(a.overrides.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(Arm(a.label, a.overrides, "n/a", a.what))
+    return out
+
+
 def _build_arms(chosen: list[Arm], base: dict, vocab: int, dev, dtype) -> list[_ArmRun]:
     """Every arm's model, trainer and hidden state, before any step runs; an
     arm that cannot be built (e.g. multipliers fd_shared cannot share) keeps
@@ -227,8 +246,9 @@ def _build_arms(chosen: list[Arm], base: dict, vocab: int, dev, dtype) -> list[_
     from .trainer import Trainer, build_lm
 
     runs = []
-    for arm in chosen:
-        run = _ArmRun(arm, configs.validate({**base, **arm.overrides, "backend": arm.backend}))
+    for arm in arms_for(base["arch"], chosen):
+        backend = {} if arm.backend == "n/a" else {"backend": arm.backend}
+        run = _ArmRun(arm, configs.validate({**base, **arm.overrides, **backend}))
         runs.append(run)
         try:
             lm = build_lm(run.cfg, vocab, dev, dtype, arm.backend)
@@ -349,7 +369,9 @@ def _arm_record(run: _ArmRun, base_med: Optional[float], dev, tokens_per_step: i
 
     arm, cfg = run.arm, run.cfg
     rule = rule_class(cfg["rule"])
-    if arm.backend == "fused":
+    if arm.backend == "n/a":
+        impl = cfg["arch"]
+    elif arm.backend == "fused":
         impl = "cuDNN" if (dev.type == "cuda" and torch.backends.cudnn.enabled) else f"ATen LSTM ({dev.type})"
     else:
         impl = "Python-loop LSTM"
