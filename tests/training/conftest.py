@@ -77,11 +77,31 @@ TINY = dict(
 )
 
 
+# The same run on a tiny GPT-2 (arch=gpt2): the LSTM's own keys stay at their defaults.
+LSTM_ONLY = ("hidden", "q_hidden", "q_output", "q_weights", "q_rows")
+TINY_GPT2 = dict(
+    {k: v for k, v in TINY.items() if k not in LSTM_ONLY},
+    arch="gpt2",
+    emb=8,
+    heads=2,
+    q_embedding=0.3,
+    q_attention=0.2,
+    q_residual=0.25,
+    variable_bptt=False,
+    optimizer="sgd",
+    lr=0.5,
+)
+
+
 @pytest.fixture
 def tiny_cfg():
+    """``tiny_cfg(**over)``: the tiny AWD-LSTM run, or with ``arch="gpt2"`` the
+    tiny GPT-2 run (``smoke-gpt2`` with ``TINY_GPT2``)."""
     from training.configs import make_config
 
     def make(**over):
+        if over.get("arch") == "gpt2":
+            return make_config("smoke-gpt2", **{**TINY_GPT2, **over})
         return make_config("smoke", **{**TINY, **over})
 
     return make

@@ -18,6 +18,11 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tiny_cfg, tin
                              bptt=3, variable_bptt=False, q_rows=0.0),
         # stochastic (masks, ξ_approx): replicas must stay identical
         "dropout_implicit": tiny_cfg(rule="dropout_implicit", k=2, dtype="float64", max_steps=3, eval_every=0),
+        # GPT-2 (functional attention dropout among the sites): the same two properties
+        "gpt2-explicit": tiny_cfg(arch="gpt2", rule="explicit", estimator="exact", dtype="float64", max_steps=2,
+                                  eval_every=0, bptt=3),
+        "gpt2-dropout_implicit": tiny_cfg(arch="gpt2", rule="dropout_implicit", k=2, dtype="float64", max_steps=3,
+                                          eval_every=0),
     }
     jobs = [(cfg, {"out": str(tmp_path / f"ddp-{n}"), "dump": str(tmp_path / f"dump-{n}")}) for n, cfg in cases.items()]
     spawn_train(2, jobs, corpus_dir=str(tiny_corpus_dir))
@@ -26,7 +31,7 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tiny_cfg, tin
         r1 = torch.load(tmp_path / f"dump-{name}" / "rank1.pt")
         for k in r0:
             assert torch.equal(r0[k], r1[k]), (name, k)
-        if name == "dropout_implicit":
+        if name.endswith("dropout_implicit"):
             continue
         one = train(cfg, out=tmp_path / f"one-{name}", corpus=tiny_corpus)
         for k, v in one.last_state.items():

@@ -32,6 +32,10 @@ def _comparable(recs):
         # crosses epoch boundaries (hidden reset), variable BPTT, k masks + ξ_approx
         dict(rule="dropout_implicit", k=2, train_tokens=200, epochs=3, max_steps=14, eval_every=0),
         dict(rule="explicit_implicit", estimator="sampled", max_steps=7, eval_every=3, dtype="float64"),
+        # GPT-2: functional attention dropout, the shared-probe fast path, crossing epochs
+        dict(arch="gpt2", rule="explicit_implicit", estimator="fd_shared", train_tokens=200, epochs=3,
+             max_steps=14, eval_every=0),
+        dict(arch="gpt2", rule="dropout_implicit", k=2, max_steps=7, eval_every=3, dtype="float64"),
     ],
 )
 def test_resume_gives_the_same_numbers_bit_for_bit(tiny_cfg, tiny_corpus, tmp_path, over):
