@@ -1,9 +1,22 @@
 """Figures 1-5 (and the Section 5.2 ablations) from run logs.
 
-Each figure selects its arms from the runs' configs, groups seeds of one arm
-(mean line, min-max band), and plots validation perplexity against epoch and
-against training wall time, with the devices and configs in the caption.
-Arms that are missing are named in the caption rather than silently dropped.
+Each figure selects its arms from the runs' configs and has three panels:
+
+- every seed's validation perplexity against epoch (log scale), so each
+  seed is shown to its last evaluation;
+- the best validation perplexity so far, mean over *all* seeds of an arm
+  (a seed that stopped keeps its best), with the seeds' min-max band, over
+  the second half of training and on a y range fitted to it: the last point
+  of each curve is the arm's mean best validation perplexity, the number
+  the verdicts judge (``claims.py``), and the zoom shows the gaps they turn on;
+- validation perplexity against training wall time, only for the runs of one
+  machine and thread count (the group with the most runs; machines that
+  the log does not record are left out), since minutes on other machines
+  or thread counts are not comparable.
+
+Titles name the arms shown and the claim they bear on, never a verdict (that
+is in ``CLAIMS.md``).  An arm keeps one colour in every figure drawn from the
+same runs (``arm_colours``).  Arms that are missing are simply absent.
 """
 
 from __future__ import annotations
@@ -49,20 +62,22 @@ def _select_fig4(runs):
     return _any(lambda r: _rule(r) == "dropout_implicit", _dropout(ks | {1}))
 
 
-FIGURES: dict[str, tuple[str, Callable]] = {
-    "figure1_dropout_k": (
-        "Figure 1: DROPOUT_k gets worse as k grows (C1)",
-        lambda runs: _any(lambda r: _rule(r) in ("dropout", "none")),
-    ),
-    "figure2_noise_injection": ("Figure 2: DROPOUT_k + ξ̃_drop recovers DROPOUT_1 (C2)", _select_fig2),
-    "figure3_explicit": ("Figure 3: R_approx alone vs DROPOUT_1 and DROPOUT_k (C3)", _select_fig3),
-    "figure4_dropout_k_implicit": ("Figure 4: DROPOUT_k + sqrt(1-1/k) ξ_approx tracks DROPOUT_1 (C4)", _select_fig4),
+# name -> (title: the arms shown and the claim, claim id, selector)
+FIGURES: dict[str, tuple[str, str, Callable]] = {
+    "figure1_dropout_k": ("Figure 1: DROPOUT_k for each k, and no dropout (C1)", "C1",
+                          lambda runs: _any(lambda r: _rule(r) in ("dropout", "none"))),
+    "figure2_noise_injection": ("Figure 2: DROPOUT_k + ξ̃_drop beside DROPOUT_1 and DROPOUT_k (C2)", "C2",
+                                _select_fig2),
+    "figure3_explicit": ("Figure 3: R_approx alone beside DROPOUT_1, the largest-k DROPOUT_k and no dropout (C3)",
+                         "C3", _select_fig3),
+    "figure4_dropout_k_implicit": ("Figure 4: DROPOUT_k + sqrt(1-1/k) ξ_approx beside DROPOUT_1 and DROPOUT_k (C4)",
+                                   "C4", _select_fig4),
     "figure5_explicit_implicit": (
-        "Figure 5: R_approx + ξ_approx vs DROPOUT_1 (C5)",
+        "Figure 5: R_approx + ξ_approx beside R_approx alone and DROPOUT_1 (C5)", "C5",
         lambda runs: _any(lambda r: _rule(r) in ("explicit_implicit", "explicit"), _dropout({1})),
     ),
     "ablations": (
-        "Section 5.2: identity H_out, loss-Jacobian R̃_approx, ℓ2 (C6)",
+        "Section 5.2: identity H_out, loss-Jacobian R̃_approx and ℓ2 beside DROPOUT_1 and no dropout (C6)", "C6",
         lambda runs: _any(lambda r: _rule(r) in ("identity_hessian", "loss_jacobian", "l2", "none"), _dropout({1})),
     ),
 }
@@ -82,49 +97,135 @@ def group_arms(runs: list[Run]) -> dict:
     return dict(groups)
 
 
-def _curve(run: Run, x: str):
+def arm_colours(runs: list[Run]) -> dict[str, tuple]:
+    """One colour per arm label over all ``runs`` (sorted labels, tab20 then tab20b),
+    so that an arm has the same colour in every figure of a study."""
+    from matplotlib import colormaps
+
+    tab20 = list(colormaps["tab20"].colors)
+    # the saturated tab20 colours first, then the light ones, greys left out (too alike), then tab20b
+    order = [c for i, c in enumerate(tab20[0:20:2]) if i != 7] + [c for i, c in enumerate(tab20[1:20:2]) if i != 7]
+    order += list(colormaps["tab20b"].colors)
+    labels = sorted({run_label(r) for r in runs})
+    return {lab: order[i % len(order)] for i, lab in enumerate(labels)}
+
+
+def machine(r: Run) -> str:
+    """The machine and thread count a run's wall times belong to; '' when the log
+    does not record the processor of a CPU run."""
+    threads = r.config.get("threads")
+    if r.device.startswith("cpu"):
+        cpu = r.header.get("cpu")
+        return f"{cpu}, {threads} thread(s)" if cpu else ""
+    return f"{r.device}"
+
+
+def _valid(run: Run, x: str):
     pts = [(e.get("epoch" if x == "epoch" else "wall_time"), e["valid_ppl"]) for e in run.evals]
-    return [(a, b) for a, b in pts if isinstance(a, (int, float)) and math.isfinite(b)]
+    return [(a, b) for a, b in pts if isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isfinite(b)]
 
 
-def draw(name: str, runs: list[Run], out: Path) -> list[Path]:
+def best_so_far(members: list[Run]) -> tuple[list[float], list[list[float]]]:
+    """Epochs 1..the longest seed's last, and per epoch every seed's best
+    validation perplexity so far (a seed that stopped keeps its best)."""
+    curves = [_valid(m, "epoch") for m in members]
+    curves = [c for c in curves if c]
+    if not curves:
+        return [], []
+    epochs = sorted({e for c in curves for e, _ in c})
+    rows = []
+    for e in epochs:
+        row = []
+        for c in curves:
+            seen = [v for ep, v in c if ep <= e]
+            row.append(min(seen) if seen else math.nan)
+        rows.append(row)
+    return epochs, rows
+
+
+def draw(name: str, runs: list[Run], out: Path, colours: dict | None = None) -> list[Path]:
     """Draw one figure per corpus; returns the files written (PNG and PDF)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    title, selector = FIGURES[name]
+    title, _, selector = FIGURES[name]
+    colours = colours or arm_colours(runs)
     pred = selector(runs)
     chosen = [r for r in runs if pred(r)]
     written = []
     for corpus in sorted({r.config.get("corpus", "?") for r in chosen}):
-        groups = group_arms([r for r in chosen if r.config.get("corpus", "?") == corpus])
+        here = [r for r in chosen if r.config.get("corpus", "?") == corpus]
+        groups = group_arms(here)
         if not groups:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+        fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+        lo, hi, start = math.inf, 0.0, 0.0
+        last = max((e for m in here for e, _ in _valid(m, "epoch")), default=0.0)
+        start = math.floor(last / 2)
+        by_machine = defaultdict(list)
+        for r in here:
+            if machine(r):
+                by_machine[machine(r)].append(r)
+        wall = max(by_machine.items(), key=lambda kv: (len({run_label(r) for r in kv[1]}), len(kv[1]), kv[0]),
+                   default=("", []))
+        if len({run_label(r) for r in wall[1]}) < 2:  # one arm alone: nothing to compare
+            wall = (wall[0], [])
         for (_, label), members in sorted(groups.items(), key=lambda kv: kv[0][1]):
-            for ax, x in zip(axes, ("epoch", "wall")):
-                curves = [_curve(m, x) for m in members]
-                curves = [c for c in curves if c]
-                if not curves:
-                    continue
-                n = min(len(c) for c in curves)
-                xs = [sum(c[i][0] for c in curves) / len(curves) for i in range(n)]
-                ys = [[c[i][1] for c in curves] for i in range(n)]
-                mean = [sum(v) / len(v) for v in ys]
-                seeds = f" ({len(curves)} seeds)" if len(curves) > 1 else ""
-                line = ax.plot(xs, mean, marker="o", ms=3, label=label + seeds)[0]
-                if len(curves) > 1:
-                    ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], alpha=0.2, color=line.get_color())
-        for ax, xl in zip(axes, ("epoch", "training wall time (s)")):
-            ax.set_xlabel(xl)
-            ax.set_ylabel("validation perplexity")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
+            col = colours.get(label, "0.3")
+            for i, m in enumerate(sorted(members, key=lambda r: r.path.name)):
+                c = _valid(m, "epoch")
+                if c:
+                    axes[0].plot(*zip(*c), color=col, lw=1, alpha=0.75, marker="o", ms=2,
+                                 label=f"{label} ({len(members)} seed{'s' if len(members) > 1 else ''})" if i == 0 else None)
+            epochs, rows = best_so_far(members)
+            keep = [i for i, e in enumerate(epochs) if e >= start]
+            if keep:
+                xs = [epochs[i] for i in keep]
+                mean = [sum(rows[i]) / len(rows[i]) for i in keep]
+                axes[1].plot(xs, mean, color=col, marker="o", ms=3, lw=1.6, label=f"{label} ({len(rows[0])})")
+                if len(rows[0]) > 1:
+                    axes[1].fill_between(xs, [min(rows[i]) for i in keep], [max(rows[i]) for i in keep], color=col,
+                                         alpha=0.15)
+                lo = min(lo, min(mean))
+                hi = max(hi, max(mean))
+            for m in wall[1]:
+                if m in members:
+                    c = _valid(m, "wall")
+                    if c:
+                        axes[2].plot([t / 60 for t, _ in c], [v for _, v in c], color=col, lw=1, alpha=0.8)
+        if math.isfinite(lo):
+            pad = max(0.5, 0.06 * (hi - lo))
+            axes[1].set_ylim(lo - pad, hi + pad)
+            axes[1].set_xlim(start - 0.3, last + 0.3)
+        axes[0].set_yscale("log")
+        if wall[1]:
+            axes[2].set_yscale("log")
+        axes[0].set_xlabel("epoch")
+        axes[0].set_ylabel("validation perplexity (log scale)")
+        axes[0].set_title("every seed", fontsize=9)
+        axes[1].set_xlabel("epoch")
+        axes[1].set_ylabel("best validation perplexity so far")
+        axes[1].set_title(f"from epoch {start:g}: mean over all seeds (a stopped seed keeps its best),\n"
+                          f"band min-max; the last point is the mean best the verdicts judge", fontsize=8)
+        axes[2].set_xlabel("training wall time (min)")
+        axes[2].set_ylabel("validation perplexity (log scale)")
+        if wall[1]:
+            axes[2].set_title(f"only the runs of one machine and thread count:\n{wall[0]} ({len(wall[1])} of "
+                              f"{len(here)} runs)", fontsize=8)
+        else:
+            axes[2].set_axis_off()
+            axes[2].text(0.5, 0.5, "wall time: fewer than two arms ran on one\nrecorded machine and thread count, "
+                         "so minutes\nare not compared here", ha="center", va="center", fontsize=9,
+                         transform=axes[2].transAxes)
+        for ax in axes:
+            ax.grid(alpha=0.3, which="both")
+        axes[0].legend(fontsize=7)
         devices = sorted({r.device for r in chosen})
         configs = sorted({r.config_name for r in chosen})
-        fig.suptitle(f"{title} — {corpus}\nconfig: {', '.join(configs)}; device: {', '.join(devices)}", fontsize=10)
+        fig.suptitle(f"{title} — {corpus}\nconfig: {', '.join(configs)}; device: {', '.join(devices)}; "
+                     f"verdict: CLAIMS.md", fontsize=10)
         fig.tight_layout()
         written += save_figure(fig, out / f"{name}_{corpus}")
     return written

@@ -2,11 +2,11 @@
 dot per seed, with the seed noise the claims judge by.
 
 The learning-curve figures (``figures.py``) show how each arm trains, but
-their y-range spans the first epochs' perplexities, so the final differences
-the claims rest on (a few points out of 200) are hard to see there.  Here each
-arm is one row: its seeds' best validation perplexities as dots, their mean as
-a bar, and a band of ``± seed noise`` (``claims.seed_noise``: the largest range
-of any arm's seeds) around DROPOUT_1's mean, so an arm inside the band is not
+the final differences the claims rest on are a few points out of 200.  Here
+each arm is one row: its seeds' best validation perplexities as dots, their
+mean as a bar, and around DROPOUT_1's mean a band of ± the noise rule's margin
+for two arms of DROPOUT_1's seed count (``claims.noise_rule``,
+``docs/verdicts.md``), so an arm of as many seeds inside the band is not
 clearly apart from dropout.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .arms import arm_label
-from .claims import REL_FLOOR, ArmStats, _is, _one, collect, seed_noise
+from .claims import ArmStats, _is, _pick_one, collect, noise_rule
 from .figures import save_figure
 from .logs import Run
 
@@ -40,11 +40,13 @@ def draw_summary(runs: list[Run], out: Path, plan_name: str = "") -> list[Path]:
         return []
     rows = summary_rows(arms, plan_name)
     fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.36 * len(rows)))
-    d1 = _one(arms, _is("dropout", k=1))
-    if d1 is not None:
-        half = max(seed_noise(arms), REL_FLOOR * d1.mean)
+    d1 = _pick_one(arms, _is("dropout", k=1))
+    rule = noise_rule(arms)
+    if d1 is not None and rule.df > 0:
+        half = rule.margin(d1.seeds, d1.seeds)
         ax.axvspan(d1.mean - half, d1.mean + half, color="tab:blue", alpha=0.12,
-                   label=f"DROPOUT_1 mean ± seed noise ({half:.2f})")
+                   label=f"DROPOUT_1 mean ± margin, {d1.seeds} vs {d1.seeds} seeds ({half:.2f}; "
+                         f"s_pooled {rule.s_pooled:.2f}, df {rule.df})")
     for y, (_, values, mean) in enumerate(rows):
         ax.plot(values, [y] * len(values), "o", ms=4, color="0.35", alpha=0.8)
         ax.plot([mean], [y], "|", ms=14, mew=2.2, color="tab:red")

@@ -120,14 +120,27 @@ def _complete_runs(plan: Plan, runs_dir: Path, problems: Optional[list[str]] = N
             if r.header.get("run_name", "").startswith(plan.name + "-") and r.final is not None]
 
 
-def close_arms(plan: Plan, runs_dir: Path) -> set[str]:
-    """The plan's arms in a comparison of the claims whose means differ by less
-    than the seed noise (``paper_figures.claims``: ``needs_seeds``)."""
+def _claims_wants(plan: Plan, runs_dir: Path) -> tuple[set[str], dict[str, int]]:
+    """``(close, targets)`` from the claims (``paper_figures.claims.judge``):
+    the plan's arms in a comparison whose difference is within the noise
+    rule's margin (``needs_seeds``), and arm -> the seeds that give compared
+    arms equal seed counts or that a judgement still lacks (``seed_targets``)."""
     from paper_figures.claims import collect, judge
 
     runs = _complete_runs(plan, runs_dir) if runs_dir.is_dir() else []
-    keys = {k for c in judge(collect(runs), "") for k in c["needs_seeds"]}
-    return {k[len(plan.name) + 1:] for k in keys}
+    claims = judge(collect(runs), "")
+    cut = len(plan.name) + 1
+    targets: dict[str, int] = {}
+    for c in claims:
+        for k, n in c["seed_targets"].items():
+            targets[k[cut:]] = max(targets.get(k[cut:], 0), n)
+    return {k[cut:] for c in claims for k in c["needs_seeds"]}, targets
+
+
+def close_arms(plan: Plan, runs_dir: Path) -> set[str]:
+    """The plan's arms in a comparison of the claims whose difference is within
+    the noise rule's margin (``paper_figures.claims``: ``needs_seeds``)."""
+    return _claims_wants(plan, runs_dir)[0]
 
 
 def _logged_seeds(plan: Plan, arm: str, runs_dir: Path) -> list[int]:
@@ -140,17 +153,20 @@ def _logged_seeds(plan: Plan, arm: str, runs_dir: Path) -> list[int]:
 def plan_jobs(plan: Plan, runs_dir: Path, seeds: int, patterns: Optional[list[str]] = None) -> list[RunJob]:
     """Every run of the plan, in order, with its state.  Key arms run ``seeds``
     seeds; so do a ``best_of`` group's winner, once it is known, and the arms of
-    close comparisons (``close_arms``), once both sides have a complete run.  A
-    seed that has a log stays listed, so an interrupted one resumes."""
+    close comparisons (``close_arms``), once both sides have a complete run.
+    Arms of a comparison run as many seeds as the other side has, and a
+    comparison whose arms share no judged seed gets the seed it lacks
+    (``_claims_wants``).  A seed that has a log stays listed, so an
+    interrupted one resumes."""
     best = _seed1_best(plan, runs_dir)
     winners = {g: best_member(g, best) for g in plan.best_of}
-    close = close_arms(plan, runs_dir)
+    close, targets = _claims_wants(plan, runs_dir)
     jobs = []
     for a in plan.arms:
         if patterns and not any(fnmatch.fnmatchcase(a.name, p) for p in patterns):
             continue
         n = seeds if (a.key or a.name in close or any(w == a.name for w in winners.values())) else 1
-        n = max([n, *_logged_seeds(plan, a.name, runs_dir)])
+        n = max([n, targets.get(a.name, 0), *_logged_seeds(plan, a.name, runs_dir)])
         for seed in range(1, n + 1):
             name = plan.run_name(a.name, seed)
             jobs.append(RunJob(a.name, seed, name, run_state(runs_dir, name)))
@@ -329,12 +345,17 @@ def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
         raise DropcheckError(f"no run log of plan {plan.name!r} under {runs_dir}")
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for name in FIGURES:
-        written += draw_figure(name, runs, out)
+    per_claim = {}  # claim id -> its figure's PNG, shown beside the verdict in CLAIMS.md
+    for name, (_, claim, _) in FIGURES.items():
+        drawn = draw_figure(name, runs, out)
+        written += drawn
+        if drawn:
+            per_claim[claim] = drawn[0].name
     written += table1(runs, out)
     summary = draw_summary(runs, out, plan_name=plan.name)
     written += summary
-    written += write_claims(runs, out, plan_name=plan.name, figure=summary[0].name if summary else None)
+    written += write_claims(runs, out, plan_name=plan.name, figure=summary[0].name if summary else None,
+                            figures=per_claim)
     return written
 
 
@@ -373,9 +394,12 @@ def print_status(plan: Plan, runs_dir: Path, seeds: int, patterns) -> None:
     pend = [g for g in plan.best_of if best_member(g, _seed1_best(plan, runs_dir)) is None]
     for g in pend:
         print(f"(best of {', '.join(g)}: extra seeds once all have seed 1)")
-    close = sorted(close_arms(plan, runs_dir))
+    close, targets = _claims_wants(plan, runs_dir)
     if close:
-        print(f"(close comparisons: {', '.join(close)} run {seeds} seeds)")
+        print(f"(close comparisons: {', '.join(sorted(close))} run {seeds} seeds)")
+    wanted = [j.name for j in jobs if j.state != "done" and j.seed <= targets.get(j.arm, 0)]
+    if wanted:
+        print(f"(seeds that equalize compared arms, or that a judgement lacks: {', '.join(wanted)})")
 
 
 def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance: float) -> int:

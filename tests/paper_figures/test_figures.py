@@ -114,3 +114,55 @@ def test_best_valid_summary_has_one_row_per_arm(runs_dir, tmp_path):
     for r in runs:
         r.final = None
     assert draw_summary(runs, out, "p") == []
+
+
+def test_figure_titles_name_arms_not_verdicts():
+    from paper_figures.figures import FIGURES
+
+    for title, claim, _ in FIGURES.values():
+        assert f"({claim})" in title
+        for verdict_word in ("recovers", "gets worse", "tracks", "matches", "reproduced"):
+            assert verdict_word not in title, title
+
+
+def test_an_arm_keeps_its_colour_in_every_figure(runs_dir):
+    from paper_figures.figures import FIGURES, arm_colours, run_label
+
+    runs = read_runs(runs_dir, [])
+    colours = arm_colours(runs)
+    assert len(set(colours.values())) == len(colours)  # one colour per arm here
+    # the map depends only on the set of arms, not on which figure asks or in which order the runs come
+    assert arm_colours(list(reversed(runs))) == colours
+    assert colours[run_label(next(r for r in runs if r.config["rule"] == "dropout" and r.config["k"] == 1
+                                  and not r.config["train_tokens"]))] == colours["DROPOUT_1"]
+    assert len(FIGURES) == 6
+
+
+def test_mean_curve_runs_over_all_seeds_to_the_end(tmp_path):
+    """A seed that stopped early keeps its best, so the mean curve ends at the mean best (the verdicts' number)."""
+    from paper_figures.figures import best_so_far
+
+    d = tmp_path / "r"
+    d.mkdir()
+    _write_run(d / "a.jsonl", "dropout", seed=1, rate=0.8)  # 5 epochs
+    lines = (d / "a.jsonl").read_text().splitlines()
+    (d / "b.jsonl").write_text("\n".join(lines[:4] + [lines[-1].replace(str(300 * 0.8**5), str(300 * 0.8**3))]) + "\n")
+    runs = read_runs(d, [])
+    epochs, rows = best_so_far(runs)
+    assert epochs == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert rows[-1] == pytest.approx([300 * 0.8**5, 300 * 0.8**3])  # the shorter seed carried forward
+    assert sum(rows[-1]) / 2 == pytest.approx(sum(r.best_valid() for r in runs) / 2)
+
+
+def test_wall_time_only_for_one_machine_and_thread_count(runs_dir):
+    from paper_figures.figures import machine
+
+    runs = read_runs(runs_dir, [])
+    r = runs[0]
+    assert machine(r) == ""  # a CPU log without its processor: not comparable
+    r.header["cpu"] = "AMD EPYC"
+    r.header["device"] = "cpu"
+    r.config["threads"] = 2
+    assert machine(r) == "AMD EPYC, 2 thread(s)"
+    r.config["threads"] = 1
+    assert machine(r) == "AMD EPYC, 1 thread(s)"
