@@ -127,6 +127,8 @@ def _claims_wants(plan: Plan, runs_dir: Path) -> tuple[set[str], dict[str, int]]
     arms equal seed counts or that a judgement still lacks (``seed_targets``)."""
     from paper_figures.claims import collect, judge
 
+    if plan.judge != "table1":  # every arm of a Table 2 plan is key: it runs --seeds seeds
+        return set(), {}
     runs = _complete_runs(plan, runs_dir) if runs_dir.is_dir() else []
     claims = judge(collect(runs), "")
     cut = len(plan.name) + 1
@@ -344,6 +346,10 @@ def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
     if not runs:
         raise DropcheckError(f"no run log of plan {plan.name!r} under {runs_dir}")
     out.mkdir(parents=True, exist_ok=True)
+    if plan.judge == "table2":
+        from paper_figures.table2 import write_table2
+
+        return write_table2(runs, out, plan_name=plan.name)
     written: list[Path] = []
     per_claim = {}  # claim id -> its figure's PNG, shown beside the verdict in CLAIMS.md
     for name, (_, claim, _) in FIGURES.items():

@@ -44,6 +44,7 @@ class Plan:
     best_of: tuple[tuple[str, ...], ...] = ()
     note: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)  # overrides applied to every arm
+    judge: str = "table1"  # the claims the logs are judged for: "table1" (C1-C6) or "table2" (Table 2, C7)
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -114,6 +115,27 @@ def _best_of(l2s, identity_mults=_IDENTITY_MULTS, lj_mults=_LJ_MULTS) -> tuple[t
     return (_EXPLICIT_GROUP, tuple(f"identity-x{m:g}" for m in identity_mults), tuple(f"l2-{c:g}" for c in l2s),
             tuple(f"loss-jacobian-x{m:g}" for m in lj_mults))
 
+# Table 2 and claim C7 (issue 27) at CPU scale: a GPT-2 (config cpu-ptb-gpt2) at two training-set sizes
+# in the paper's ratio, 1x and 0.2x of a training slice, with the same arms at both.  Every arm is
+# key (--seeds seeds, 2 by default); the cheap 0.2x arms run first.  Judged by paper_figures/table2.py.
+TABLE2_SIZES = {"1x": 200_000, "0.2x": 40_000}
+
+
+def _table2_arms(sizes=TABLE2_SIZES) -> tuple[Arm, ...]:
+    per_size = (
+        ("none", {"rule": "none"}),
+        ("dropout-k1", {"rule": "dropout", "k": 1}),
+        ("dropout-k2", {"rule": "dropout", "k": 2}),
+        ("dropout-k4", {"rule": "dropout", "k": 4}),
+        ("explicit", {"rule": "explicit", **_EXPLICIT}),
+        ("explicit-implicit", {"rule": "explicit_implicit", **_EXPLICIT}),
+    )
+    order = sorted(sizes, key=lambda s: sizes[s])
+    return tuple(Arm(f"{size}-{name}", {**over, "train_tokens": sizes[size]}, "C7" if "dropout-k" in name else "T2",
+                     key=True)
+                 for size in order for name, over in per_size)
+
+
 PLANS: dict[str, Plan] = {
     "cpu-ptb": Plan("cpu-ptb", "cpu-ptb", _paper_arms(l2s=(1e-5, 3e-5, 1e-4)), best_of=_best_of((1e-5, 3e-5, 1e-4)),
                     note="2-core CPU study (one thread per run); see the README's 'CPU study' section"),
@@ -126,6 +148,8 @@ PLANS: dict[str, Plan] = {
     # The paper's size, for a GPU (ptb: the paper's AWD-LSTM; the same arms).
     "ptb": Plan("ptb", "ptb", _paper_arms(l2s=(1e-6, 1e-5, 1e-4)), best_of=_best_of((1e-6, 1e-5, 1e-4)),
                 note="the paper's AWD-LSTM on PTB; a GPU run (several GPU-days for every arm)"),
+    "cpu-ptb-gpt2": Plan("cpu-ptb-gpt2", "cpu-ptb-gpt2", _table2_arms(), judge="table2",
+                         note="Table 2 and C7 at CPU scale: GPT-2 on PTB at 1x and 0.2x of a 200k-token slice"),
     # A few steps per arm, for the driver's tests and a quick look at the pipeline.
     "tiny": Plan(
         "tiny",
