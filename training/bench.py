@@ -219,6 +219,14 @@ class _ArmRun:
         self.error = f"{type(exc).__name__}: {exc}"[:1000]
 
 
+def _model_text(cfg: dict) -> str:
+    """The model's size in the table's title, in its architecture's terms."""
+    arch = cfg.get("arch", "awd-lstm")
+    if arch == "awd-lstm":
+        return f"emb {cfg['emb']}, {cfg['layers']} x {cfg['hidden']}"
+    return f"{arch}: emb {cfg['emb']}, {cfg['layers']} layers, {cfg.get('heads', '?')} heads"
+
+
 def arms_for(arch: str, chosen: list[Arm]) -> list[Arm]:
     """The arms that mean something on ``arch``: an architecture without the
     LSTM's ``backend`` key runs each rule once (its arms without a backend;
@@ -535,7 +543,7 @@ def format_table(res: dict) -> str:
     line = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     title = (
         f"{res['label']}: {res['device_name']}, torch {res['torch']}, config {res['config_name']} "
-        f"(emb {res['config']['emb']}, {res['config']['layers']} x {res['config']['hidden']}, vocab {res['vocab']}, "
+        f"({_model_text(res['config'])}, vocab {res['vocab']}, "
         f"bptt {res['bptt']}, batch {res['batch_size']}, {res['dtype']}, {res['threads']} thread(s)); "
         f"median of {res['repeats']} steps after {res['warmup']} warm-up"
     )

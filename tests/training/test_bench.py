@@ -132,3 +132,18 @@ def test_sweep_writes_every_point_and_the_plot(tmp_path):
         assert p["ratio"]["dropout"] == 1.0 and p["ratio"]["explicit-fd_mid"] > 0 and not p["errors"]
     plot_sweep(res, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_bench_times_every_rule_on_gpt2_once(tmp_path, capsys):
+    """arch=gpt2 has no LSTM backend: each rule is one arm (the -loop variants,
+    which differ from another arm by the backend alone, are dropped)."""
+    from training.bench import bench
+
+    res = bench("smoke-gpt2", ["emb=8", "heads=2", "bptt=6", "batch_size=4", "layers=1"], warmup=0, repeats=1,
+                vocab=20, progress=False)
+    labels = [a["label"] for a in res["arms"]]
+    assert "dropout-loop" not in labels and "dropout" in labels and "explicit_implicit-fd_shared" in labels
+    assert len(labels) == len(set(tuple(sorted(a.overrides.items())) for a in ARMS))
+    for a in res["arms"]:
+        assert a["error"] is None, (a["label"], a["error"])
+        assert a["backend_impl"] == "gpt2" and a["median_ms"] > 0
