@@ -64,7 +64,7 @@ from typing import Mapping, NamedTuple, Optional
 
 from dropcheck import DropcheckError
 
-from .files import is_locked, run_files
+from .files import is_locked, open_append, run_files, safe_name
 from .study import Plan, best_member, get_plan, PLANS
 
 
@@ -199,7 +199,7 @@ def _launch(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str], thread
     threads (its config's ``threads`` and the BLAS/OpenMP pools; for 0 the
     pools keep the environment's size), its output appended to ``<run>.out``;
     returns ``(process, job, output file)``."""
-    out = open(run_files(runs_dir, job.name).out, "a", encoding="utf-8")
+    out = open_append(run_files(runs_dir, job.name).out)
     n = _job_threads(plan, job, threads)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)} if n else {})}
     p = subprocess.Popen(_command(plan, job, runs_dir, data, threads), stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -385,16 +385,32 @@ def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance
     different processor or kernel instruction set rounds differently, and 300
     steps at lr 20 grow that into a few percent (README, "Re-checking a
     run"), so the machine of both is printed beside the verdict."""
+    from .configs import validate
+    from .data import load_corpus, resolve_corpus_dir
     from .trainer import cpu_kernels, train
 
+    safe_name(run, "--recheck")
+    log = run_files(runs_dir, run).log
     header, evals, _ = _read_log(runs_dir, run)
     if header is None or not evals:
-        raise DropcheckError(f"{run_files(runs_dir, run).log}: no header or no evaluation to re-check")
+        raise DropcheckError(f"{log}: no header or no evaluation to re-check")
     first = evals[0]
-    cfg = dict(header["config"])
-    cfg.update({"max_steps": int(first["step"]), "progress": False})
+    # the header is someone else's file: every name in it that becomes a path is checked, every key validated
+    config_name = safe_name(header.get("config_name", plan.config), f"config_name in the header of {log}")
+    if not isinstance(header.get("config"), dict) or not isinstance(first.get("step"), int) or first["step"] < 1:
+        raise DropcheckError(f"{log}: the header's config or the first evaluation's step is malformed")
+    try:
+        cfg = validate({**header["config"], "max_steps": first["step"], "progress": False})
+    except DropcheckError as exc:
+        raise DropcheckError(f"{log}: the header's config is invalid: {exc}") from None
+    corpus = load_corpus(resolve_corpus_dir(data, cfg["corpus"]))
+    logged = header.get("corpus")
+    if isinstance(logged, dict) and logged != corpus.identity(cfg["corpus"]):
+        raise DropcheckError(f"{log} was trained on another corpus than {corpus.path} (its header records "
+                             f"{logged.get('name')!r}, vocabulary {logged.get('vocab_size')}, with other file "
+                             "checksums or vocabulary): pass that corpus with --data")
     with tempfile.TemporaryDirectory() as tmp:
-        res = train(cfg, data=data, out=tmp, config_name=header.get("config_name", plan.config))
+        res = train(cfg, data=data, out=tmp, config_name=config_name, corpus=corpus)
     got = res.records[0]["valid_ppl"]
     want = first["valid_ppl"]
     rel = abs(got - want) / want

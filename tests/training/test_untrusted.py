@@ -1,0 +1,272 @@
+"""Files from someone else are untrusted (issue 30): a checkpoint, a log or a
+runs folder can at worst be refused.  It never runs code, never writes
+outside the runs folder, and never yields a number computed from silently
+corrupted state.  Each test here failed on the code before that issue."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dropcheck import DropcheckError
+from dropcheck.cli import main as cli_main
+from training.files import digest_path, load_checkpoint, run_files, safe_name, save_checkpoint
+from training.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class _RunsCode:
+    """Pickles to a call of ``os.system``: loading it with ``weights_only=False`` runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text, text
+    return text
+
+
+def _flip_a_weight_bit(path: Path) -> None:
+    """Flip one bit inside the first tensor's stored bytes (not the zip's
+    structure): ``torch.load`` still reads the file, with one changed number."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size >= 4)
+    raw = bytearray(path.read_bytes())
+    # local file header: 30 bytes, then the name and the extra field (their lengths at offsets 26 and 28)
+    off = info.header_offset
+    n_name, n_extra = int.from_bytes(raw[off + 26:off + 28], "little"), int.from_bytes(raw[off + 28:off + 30], "little")
+    raw[off + 30 + n_name + n_extra + 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------
+
+
+def test_no_checkpoint_is_read_with_weights_only_false():
+    hits = subprocess.run(["grep", "-rn", "weights_only=False", "--include=*.py", "dropcheck", "training",
+                           "paper_figures", "derivations"], cwd=REPO, capture_output=True, text=True).stdout
+    assert hits == ""
+
+
+def test_a_checkpoint_carrying_a_pickled_callable_is_refused_and_nothing_runs(tiny_cfg, tiny_corpus, tmp_path):
+    cfg = tiny_cfg(rule="dropout", max_steps=6, eval_every=3)
+    part = train(cfg, out=tmp_path, corpus=tiny_corpus, stop_after=2)
+    ckpt = torch.load(part.ckpt_path, weights_only=True)
+    marker = tmp_path / "ran"
+    ckpt["loop"]["evil"] = _RunsCode(marker)
+    save_checkpoint(ckpt, part.ckpt_path)  # its SHA-256 record forged too: weights_only is what refuses it
+    with pytest.raises(DropcheckError) as err:
+        train(cfg, out=tmp_path, corpus=tiny_corpus, resume=True)
+    assert "refused" in _one_line(err.value) and str(part.ckpt_path) in str(err.value)
+    assert not marker.exists()
+
+
+def test_the_cli_refuses_a_doctored_checkpoint_in_one_line(tiny_corpus_dir, tmp_path, capsys):
+    from tests.training.conftest import TINY
+
+    over = [f"{k}={v}" for k, v in {**TINY, "rule": "none", "max_steps": 6, "run_name": "doctored"}.items()]
+    base = ["train", "--config", "smoke", "--data", str(tiny_corpus_dir), "--out", str(tmp_path)]
+    assert cli_main(base + ["--stop-after", "2"] + over) == 0
+    ckpt_path = run_files(tmp_path, "doctored").ckpt
+    marker = tmp_path / "ran"
+    save_checkpoint({"version": 1, "payload": _RunsCode(marker)}, ckpt_path)
+    capsys.readouterr()
+    assert cli_main(base + ["--resume"] + over) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "refused" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_study_checkpoint_refuses_a_doctored_best_model(tmp_path):
+    from training.factories import study_checkpoint
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "cpu-ptb-none-s1.jsonl").write_text(json.dumps({"type": "header", "config": {"rule": "none"}}) + "\n")
+    marker = tmp_path / "ran"
+    save_checkpoint({"model": {}, "x": _RunsCode(marker)}, runs / "cpu-ptb-none-s1.best.pt")
+    with pytest.raises(DropcheckError, match="refused"):
+        study_checkpoint("cpu-ptb-none-s1", runs_dir=runs)
+    assert not marker.exists()
+
+
+def test_a_bit_flipped_checkpoint_is_refused_naming_the_file(tiny_cfg, tiny_corpus, tmp_path):
+    cfg = tiny_cfg(rule="dropout", max_steps=6, eval_every=3)
+    part = train(cfg, out=tmp_path, corpus=tiny_corpus, stop_after=4)
+    _flip_a_weight_bit(part.ckpt_path)
+    torch.load(part.ckpt_path, weights_only=True)  # the flip leaves a readable file: only the digest tells
+    with pytest.raises(DropcheckError, match="damaged or was changed") as err:
+        train(cfg, out=tmp_path, corpus=tiny_corpus, resume=True)
+    assert str(part.ckpt_path) in _one_line(err.value)
+
+
+def test_a_kill_between_the_record_and_the_file_leaves_a_checkpoint_that_loads(tmp_path, monkeypatch):
+    """``save_checkpoint`` writes the record before it replaces the file: the
+    record names both the new digest and the one on disk, so a kill between
+    the two leaves the old checkpoint, which still loads."""
+    import training.files as files
+
+    path = tmp_path / "r.ckpt.pt"
+    save_checkpoint({"step": 1}, path)
+    real = os.replace
+
+    def killed(src, dst):
+        if Path(dst) == path:
+            raise KeyboardInterrupt  # the process dies before the checkpoint lands
+        real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.setattr(files.os, "replace", real)
+    assert load_checkpoint(path) == {"step": 1}
+    assert not list(tmp_path.glob(".*.tmp"))
+    save_checkpoint({"step": 3}, path)
+    assert load_checkpoint(path) == {"step": 3}
+    path.write_bytes(torch.load.__doc__.encode()[:10])  # then damaged: neither digest matches
+    with pytest.raises(DropcheckError, match="damaged or was changed"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04truncated", os.urandom(256)], ids=["empty", "truncated", "random"])
+def test_an_unreadable_checkpoint_is_one_error_line(tmp_path, content):
+    path = tmp_path / "r.ckpt.pt"
+    path.write_bytes(content)  # no SHA-256 record: read unverified (with a warning), and still refused cleanly
+    with pytest.raises(DropcheckError) as err:
+        load_checkpoint(path)
+    assert str(path) in _one_line(err.value)
+
+
+def test_a_checkpoint_without_a_record_loads_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "old.ckpt.pt"
+    torch.save({"model": {"w": torch.ones(2)}}, path)  # as dropcheck wrote them before it kept records
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert "cannot be verified" in capsys.readouterr().err
+
+
+# --- paths -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "a\\b", "x" * 300, ".hidden", "a\nb", "a..b"])
+def test_safe_name_refuses_what_is_not_one_plain_component(name):
+    with pytest.raises(DropcheckError):
+        safe_name(name)
+
+
+def test_safe_name_keeps_the_study_names():
+    from training.study import PLANS
+
+    for plan in PLANS.values():
+        for a in plan.arms:
+            assert safe_name(plan.run_name(a.name, 12)) == plan.run_name(a.name, 12)
+
+
+def test_a_300_character_run_name_is_one_error_line(tiny_cfg, tiny_corpus, tmp_path):
+    with pytest.raises(DropcheckError) as err:
+        train(tiny_cfg(run_name="r" * 300), out=tmp_path, corpus=tiny_corpus)
+    assert "at most" in _one_line(err.value)
+
+
+def test_recheck_refuses_a_log_header_that_would_write_outside_the_runs_folder(tiny_cfg, tmp_path, monkeypatch,
+                                                                             tiny_corpus_dir):
+    import tempfile
+
+    from training.reproduce import recheck
+    from training.study import PLANS
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    scratch = tmp_path / "scratch" / "deep"
+    scratch.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # recheck's temporary run folder is made here
+    recs = [{"type": "header", "run_name": "victim-s1", "config_name": "../../escaped",
+             "config": tiny_cfg(rule="none", max_steps=2)},
+            {"type": "eval", "step": 2, "valid_ppl": 10.0}]
+    (runs / "victim-s1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(DropcheckError, match="config_name"):
+        recheck(PLANS["tiny"], runs, "victim-s1", str(tiny_corpus_dir), 0.01)
+    assert not [p for p in tmp_path.rglob("escaped*")]
+
+
+def test_recheck_refuses_a_run_argument_that_is_a_path(tmp_path):
+    from training.reproduce import recheck
+    from training.study import PLANS
+
+    with pytest.raises(DropcheckError, match="one plain file name"):
+        recheck(PLANS["tiny"], tmp_path, "../elsewhere", None, 0.01)
+
+
+def test_a_symlinked_lock_is_refused_not_followed(tiny_cfg, tiny_corpus, tmp_path):
+    victim = tmp_path / "outside" / "victim"
+    victim.parent.mkdir()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "linked.lock").symlink_to(victim)
+    with pytest.raises(DropcheckError, match="symbolic link"):
+        train(tiny_cfg(rule="none", max_steps=2, run_name="linked"), out=runs, corpus=tiny_corpus)
+    assert not victim.exists() and not (runs / "linked.jsonl").exists()
+
+
+def test_the_drivers_output_file_is_not_followed_through_a_symlink(tmp_path, monkeypatch):
+    import training.reproduce as reproduce
+    from training.study import Arm, Plan
+
+    monkeypatch.setattr(reproduce.subprocess, "Popen", lambda cmd, **kw: pytest.fail("started a run"))
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    plan = Plan("p", "smoke", (Arm("none", {"rule": "none"}, "baseline"),))
+    job = reproduce.plan_jobs(plan, tmp_path, 1)[0]
+    (tmp_path / f"{job.name}.out").symlink_to(victim)
+    with pytest.raises(DropcheckError, match="symbolic link"):
+        reproduce._launch(plan, job, tmp_path, None)
+    assert victim.read_text() == "keep\n"
+
+
+def test_overwrite_removes_the_old_runs_best_model(tiny_cfg, tiny_corpus, tmp_path):
+    """A new run that has not improved yet (here: stopped before its first
+    evaluation) must not find the old run's ``best.pt`` and its test number."""
+    cfg = tiny_cfg(rule="none", max_steps=6, eval_every=3, run_name="again")
+    old = train(cfg, out=tmp_path, corpus=tiny_corpus)
+    assert old.best_path.exists()
+    part = train(cfg, out=tmp_path, corpus=tiny_corpus, overwrite=True, stop_after=1)
+    assert not part.best_path.exists()
+    assert not digest_path(part.best_path).exists() and digest_path(part.ckpt_path).exists()  # the new run's record
+    recs = [json.loads(line) for line in part.log_path.read_text().splitlines()]
+    assert [r["type"] for r in recs] == ["header"]
+
+
+# --- divergence ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("over", [dict(lr=1e4, clip=0.25), dict(lr=1e8, clip=0.0), dict(lr=1e30, clip=0.25)],
+                         ids=["clip-finite-but-overflowing", "no-clip", "clip-nan"])
+def test_a_diverging_run_stops_says_so_in_its_log_and_fails(tiny_cfg, tiny_corpus, tmp_path, over):
+    cfg = tiny_cfg(rule="dropout", max_steps=8, eval_every=4, **over)
+    with pytest.raises(DropcheckError, match=r"diverged at step 4") as err:
+        train(cfg, out=tmp_path, corpus=tiny_corpus)
+    _one_line(err.value)
+    name = next(tmp_path.glob("*.jsonl"))
+    recs = [json.loads(line) for line in name.read_text().splitlines()]
+    assert recs[-1]["type"] == "final" and recs[-1]["stop"] == "diverged" and recs[-1]["step"] == 4
+    assert not any(r["type"] == "eval" and not math.isfinite(r["valid_ppl"]) for r in recs)
+
+
+def test_the_cli_exits_non_zero_on_divergence(tiny_corpus_dir, tmp_path, capsys):
+    from tests.training.conftest import TINY
+
+    over = [f"{k}={v}" for k, v in {**TINY, "rule": "dropout", "lr": 1e4, "max_steps": 8, "eval_every": 4}.items()]
+    rc = cli_main(["train", "--config", "smoke", "--data", str(tiny_corpus_dir), "--out", str(tmp_path)] + over)
+    assert rc != 0 and "diverged at step 4" in capsys.readouterr().err
