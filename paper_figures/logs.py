@@ -2,7 +2,8 @@
 
 A malformed or truncated line is reported with its file and line number and
 skipped; the rest of the file is still used.  A file without a header line
-cannot be attributed to an arm and is reported and skipped.
+cannot be attributed to an arm and is reported and skipped, and so is a run
+whose ``final`` record says it diverged (``"stop": "diverged"``).
 """
 
 from __future__ import annotations
@@ -87,4 +88,7 @@ def read_runs(root, problems: Optional[list[str]] = None) -> list[Run]:
     root = Path(root)
     files = [root] if root.is_file() else sorted(root.rglob("*.jsonl"))
     runs = [r for r in (read_run(p, problems) for p in files) if r is not None]
-    return runs
+    diverged = [r for r in runs if r.final is not None and r.final.get("stop") == "diverged"]
+    for r in diverged:  # its best validation perplexity predates the divergence: no arm's number
+        problems.append(f"{r.path}: the run diverged at step {r.final.get('step')}; not drawn")
+    return [r for r in runs if r not in diverged]

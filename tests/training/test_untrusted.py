@@ -270,3 +270,90 @@ def test_the_cli_exits_non_zero_on_divergence(tiny_corpus_dir, tmp_path, capsys)
     over = [f"{k}={v}" for k, v in {**TINY, "rule": "dropout", "lr": 1e4, "max_steps": 8, "eval_every": 4}.items()]
     rc = cli_main(["train", "--config", "smoke", "--data", str(tiny_corpus_dir), "--out", str(tmp_path)] + over)
     assert rc != 0 and "diverged at step 4" in capsys.readouterr().err
+
+
+def test_a_diverged_run_is_reported_and_not_drawn(tiny_cfg, tiny_corpus, tmp_path):
+    from paper_figures.logs import read_runs
+
+    with pytest.raises(DropcheckError, match="diverged"):
+        train(tiny_cfg(rule="dropout", max_steps=8, eval_every=4, lr=1e4, run_name="blown"), out=tmp_path,
+              corpus=tiny_corpus)
+    train(tiny_cfg(rule="none", max_steps=4, eval_every=4, run_name="fine"), out=tmp_path, corpus=tiny_corpus)
+    problems: list = []
+    assert [r.header["run_name"] for r in read_runs(tmp_path, problems)] == ["fine"]
+    assert problems == [f"{tmp_path / 'blown.jsonl'}: the run diverged at step 4; not drawn"]
+
+
+# --- corpus identity -------------------------------------------------------------------------------------------
+
+
+def test_the_header_records_the_corpus_by_content_not_by_path(tiny_cfg, tiny_corpus, tmp_path):
+    res = train(tiny_cfg(rule="none", max_steps=2), out=tmp_path, corpus=tiny_corpus)
+    head = json.loads(res.log_path.read_text().splitlines()[0])
+    ident = head["corpus"]
+    assert ident["name"] == "ptb" and ident["vocab_size"] == tiny_corpus.vocab_size == head["vocab"]
+    import hashlib
+
+    assert ident["files"] == {f: hashlib.sha256((tiny_corpus.path / f).read_bytes()).hexdigest()
+                              for f in ("test.txt", "train.txt", "valid.txt")}
+    assert str(tiny_corpus.path) not in res.log_path.read_text()
+
+
+def test_resume_refuses_another_corpus_of_the_same_vocabulary_size(tiny_cfg, tiny_corpus, tmp_path,
+                                                                   make_tiny_corpus):
+    from training.data import load_corpus
+
+    other = load_corpus(make_tiny_corpus(tmp_path / "other", seed=1))
+    assert other.vocab_size == tiny_corpus.vocab_size  # same words, other text: the model's shapes agree
+    cfg = tiny_cfg(rule="none", max_steps=6, eval_every=3)
+    train(cfg, out=tmp_path / "r", corpus=tiny_corpus, stop_after=2)
+    with pytest.raises(DropcheckError, match="another corpus") as err:
+        train(cfg, out=tmp_path / "r", corpus=other, resume=True)
+    _one_line(err.value)
+
+
+def test_resume_with_another_vocabulary_is_one_error_line(tiny_cfg, tiny_corpus, tmp_path, make_tiny_corpus):
+    from training.data import load_corpus
+
+    root = make_tiny_corpus(tmp_path / "bigger")
+    with open(root / "train.txt", "a", encoding="utf-8") as f:
+        f.write(" zebra \n")
+    bigger = load_corpus(root)
+    cfg = tiny_cfg(rule="none", max_steps=6, eval_every=3)
+    train(cfg, out=tmp_path / "r", corpus=tiny_corpus, stop_after=2)
+    with pytest.raises(DropcheckError, match="another corpus") as err:
+        train(cfg, out=tmp_path / "r", corpus=bigger, resume=True)
+    _one_line(err.value)
+
+
+def test_a_corpus_key_that_is_not_the_folders_corpus_is_refused(tiny_cfg, tmp_path, make_tiny_corpus):
+    from dropcheck import DataError
+
+    folder = make_tiny_corpus(tmp_path / "ptb")  # a folder named ptb: it is PTB, whatever the config says
+    with pytest.raises(DataError, match="corpus=wikitext-2 but .* holds ptb"):
+        train(tiny_cfg(rule="none", max_steps=2, corpus="wikitext-2"), data=str(folder), out=tmp_path / "r")
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.jsonl"))
+
+
+def test_the_known_corpus_checksums_are_the_data_folders(data_root):
+    """``KNOWN_CORPORA`` copies the data README's SHA-256 table: the files must have them."""
+    import hashlib
+
+    from training.data import KNOWN_CORPORA
+
+    for name, files in KNOWN_CORPORA.items():
+        for f, digest in files.items():
+            assert hashlib.sha256((data_root / name / f).read_bytes()).hexdigest() == digest, (name, f)
+
+
+def test_recheck_refuses_a_log_of_another_corpus(tiny_cfg, tiny_corpus_dir, tmp_path, make_tiny_corpus):
+    from training.reproduce import recheck
+    from training.study import PLANS
+
+    runs = tmp_path / "runs"
+    res = train(tiny_cfg(rule="none", max_steps=4, eval_every=2, run_name="mine-s1"), data=str(tiny_corpus_dir),
+                out=runs)
+    assert res.finished
+    other = make_tiny_corpus(tmp_path / "other", seed=3)
+    with pytest.raises(DropcheckError, match="another corpus"):
+        recheck(PLANS["tiny"], runs, "mine-s1", str(other), 0.01)
