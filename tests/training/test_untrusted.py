@@ -357,3 +357,20 @@ def test_recheck_refuses_a_log_of_another_corpus(tiny_cfg, tiny_corpus_dir, tmp_
     other = make_tiny_corpus(tmp_path / "other", seed=3)
     with pytest.raises(DropcheckError, match="another corpus"):
         recheck(PLANS["tiny"], runs, "mine-s1", str(other), 0.01)
+
+
+def test_no_committed_log_header_holds_an_absolute_path():
+    """Headers name the corpus by content; a machine's paths do not belong in shared logs."""
+    found = []
+    for log in sorted((REPO / "results" / "runs").rglob("*.jsonl")):
+        head = json.loads(log.read_text(encoding="utf-8").splitlines()[0])
+
+        def walk(v, key):
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    walk(x, f"{key}.{k}")
+            elif isinstance(v, str) and (v.startswith("/") or v.startswith("~") or v[1:3] == ":\\"):
+                found.append(f"{log.relative_to(REPO)}: {key} = {v}")
+
+        walk(head, "header")
+    assert found == []
