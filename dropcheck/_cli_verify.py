@@ -101,6 +101,8 @@ def symbolic_route():
 def run(args) -> int:
     # tiny models: intra-op threads only add contention (80x slower on a loaded 2-core machine)
     torch.set_num_threads(1)
+    if args.draws < 2:
+        raise DropcheckError(f"--draws must be >= 2 (a standard error needs two draws), got {args.draws}")
     t0 = time.perf_counter()
     cases = [user_case(args.model)] if args.model else builtin_cases(args.cases)
     symbolic = None if args.no_symbolic or args.model else symbolic_route()

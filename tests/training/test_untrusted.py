@@ -374,3 +374,11 @@ def test_no_committed_log_header_holds_an_absolute_path():
 
         walk(head, "header")
     assert found == []
+
+
+def test_a_run_with_an_unresolvable_fd_step_stops_instead_of_logging_zero(tiny_cfg, tiny_corpus, tmp_path):
+    """``eps=1e-9`` in float32: both probe passes were the clean one and the
+    log said ``R: 0.0`` under ``rule=explicit``; now the first step refuses."""
+    with pytest.raises(DropcheckError, match="below what torch.float32 resolves") as err:
+        train(tiny_cfg(rule="explicit", estimator="fd", eps=1e-9, max_steps=2), out=tmp_path, corpus=tiny_corpus)
+    _one_line(err.value)
