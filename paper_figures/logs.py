@@ -3,16 +3,26 @@
 A malformed or truncated line is reported with its file and line number and
 skipped; the rest of the file is still used.  A file without a header line
 cannot be attributed to an arm and is reported and skipped, and so is a run
-whose ``final`` record says it diverged (``"stop": "diverged"``).
+whose ``final`` record says it diverged (``"stop": "diverged"``).  Byte-identical
+copies of one log are read once (a copy is not another seed).
+
+Seeds of one arm are runs whose configs agree in every key but the seed and
+the bookkeeping keys that change no number (``BOOKKEEPING``):
+``arm_config`` / ``config_key``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+
+# config keys that change no number (or name the seed's run): runs that differ only in these are seeds of one arm
+BOOKKEEPING = ("seed", "run_name", "progress", "threads", "checkpoint_every")
 
 
 @dataclass
@@ -87,8 +97,27 @@ def read_runs(root, problems: Optional[list[str]] = None) -> list[Run]:
     problems = [] if problems is None else problems
     root = Path(root)
     files = [root] if root.is_file() else sorted(root.rglob("*.jsonl"))
-    runs = [r for r in (read_run(p, problems) for p in files) if r is not None]
+    runs, seen = [], {}
+    for p in files:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        if digest in seen:  # a copy of a log already read: counting it would add a seed that was never run
+            problems.append(f"{p}: identical to {seen[digest]}; read once")
+            continue
+        seen[digest] = p
+        r = read_run(p, problems)
+        if r is not None:
+            runs.append(r)
     diverged = [r for r in runs if r.final is not None and r.final.get("stop") == "diverged"]
     for r in diverged:  # its best validation perplexity predates the divergence: no arm's number
         problems.append(f"{r.path}: the run diverged at step {r.final.get('step')}; not drawn")
     return [r for r in runs if r not in diverged]
+
+
+def arm_config(run: Run) -> dict:
+    """The run's config without the seed and the ``BOOKKEEPING`` keys."""
+    return {k: v for k, v in run.config.items() if k not in BOOKKEEPING}
+
+
+def config_key(run: Run) -> str:
+    """``arm_config`` as a string: equal for the seeds of one arm, and only for them."""
+    return json.dumps(arm_config(run), sort_keys=True, default=str)

@@ -116,8 +116,11 @@ def _complete_runs(plan: Plan, runs_dir: Path, problems: Optional[list[str]] = N
     going or interrupted would cut the seed-mean curves short."""
     from paper_figures.logs import read_runs
 
+    mine = re.compile("|".join(re.escape(plan.run_name(a.name, 0)[:-1]) + r"\d+" for a in plan.arms))
+    # the plan's own run names only: "cpu-ptb-" also begins cpu-ptb-cuda's runs and other plans' arms
     return [r for r in read_runs(runs_dir, [] if problems is None else problems)
-            if r.header.get("run_name", "").startswith(plan.name + "-") and r.final is not None]
+            if isinstance(r.header.get("run_name"), str) and mine.fullmatch(r.header["run_name"])
+            and r.final is not None]
 
 
 def close_arms(plan: Plan, runs_dir: Path) -> set[str]:

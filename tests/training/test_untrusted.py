@@ -382,3 +382,19 @@ def test_a_run_with_an_unresolvable_fd_step_stops_instead_of_logging_zero(tiny_c
     with pytest.raises(DropcheckError, match="below what torch.float32 resolves") as err:
         train(tiny_cfg(rule="explicit", estimator="fd", eps=1e-9, max_steps=2), out=tmp_path, corpus=tiny_corpus)
     _one_line(err.value)
+
+
+def test_draw_only_takes_the_plans_own_runs_not_those_that_share_its_prefix(tmp_path):
+    """``reproduce --plan cpu-ptb --runs results/runs`` pooled cpu-ptb-cuda's and
+    the clip study's DROPOUT_1 logs (their names begin ``cpu-ptb-``) into the
+    plan's arms."""
+    from training.reproduce import _complete_runs
+    from training.study import PLANS
+
+    plan = PLANS["tiny"]
+    arm = plan.arms[0].name
+    for name in (plan.run_name(arm, 1), f"tiny-cuda-{arm}-s1", f"tiny-{arm}-clip0.5-s1"):
+        recs = [{"type": "header", "run_name": name, "config": {"rule": "dropout"}},
+                {"type": "final", "best_valid_ppl": 100.0, "best_step": 1, "test_ppl": 90.0, "wall_time": 1.0}]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert [r.header["run_name"] for r in _complete_runs(plan, tmp_path)] == [plan.run_name(arm, 1)]
