@@ -22,6 +22,7 @@ Files from someone else are untrusted:
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -39,7 +40,7 @@ except ImportError:  # pragma: no cover (Windows)
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "run_lock", "is_locked", "RunFiles",
            "run_files", "MAX_NAME", "safe_name", "digest_path", "save_checkpoint", "load_checkpoint", "open_append",
-           "remove_run_outputs"]
+           "remove_run_outputs", "remove_stale_temporaries"]
 
 MAX_NAME = 128  # bytes of a run name: with ".ckpt.pt.sha256" and a temporary file's affixes, well under 255
 
@@ -241,13 +242,28 @@ def remove_run_outputs(files: RunFiles) -> None:
     records (``--overwrite``; never its lock, held by the caller, nor its
     ``.out``, which the driver has opened for the new run), and stale
     temporary files of killed atomic writes of them."""
-    paths = [files.log, files.ckpt, files.best, digest_path(files.ckpt), digest_path(files.best)]
-    for p in paths:
+    for p in _outputs(files):
         if p.is_symlink() or p.exists():
             p.unlink()
-    for p in paths:
-        for tmp in p.parent.glob(f".{p.name}.*.tmp"):
-            tmp.unlink()
+    remove_stale_temporaries(files)
+
+
+def _outputs(files: RunFiles) -> list:
+    return [files.log, files.ckpt, files.best, digest_path(files.ckpt), digest_path(files.best)]
+
+
+def remove_stale_temporaries(files: RunFiles) -> list:
+    """Remove the temporary files that killed atomic writes of the run's
+    outputs left (``.<file>.<random>.tmp``, up to a checkpoint's size each);
+    only under the run's lock, when no other process writes them.  Returns
+    the paths removed."""
+    gone = []
+    for p in _outputs(files):
+        for tmp in p.parent.glob(f".{glob.escape(p.name)}.*.tmp"):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink()
+                gone.append(tmp)
+    return gone
 
 
 @contextlib.contextmanager

@@ -93,13 +93,13 @@ def _read_log(runs_dir: Path, name: str) -> tuple[Optional[dict], list[dict], Op
 
 def run_state(runs_dir: Path, name: str) -> str:
     files = run_files(runs_dir, name)
-    _, _, final = _read_log(runs_dir, name)
-    if final is not None:
+    header, _, final = _read_log(runs_dir, name)
+    if final is not None and header is not None:
         return "done"
     if is_locked(files.lock):
         return "running"
-    if files.log.exists():
-        return "interrupted" if files.ckpt.exists() else "broken"
+    if files.log.exists():  # a log whose header is damaged cannot be resumed: it starts again (backed up first)
+        return "interrupted" if files.ckpt.exists() and header is not None else "broken"
     return "broken" if files.ckpt.exists() else "todo"
 
 
@@ -202,7 +202,14 @@ def _launch(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str], thread
     threads (its config's ``threads`` and the BLAS/OpenMP pools; for 0 the
     pools keep the environment's size), its output appended to ``<run>.out``;
     returns ``(process, job, output file)``."""
-    out = open_append(run_files(runs_dir, job.name).out)
+    files = run_files(runs_dir, job.name)
+    out = open_append(files.out)
+    if job.state == "broken" and files.log.exists():  # started again with --overwrite: keep what it had
+        backup = files.log.with_name(f"{files.log.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(files.log, backup)
+        out.write(f"dropcheck reproduce: {files.log.name} had no checkpoint to resume or a damaged header; "
+                  f"moved to {backup.name}, the run starts again\n")
+        out.flush()
     n = _job_threads(plan, job, threads)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)} if n else {})}
     p = subprocess.Popen(_command(plan, job, runs_dir, data, threads), stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -218,6 +225,16 @@ def _finished(runs_dir: Path, name: str, rc: int) -> tuple[bool, str]:
         return False, f"FAILED {name} (exit {rc}):\n    " + "\n    ".join(tail)
     return True, (f"done   {name}: best valid {final['best_valid_ppl']:.2f} at step "
                   f"{final['best_step']}, test {final['test_ppl']:.2f}")
+
+
+def _held_elsewhere(runs_dir: Path, name: str) -> bool:
+    """Whether a run our process could not start is another process's (another
+    driver took its lock between our look and our start)."""
+    files = run_files(runs_dir, name)
+    if is_locked(files.lock):
+        return True
+    tail = files.out.read_text(errors="replace").splitlines()[-3:] if files.out.exists() else []
+    return any("already running in another process" in line for line in tail)
 
 
 class PlanOutcome(NamedTuple):
@@ -237,6 +254,7 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
     runs_dir.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     left: list[str] = []
+    held: list[str] = []  # runs another process took between our look and our start: left to it
     running: dict[str, tuple[subprocess.Popen, RunJob, object]] = {}
     deadline = None if time_limit is None else time.monotonic() + time_limit
     total0 = len([j for j in plan_jobs(plan, runs_dir, seeds, patterns) if j.state != "done"])
@@ -271,7 +289,8 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
                         if j.state != "done" and j.name not in failed]
                 break
             todo = [j for j in plan_jobs(plan, runs_dir, seeds, patterns)
-                    if j.state not in ("done", "running") and j.name not in running and j.name not in failed]
+                    if j.state not in ("done", "running") and j.name not in running and j.name not in failed
+                    and j.name not in held]
             started = todo[: max(0, jobs - len(running))]
             for job in started:
                 running[job.name] = _launch(plan, job, runs_dir, data, threads)
@@ -289,6 +308,9 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
                 del running[name]
                 done_count += 1
                 ok, line = _finished(runs_dir, name, rc)
+                if not ok and _held_elsewhere(runs_dir, name):
+                    ok, line = True, f"held   {name}: another process is running it; left to that process"
+                    held.append(name)
                 if not ok:
                     failed.append(name)
                 bar.write(line)
@@ -467,6 +489,10 @@ def run(args: argparse.Namespace) -> int:
         raise DropcheckError(f"--time-limit must be > 0 minutes, got {args.time_limit}")
     runs_dir = Path(args.runs or f"results/runs/{plan.name}")
     out = Path(args.out or f"results/{plan.name}")
+    unmatched = [p for p in args.arms or [] if not any(fnmatch.fnmatchcase(a.name, p) for a in plan.arms)]
+    if unmatched:
+        raise DropcheckError(f"--arms {' '.join(unmatched)} matches no arm of plan {plan.name!r}; its arms: "
+                             + ", ".join(a.name for a in plan.arms))
     if args.recheck:
         return recheck(plan, runs_dir, args.recheck, args.data, args.tolerance)
     if args.status:

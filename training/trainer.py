@@ -120,8 +120,8 @@ from torch import nn
 from dropcheck import DropcheckError, value_checks
 
 from .configs import run_name as default_run_name, validate
-from .files import (atomic_torch_save, atomic_write_bytes, load_checkpoint, remove_run_outputs, run_files, run_lock,
-                    save_checkpoint)
+from .files import (atomic_torch_save, atomic_write_bytes, load_checkpoint, remove_run_outputs,
+                    remove_stale_temporaries, run_files, run_lock, save_checkpoint)
 from .data import Corpus, batchify, check_corpus_name, get_batch, load_corpus, resolve_corpus_dir, sample_seq_len
 from .model import AWDLSTM, StatefulLM
 from .rules import Gens, UpdateRule, make_rule, needs_double_backward
@@ -725,6 +725,7 @@ def _run(cfg: Mapping[str, Any], name: str, out: Path, world: int, rank: int, de
     log_path, ckpt_path, best_path = files.log, files.ckpt, files.best
     if is_main:
         _check_outputs(out, log_path, ckpt_path, resume, overwrite)
+        remove_stale_temporaries(files)  # of writes a kill interrupted; we hold the run's lock
         if overwrite and not resume:  # the old run's best.pt must not stand in for a new run that never improves
             remove_run_outputs(files)
     if corpus is None:

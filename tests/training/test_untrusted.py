@@ -398,3 +398,68 @@ def test_draw_only_takes_the_plans_own_runs_not_those_that_share_its_prefix(tmp_
                 {"type": "final", "best_valid_ppl": 100.0, "best_step": 1, "test_ppl": 90.0, "wall_time": 1.0}]
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert [r.header["run_name"] for r in _complete_runs(plan, tmp_path)] == [plan.run_name(arm, 1)]
+
+
+# --- the study driver ------------------------------------------------------------------------------------------
+
+
+def test_arms_that_match_nothing_are_an_error_listing_the_arms(tmp_path, capsys):
+    rc = cli_main(["reproduce", "--plan", "tiny", "--runs", str(tmp_path), "--arms", "dropuot-*", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--arms dropuot-* matches no arm of plan 'tiny'; its arms: " in err
+    from training.study import PLANS
+
+    assert all(a.name in err for a in PLANS["tiny"].arms) and "every run is done" not in err
+
+
+def test_a_run_another_driver_takes_first_is_reported_held_not_failed(tmp_path, tiny_corpus_dir, monkeypatch):
+    """Driver A looked (the run was free), driver B took the run's lock, then
+    A started it: A's process is refused by the lock.  A reports it held by
+    another process, does not start it again, and does not count it failed."""
+    import training.reproduce as reproduce
+    from training.files import run_lock
+    from training.study import Arm, Plan
+
+    plan = Plan("held", "smoke", (Arm("none", {"rule": "none"}, "baseline"),),
+                extra={"emb": 5, "hidden": 6, "layers": 2, "bptt": 6, "batch_size": 4, "eval_batch_size": 2,
+                       "test_batch_size": 2, "max_steps": 4, "train_tokens": 0, "valid_tokens": 0, "test_tokens": 0})
+    name = plan.run_name("none", 1)
+    launched = []
+    real_launch = reproduce._launch
+    monkeypatch.setattr(reproduce, "is_locked", lambda path: False)  # A's look came before B took the lock
+    monkeypatch.setattr(reproduce, "_launch", lambda *a, **k: launched.append(a[1].name) or real_launch(*a, **k))
+    with run_lock(run_files(tmp_path, name).lock):  # driver B's job
+        outcome = reproduce.run_plan(plan, tmp_path, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2)
+    assert outcome == ([], []) and launched == [name]
+    assert "already running in another process" in run_files(tmp_path, name).out.read_text()
+
+
+def test_a_log_with_a_damaged_header_is_backed_up_and_started_again_once(tmp_path, tiny_corpus_dir):
+    from training.reproduce import run_plan, run_state
+    from training.study import Arm, Plan
+
+    plan = Plan("dmg", "smoke", (Arm("none", {"rule": "none"}, "baseline"),),
+                extra={"emb": 5, "hidden": 6, "layers": 2, "bptt": 6, "batch_size": 4, "eval_batch_size": 2,
+                       "test_batch_size": 2, "max_steps": 4, "train_tokens": 0, "valid_tokens": 0, "test_tokens": 0})
+    files = run_files(tmp_path, plan.run_name("none", 1))
+    files.log.write_text('{"type": "head\x00er", garbage\n{"type": "eval", "step": 2, "valid_ppl": 5.0}\n')
+    files.ckpt.write_bytes(b"a checkpoint of some other run")
+    assert run_state(tmp_path, files.log.stem) == "broken"  # not "interrupted": its log cannot be resumed
+    assert run_plan(plan, tmp_path, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == ([], [])
+    assert run_state(tmp_path, files.log.stem) == "done"
+    backups = list(tmp_path.glob(f"{files.log.name}.broken-*"))
+    assert len(backups) == 1 and "garbage" in backups[0].read_text()
+    assert "moved to" in files.out.read_text()
+
+
+def test_temporary_files_of_killed_writes_are_removed_at_the_next_start(tiny_cfg, tiny_corpus, tmp_path):
+    cfg = tiny_cfg(rule="none", max_steps=4, eval_every=2, run_name="litter")
+    train(cfg, out=tmp_path, corpus=tiny_corpus, stop_after=2)
+    stale = [tmp_path / ".litter.ckpt.pt.k1ll3d.tmp", tmp_path / ".litter.best.pt.x.tmp",
+             tmp_path / ".litter.jsonl.y.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a file")
+    other = tmp_path / ".other-run.ckpt.pt.z.tmp"  # another run's: not ours to remove
+    other.write_bytes(b"theirs")
+    assert train(cfg, out=tmp_path, corpus=tiny_corpus, resume=True).finished
+    assert not any(p.exists() for p in stale) and other.exists()
