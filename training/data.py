@@ -8,7 +8,7 @@ checksums in that folder's README).  Tokenisation is the
 10,000-word vocabulary, WikiText-2 2,088,628 and 33,278.  The vocabulary is
 built from ``train.txt`` in order of first appearance; a word of
 ``valid``/``test`` missing from it is an error (both corpora guarantee there
-is none).
+is none).  A UTF-8 byte-order mark at the start of a file is dropped.
 
 Where the corpora are: ``--data DIR`` or the environment variable
 ``DROPCHECK_DATA``; ``DIR`` is either a corpus folder (holding ``train.txt``)
@@ -178,6 +178,7 @@ def read_lines(path: Path) -> list[str]:
         raise DataError(
             f"corpus file {path} is not valid UTF-8 (byte {exc.start}, line {line}: {exc.reason})"
         ) from None
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the first word
     if "\x00" in text:
         raise DataError(f"corpus file {path} contains NUL bytes: not a text corpus")
     lines = text.split("\n")

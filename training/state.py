@@ -158,6 +158,14 @@ class RunLog:
         kept = self.path.read_bytes().split(b"\n")[:n]
         if len(kept) < n:
             raise DropcheckError(f"cannot resume: log {self.path} has fewer lines than its checkpoint records")
+        for i, line in enumerate(kept, 1):  # the part the checkpoint vouches for must be intact
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except ValueError:  # UnicodeDecodeError included
+                ok = False
+            if not ok:
+                raise DropcheckError(f"cannot resume: log {self.path}, line {i} (before the checkpoint) is damaged; "
+                                     "restore the log, or start the run again with --overwrite")
         atomic_write_bytes(self.path, b"".join(line + b"\n" for line in kept))
         self.lines = n
 

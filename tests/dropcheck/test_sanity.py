@@ -66,3 +66,10 @@ def test_taylor_map_with_a_raising_factory_is_one_error_line(tmp_path, monkeypat
     assert main(["taylor-map", "--model", "boomers.py:boom", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "boom() raised RuntimeError: no data here" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("generator", ["x", 1.5, True, 2**70, [1]])
+def test_a_generator_that_is_not_a_generator_or_an_integer_seed_is_refused(generator):
+    m, X, y = _mlp(torch.float64)
+    with pytest.raises(dc.DropcheckError, match="generator must be a torch.Generator, an integer seed"):
+        dc.explicit_regularizer(m, X, y, estimator="sampled", generator=generator)

@@ -463,3 +463,100 @@ def test_temporary_files_of_killed_writes_are_removed_at_the_next_start(tiny_cfg
     other.write_bytes(b"theirs")
     assert train(cfg, out=tmp_path, corpus=tiny_corpus, resume=True).finished
     assert not any(p.exists() for p in stale) and other.exists()
+
+
+# --- one error line where there was a traceback ----------------------------------------------------------------
+
+
+def _train_argv(tiny_corpus_dir, out, **over):
+    from tests.training.conftest import TINY
+
+    over = {**TINY, "rule": "none", "max_steps": 4, "eval_every": 2, "run_name": "r", **over}
+    return ["train", "--config", "smoke", "--data", str(tiny_corpus_dir), "--out", str(out)] + \
+        [f"{k}={v}" for k, v in over.items()]
+
+
+def test_out_pointing_at_a_file_is_one_error_line(tiny_corpus_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert cli_main(_train_argv(tiny_corpus_dir, tmp_path / "afile")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "afile" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("errno_, text", [("ENOSPC", "No space left on device"), ("EROFS", "Read-only file system")])
+def test_a_full_disk_or_read_only_output_is_one_error_line_and_no_litter(tiny_corpus_dir, tmp_path, capsys,
+                                                                        monkeypatch, errno_, text):
+    """Simulated (the tests run as root, which ignores permissions): every
+    flush to disk of a run's files fails with that error."""
+    import errno
+
+    import training.files as files
+
+    def fail(fd):
+        raise OSError(getattr(errno, errno_), os.strerror(getattr(errno, errno_)))
+
+    monkeypatch.setattr(files.os, "fsync", fail)
+    assert cli_main(_train_argv(tiny_corpus_dir, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and text in err
+    assert not list(tmp_path.glob(".*.tmp"))  # the failed atomic write removed its temporary file
+
+
+def test_a_damaged_line_inside_the_checkpointed_part_of_the_log_is_refused_on_resume(tiny_cfg, tiny_corpus, tmp_path):
+    cfg = tiny_cfg(rule="none", max_steps=8, eval_every=2, checkpoint_every=0)
+    part = train(cfg, out=tmp_path, corpus=tiny_corpus, stop_after=4)
+    lines = part.log_path.read_text().splitlines()
+    assert json.loads(lines[1])["type"] == "eval"
+    lines[1] = lines[1][: len(lines[1]) // 2]  # an evaluation the checkpoint counts, cut in half
+    part.log_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DropcheckError, match="line 2") as err:
+        train(cfg, out=tmp_path, corpus=tiny_corpus, resume=True)
+    assert str(part.log_path) in _one_line(err.value)
+
+
+@pytest.mark.parametrize("field, value", [("valid_ppl", "abc"), ("step", "ten"), ("valid_ppl", None)])
+def test_wrongly_typed_eval_fields_are_reported_and_skipped(tmp_path, field, value):
+    from paper_figures.logs import read_run
+
+    recs = [{"type": "header", "run_name": "x-s1", "config": {"rule": "none"}},
+            {"type": "eval", "step": 2, "epoch": 1.0, "valid_ppl": 50.0},
+            {"type": "eval", "step": 4, "epoch": 2.0, "valid_ppl": 40.0, field: value},
+            {"type": "final", "step": 4, "best_step": 4, "best_valid_ppl": "forty", "test_ppl": 30.0}]
+    path = tmp_path / "x-s1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    problems: list = []
+    run = read_run(path, problems)
+    assert [e["step"] for e in run.evals] == [2] and run.final is None
+    assert any(":3: eval line" in p for p in problems) and any(":4: final line" in p for p in problems)
+
+
+def test_figures_and_status_survive_wrongly_typed_log_fields(tmp_path, capsys):
+    from training.reproduce import print_status
+    from training.study import Arm, Plan
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    recs = [{"type": "header", "run_name": "typ-a-s1", "config": "not a dict"},
+            {"type": "final", "step": 4, "best_step": 4, "best_valid_ppl": 40.0, "test_ppl": 30.0, "wall_time": "x"}]
+    (runs / "typ-a-s1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    recs = [{"type": "header", "run_name": "typ-b-s1", "config": {"rule": "none", "corpus": "ptb"}},
+            {"type": "eval", "step": "4", "epoch": 2.0, "valid_ppl": 40.0},
+            {"type": "final", "step": 4, "best_step": 4, "best_valid_ppl": 40.0, "test_ppl": 30.0, "wall_time": 1}]
+    (runs / "typ-b-s1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert cli_main(["figures", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
+    plan = Plan("typ", "smoke", (Arm("a", {"rule": "none"}, "baseline"), Arm("b", {"rule": "none"}, "baseline")))
+    print_status(plan, runs, 1, None)
+    out = capsys.readouterr().out
+    assert "done         typ-b-s1" in out
+
+
+def test_a_byte_order_mark_does_not_become_a_word(tmp_path, make_tiny_corpus):
+    from training.data import load_corpus
+
+    root = make_tiny_corpus(tmp_path / "bom")
+    plain = load_corpus(root)
+    for f in ("train.txt", "valid.txt"):
+        (root / f).write_bytes(b"\xef\xbb\xbf" + (root / f).read_bytes())
+    bom = load_corpus(root)
+    assert bom.dictionary.idx2word == plain.dictionary.idx2word
+    assert torch.equal(bom.train, plain.train) and torch.equal(bom.valid, plain.valid)
