@@ -15,9 +15,16 @@ files under ``--runs`` (default ``results/runs/<plan>``):
   ``<run>.ckpt.pt``: resumed (``dropcheck train --resume``, which continues
   to the same numbers as an uninterrupted run).
 - ``broken``: a log without a final line and no checkpoint (killed before its
-  first checkpoint), or a checkpoint whose log is gone (a fresh checkout keeps
-  git-ignored checkpoints but not uncommitted logs): started again.
+  first checkpoint), a log whose header is damaged, or a checkpoint whose log
+  is gone (a fresh checkout keeps git-ignored checkpoints but not uncommitted
+  logs): started again, its log first moved to ``<run>.jsonl.broken-<time>``.
 - ``todo``: nothing yet.
+
+A run whose process another driver beat to the run's lock (between this
+driver's look and its start) is reported ``held`` and left to that driver,
+not counted as failed.  A diverged run (``"stop": "diverged"`` in its final
+line) is done, reported failed when it diverges, and not drawn.
+``--arms`` patterns that match no arm are an error listing the plan's arms.
 
 Runs go in plan order, up to ``--jobs`` at a time, each a ``dropcheck
 train`` subprocess on its config's ``threads`` (1 for cpu-ptb), or on

@@ -5,8 +5,11 @@ One run writes, in its output folder, ``<run>.jsonl`` (first line the
 header: config, seed, device, git commit, torch version; then one line per
 evaluation and a final line with the test perplexity of the
 best-validation model and ``stop``: ``"budget"`` (epochs / max_steps) or
-``"patience"`` (``patience`` evaluations without a new best)), ``<run>.ckpt.pt`` (the last checkpoint) and
-``<run>.best.pt`` (the model with the best validation perplexity so far).
+``"patience"`` (``patience`` evaluations without a new best), or ``"diverged"``
+(a loss not finite or past 700 nats, where its perplexity overflows: no test,
+the run raises "diverged at step N")), ``<run>.ckpt.pt`` (the last checkpoint) and
+``<run>.best.pt`` (the model with the best validation perplexity so far), each
+with its SHA-256 in ``<file>.sha256`` (``files.save_checkpoint``).
 Eval records: ``step``, ``epoch`` (fractional), ``tokens_seen``,
 ``train_loss``/``train_ppl`` (mean over the interval's steps of the loss
 the rule optimises, without its regularizer: the mean over the k dropout
