@@ -141,6 +141,9 @@ def _read_digests(path: Path) -> Optional[list]:
     return digests
 
 
+_WRITTEN: dict = {}  # checkpoint path -> the SHA-256 this process last put there (saves re-reading it)
+
+
 def save_checkpoint(obj: Any, path: Path) -> None:
     """``torch.save(obj)`` to ``path`` atomically, its SHA-256 in ``<file>.sha256``.
 
@@ -155,7 +158,9 @@ def save_checkpoint(obj: Any, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getvalue()
-    previous = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    previous = None
+    if path.is_file():  # what is on disk now: the digest this process wrote there last, else read it
+        previous = _WRITTEN.get(str(path.resolve())) or hashlib.sha256(path.read_bytes()).hexdigest()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -167,6 +172,7 @@ def save_checkpoint(obj: Any, path: Path) -> None:
         record = {"sha256": hashlib.sha256(data).hexdigest(), "previous": previous, "file": path.name}
         atomic_write_text(digest_path(path), json.dumps(record) + "\n")
         os.replace(tmp, path)
+        _WRITTEN[str(path.resolve())] = record["sha256"]
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
