@@ -73,3 +73,18 @@ def test_a_generator_that_is_not_a_generator_or_an_integer_seed_is_refused(gener
     m, X, y = _mlp(torch.float64)
     with pytest.raises(dc.DropcheckError, match="generator must be a torch.Generator, an integer seed"):
         dc.explicit_regularizer(m, X, y, estimator="sampled", generator=generator)
+
+
+def test_verify_checks_a_float32_model_on_a_float64_copy(tmp_path, monkeypatch, capsys):
+    """The tolerances are float64 ones: a float32 model's routes agree to 1e-7
+    (its rounding), which gave 5 FAIL rows of a correct computation."""
+    (tmp_path / "f32models.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 3))\n"
+        "    return m, torch.randn(5, 4), torch.randint(0, 3, (5,))\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["verify", "--model", "f32models.py:make", "--draws", "100"]) == 0
+    out, err = capsys.readouterr()
+    assert "user model (float32, checked on a float64 copy)" in err and "FAIL" not in out
