@@ -346,6 +346,27 @@ def _drawing_code() -> str:
     return h.hexdigest()
 
 
+def _check_seeds_agree(runs: list) -> None:
+    """The claims pool the seeds of an arm (its run name less ``-s<seed>``):
+    a ``DropcheckError`` if two of them differ in a config key other than the
+    seed and the bookkeeping ones (``paper_figures.logs.config_key``)."""
+    import json
+
+    from paper_figures.logs import config_key
+
+    arms: dict = {}
+    for r in runs:
+        arms.setdefault(re.sub(r"-s\d+$", "", r.header["run_name"]), []).append(r)
+    for arm, members in sorted(arms.items()):
+        cfgs = {config_key(m): m for m in members}
+        if len(cfgs) > 1:
+            (ka, a), (kb, b) = list(cfgs.items())[:2]
+            ca, cb = json.loads(ka), json.loads(kb)
+            keys = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))
+            raise DropcheckError(f"the seeds of {arm} differ in {', '.join(keys)} ({a.path.name} vs {b.path.name}): "
+                                 "they are not seeds of one arm; move one aside or give it another run name")
+
+
 def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
     """Figures, tables and the claims (JSON + Markdown) from the logs alone."""
     from paper_figures.claims import write_claims
@@ -359,6 +380,7 @@ def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
         print(f"warning: {p}", file=sys.stderr)
     if not runs:
         raise DropcheckError(f"no run log of plan {plan.name!r} under {runs_dir}")
+    _check_seeds_agree(runs)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name in FIGURES:

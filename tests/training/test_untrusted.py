@@ -560,3 +560,20 @@ def test_a_byte_order_mark_does_not_become_a_word(tmp_path, make_tiny_corpus):
     bom = load_corpus(root)
     assert bom.dictionary.idx2word == plain.dictionary.idx2word
     assert torch.equal(bom.train, plain.train) and torch.equal(bom.valid, plain.valid)
+
+
+def test_draw_refuses_seeds_of_one_arm_that_differ_in_another_key(tmp_path, capsys):
+    from training.study import PLANS
+
+    plan = PLANS["tiny"]
+    arm = plan.arms[0].name
+    for seed, clip in ((1, 0.25), (2, 0.5)):
+        name = plan.run_name(arm, seed)
+        recs = [{"type": "header", "run_name": name, "config": {"rule": "none", "seed": seed, "clip": clip}},
+                {"type": "eval", "step": 2, "epoch": 1.0, "valid_ppl": 100.0},
+                {"type": "final", "best_valid_ppl": 100.0, "best_step": 2, "test_ppl": 90.0, "wall_time": 1.0}]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rc = cli_main(["reproduce", "--plan", "tiny", "--draw-only", "--runs", str(tmp_path), "--out",
+                   str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"the seeds of tiny-{arm} differ in clip" in err
