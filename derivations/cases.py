@@ -62,8 +62,21 @@ class SpecError(ValueError):
     """A network spec that does not describe a supported case."""
 
 
+def _numbers(a, what: str) -> None:
+    """Every entry of the nested lists ``a`` is a number (not a string or bool)."""
+    if isinstance(a, (list, tuple)):
+        for x in a:
+            _numbers(x, what)
+    elif isinstance(a, bool) or not isinstance(a, (int, float, np.integer, np.floating)):
+        raise SpecError(f"{what} must hold numbers only, got {a!r}")
+
+
 def _finite_matrix(a, shape, what) -> list:
-    arr = np.asarray(a, dtype=np.float64)
+    _numbers(a, what)
+    try:
+        arr = np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError) as exc:  # a ragged list
+        raise SpecError(f"{what} must be numbers of shape {tuple(shape)}: {exc}") from None
     if arr.shape != tuple(shape):
         raise SpecError(f"{what} has shape {arr.shape}, expected {tuple(shape)}")
     if not np.all(np.isfinite(arr)):
@@ -108,6 +121,8 @@ def normalize_spec(spec: dict, *, max_units: int = MAX_UNITS) -> dict:
         k, q = s["layer"], s["q"]
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k < depth:
             raise SpecError(f"site layer must be an integer in [0, {depth}) (h_0 = input), got {k!r}")
+        if isinstance(q, bool) or not isinstance(q, (int, float, np.integer, np.floating)):
+            raise SpecError(f"site q must be a number in (0, 1), got {q!r}")
         q = float(q)
         if not (0.0 < q < 1.0):
             raise SpecError(f"site q must lie in (0, 1), got {s['q']!r}")
@@ -132,7 +147,11 @@ def normalize_spec(spec: dict, *, max_units: int = MAX_UNITS) -> dict:
                 "bias": _finite_matrix(p["bias"], (sizes[l],), f"params[{l - 1}].bias"),
             }
         )
-    X = np.asarray(spec["X"], dtype=np.float64)
+    _numbers(spec["X"], "X")
+    try:
+        X = np.asarray(spec["X"], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"X must be an n × {sizes[0]} matrix of numbers: {exc}") from None
     if X.ndim != 2 or X.shape[1] != sizes[0] or X.shape[0] < 1:
         raise SpecError(f"X must be n × d0 = n × {sizes[0]} with n >= 1, got shape {X.shape}")
     if not np.all(np.isfinite(X)):

@@ -21,6 +21,8 @@ exception is raised.
 
 from __future__ import annotations
 
+import numbers
+
 import contextlib
 import contextvars
 import functools
@@ -457,6 +459,10 @@ def as_generator(generator, device=None) -> torch.Generator:
     caller that wants replay must pass one)."""
     if isinstance(generator, torch.Generator):
         return generator
+    if generator is not None and (isinstance(generator, bool) or not isinstance(generator, numbers.Integral)
+                                  or not -(2**63) <= int(generator) < 2**64):
+        raise DropcheckError(f"generator must be a torch.Generator, an integer seed in [-2**63, 2**64) or None, "
+                             f"got {generator!r}")
     g = torch.Generator(device=device or "cpu")
     if generator is None:
         g.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ._cli_verify import load_factory
+from ._cli_verify import user_case
 from ._errors import DropcheckError
 from ._taylor_map import DEFAULT_QS, DEFAULT_WIDTHS, MapRow, format_rows, map_model, tanh_family
 
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--estimator", choices=["exact", "hutchinson"], default="exact",
                    help="how R_approx and R_taylor are computed (hutchinson: for models too large for exact)")
-    p.add_argument("--estimator-samples", type=int, default=200, help="probes for --estimator hutchinson")
+    p.add_argument("--estimator-samples", type=int, default=200, help="probes for --estimator hutchinson (>= 10, in 10 batches; rounded down to a multiple of 10)")
     p.add_argument("--no-limit", action="store_true",
                    help="skip the q->0 limit ratio (one forward pass per noise unit)")
     p.add_argument("--out", default="taylor_map_out", help="folder for taylor_map.{csv,json,png}")
@@ -99,10 +99,13 @@ def run(args) -> int:
         raise DropcheckError(f"--widths must be positive, got {args.widths}")
     if args.samples < 2:
         raise DropcheckError("--samples must be >= 2")
+    if args.estimator_samples < 10:
+        raise DropcheckError(f"--estimator-samples must be >= 10 (10 batches of probes give the standard error), "
+                             f"got {args.estimator_samples}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.model:
-        jobs = [(m, None, *load_factory(m)()) for m in args.model]
+        jobs = [(m, None, c.model, c.inputs, c.targets) for m, c in ((m, user_case(m)) for m in args.model)]
         title = f"taylor-map of {', '.join(args.model)}"
     else:
         jobs = [("tanh-mlp", w, *tanh_family(w, seed=args.seed)) for w in args.widths]

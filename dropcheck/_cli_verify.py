@@ -6,6 +6,12 @@ Runs the built-in cases (no data, no GPU) or a user's model given as
 logits with classes on the last axis, ``targets`` are class indices.  Prints
 a table (quantity, route A vs route B, error, tolerance, status), or JSON
 with ``--json``; exits 1 if any check fails.
+
+The tolerances are float64 ones (the routes agree to rounding, 1e-9 or
+better; finite differences at their float64 step): a model in another dtype
+is checked on a float64 copy (model and floating inputs cast), and the case's
+description says so.  What is verified is the mathematics on the model's
+architecture; float32 rounding would only hide it behind 1e-7 noise.
 """
 
 from __future__ import annotations
@@ -72,7 +78,29 @@ def user_case(spec: str) -> Case:
     if not (isinstance(out, (tuple, list)) and len(out) == 3):
         raise DropcheckError(f"--model: {spec} must return (model, inputs, targets), got {type(out).__name__}")
     model, inputs, targets = out
-    return Case(spec, "user model", model, inputs, targets)
+    model, inputs, was = _in_float64(model, inputs)
+    return Case(spec, "user model" + (f" ({was}, checked on a float64 copy)" if was else ""), model, inputs,
+                targets)
+
+
+def _in_float64(model, inputs):
+    """``(model, inputs, None)`` for a float64 model, else a float64 copy of
+    both and the dtype(s) the model had (module docstring)."""
+    import copy
+
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+    if not tensors or dtypes == ["float64"]:
+        return model, inputs, None
+    try:
+        model64 = copy.deepcopy(model).double()
+    except Exception as exc:  # not copyable: checked as it is, against float64 tolerances
+        print(f"warning: --model: cannot make a float64 copy ({type(exc).__name__}: {exc}); checking the "
+              f"{'/'.join(dtypes)} model against float64 tolerances", file=sys.stderr)
+        return model, inputs, None
+    cast = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    inputs64 = type(inputs)(cast(t) for t in inputs) if isinstance(inputs, (tuple, list)) else cast(inputs)
+    return model64, inputs64, "/".join(dtypes)
 
 
 def symbolic_route():
@@ -101,6 +129,8 @@ def symbolic_route():
 def run(args) -> int:
     # tiny models: intra-op threads only add contention (80x slower on a loaded 2-core machine)
     torch.set_num_threads(1)
+    if args.draws < 2:
+        raise DropcheckError(f"--draws must be >= 2 (a standard error needs two draws), got {args.draws}")
     t0 = time.perf_counter()
     cases = [user_case(args.model)] if args.model else builtin_cases(args.cases)
     symbolic = None if args.no_symbolic or args.model else symbolic_route()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import math
 import functools
 from typing import Mapping, Optional, Sequence
 
@@ -161,6 +162,12 @@ def flatten_logits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
         )
     if not torch.isfinite(Z).all():
         raise DropcheckError("the model produced non-finite logits (NaN or inf)")
+    # the second-order terms multiply logits (and their derivatives) pairwise: past the square root of the
+    # dtype's largest number those products overflow to inf, and inf·0 gives NaN
+    big, lim = float(Z.detach().abs().max()), math.sqrt(float(torch.finfo(Z.dtype).max))
+    if big > lim:
+        raise DropcheckError(f"the model's logits reach {big:.3g}, beyond what {Z.dtype} can square ({lim:.3g}): "
+                             "the second-order terms would overflow to inf/NaN; rescale the model or use float64")
     return Z, y
 
 
@@ -207,6 +214,25 @@ def default_eps(dtype: torch.dtype) -> float:
     (balances O(ε²) truncation against O(u/ε) rounding): 6.1e-6 in float64,
     4.9e-3 in float32, 0.2 in bfloat16."""
     return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+
+
+def fd_eps(eps: Optional[float], dtype: torch.dtype) -> float:
+    """The central-difference step to use: ``default_eps(dtype)`` for None,
+    else ``eps`` if the dtype resolves it.  The probes scale a site by
+    ``1 ± ε·η``; below the dtype's machine epsilon ``1 ± ε`` rounds to 1, both
+    passes are the clean one and the difference is identically zero (a
+    regularizer that silently vanishes), so such an ``eps`` is an error."""
+    if eps is None:
+        return default_eps(dtype)
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps > 0):
+        raise DropcheckError(f"eps must be > 0 and finite, got {eps!r}")
+    res = float(torch.finfo(dtype).eps)
+    if eps < res:
+        raise DropcheckError(f"eps={eps:g} is below what {dtype} resolves ({res:.3g}): 1 ± eps rounds to 1 and the "
+                             f"finite difference is identically zero; use at least {res:.3g} (the default for "
+                             f"{dtype} is {default_eps(dtype):.3g})")
+    return eps
 
 
 def quad_form(p: torch.Tensor, u: torch.Tensor, hessian: str = "output") -> torch.Tensor:

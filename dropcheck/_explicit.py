@@ -41,7 +41,7 @@ from ._common import (
     call_model,
     check_estimator,
     check_inputs,
-    default_eps,
+    fd_eps,
     flatten_logits,
     grad_aware,
     mean_loss,
@@ -257,7 +257,7 @@ def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_
         unlock_positions(occs)
     ws = site_weight_list(occs, site_weights)
     p = torch.softmax(Z, -1)
-    eps = default_eps(Z.dtype) if eps is None else float(eps)
+    eps = fd_eps(eps, Z.dtype)
     if not eps > 0:
         raise DropcheckError(f"eps must be > 0, got {eps!r}")
     gens = site_generators(generator)

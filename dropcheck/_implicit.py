@@ -24,7 +24,7 @@ from ._analytic import (
 from ._common import (
     check_estimator,
     check_inputs,
-    default_eps,
+    fd_eps,
     flatten_logits,
     grad_aware,
     mean_loss,
@@ -117,7 +117,7 @@ def implicit_noise(
     Z, y, occs = clean_forward(model, inputs, targets)
     if independent_positions:
         unlock_positions(occs)
-    eps = default_eps(Z.dtype) if eps is None else float(eps)
+    eps = fd_eps(eps, Z.dtype)
     ws = site_weight_list(occs, site_weights)
     etas = [w * sample_eta(o, gens(o), noise) for o, w in zip(occs, ws)]
     out = []

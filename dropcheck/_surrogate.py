@@ -97,7 +97,7 @@ from ._analytic import (
     site_options,
     unlock_positions,
 )
-from ._common import call_model, check_inputs, default_eps, mean_loss, site_weight_list
+from ._common import call_model, check_inputs, default_eps, fd_eps, mean_loss, site_weight_list
 from ._errors import DropcheckError
 from ._explicit import fd_pair
 
@@ -376,7 +376,7 @@ def _midpoint_objective(model, inputs, targets, dec, *, explicit_weight, implici
     W, b = dec.weight, dec.bias
     if not isinstance(W, nn.Parameter) or not (b is None or isinstance(b, nn.Parameter)):
         raise DropcheckError("decoder: its weight and bias must be its own parameters for center='midpoint'")
-    eps = default_eps(W.dtype) if eps is None else float(eps)
+    eps = fd_eps(eps, W.dtype)
     if not eps > 0:
         raise DropcheckError(f"eps must be > 0, got {eps!r}")
     gens = site_generators(generator)
@@ -522,7 +522,7 @@ def analytic_dropout_objective(
         watch.last = None  # do not keep the clean pass's tensors alive
     if independent_positions:
         unlock_positions(occs)
-    eps = default_eps(Z0.dtype) if eps is None else float(eps)
+    eps = fd_eps(eps, Z0.dtype)
     if not eps > 0:
         raise DropcheckError(f"eps must be > 0, got {eps!r}")
     if head is None and isinstance(decoder, nn.Module):

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from ._errors import DropcheckError
 from ._explicit import explicit_regularizer, taylor_regularizer
 from ._gap import dropout_gap, first_order_gap
 from ._sites import dropout_lambda, with_drop_probability
@@ -111,7 +112,10 @@ def map_model(
         approx_u = float(explicit_regularizer(model, inputs, targets, weighted=False).detach())
         taylor_u = float(taylor_regularizer(model, inputs, targets, weighted=False).detach())
     else:
-        per = max(1, estimator_samples // 10)
+        if estimator_samples < 10:
+            raise DropcheckError(f"estimator_samples must be >= 10 (10 batches of probes give the standard "
+                                 f"error), got {estimator_samples}")
+        per = estimator_samples // 10
         gen = torch.Generator().manual_seed(seed + 1)
         a = torch.tensor([float(explicit_regularizer(model, inputs, targets, weighted=False, estimator=estimator,
                                                      samples=per, generator=gen).detach()) for _ in range(10)])

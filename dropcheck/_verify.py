@@ -312,6 +312,8 @@ def run_case(case: Case, *, draws: int = 300, seed: int = 0, symbolic: Optional[
     raises is recorded as ``FAIL`` with the error (never a traceback); a
     route too large for its dense or exact reference is ``skip`` with its
     size."""
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
+        raise DropcheckError(f"draws must be an integer >= 2 (a standard error needs two draws), got {draws!r}")
     R = _Recorder(case.name)
     model, X, y = case.model, case.inputs, case.targets
     try:

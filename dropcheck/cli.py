@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except DropcheckError as exc:
         print(f"dropcheck {name}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only or missing folder, a file where a folder should be
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"dropcheck {name}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -90,11 +90,29 @@ def run_label(r: Run) -> str:
 
 
 def group_arms(runs: list[Run]) -> dict:
-    """``{(corpus, label): [runs]}`` (seeds of one arm together)."""
+    """``{(corpus, label): [runs]}``: the seeds of one arm together, an arm
+    being one config but for its seed (``logs.config_key``).  Arms that share
+    a label but differ in other keys (a clip, a device) stay apart, their
+    labels followed by the keys that tell them apart."""
+    import json
+
+    from .logs import config_key
+
     groups = defaultdict(list)
     for r in runs:
-        groups[(r.config.get("corpus", "?"), run_label(r))].append(r)
-    return dict(groups)
+        groups[(r.config.get("corpus", "?"), run_label(r), config_key(r))].append(r)
+    keys = defaultdict(list)
+    for corpus, label, key in groups:
+        keys[(corpus, label)].append(json.loads(key))
+    out = {}
+    for (corpus, label, key), members in groups.items():
+        cfgs = keys[(corpus, label)]
+        if len(cfgs) > 1:
+            mine = json.loads(key)
+            differ = sorted({k for c in cfgs for k in c if any(d.get(k) != c.get(k) for d in cfgs)})
+            label = f"{label} [{', '.join(f'{k}={mine.get(k)}' for k in differ)}]"
+        out[(corpus, label)] = members
+    return out
 
 
 def arm_colours(runs: list[Run]) -> dict[str, tuple]:

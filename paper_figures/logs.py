@@ -2,16 +2,27 @@
 
 A malformed or truncated line is reported with its file and line number and
 skipped; the rest of the file is still used.  A file without a header line
-cannot be attributed to an arm and is reported and skipped.
+cannot be attributed to an arm and is reported and skipped, and so is a run
+whose ``final`` record says it diverged (``"stop": "diverged"``).  Byte-identical
+copies of one log are read once (a copy is not another seed).
+
+Seeds of one arm are runs whose configs agree in every key but the seed and
+the bookkeeping keys that change no number (``BOOKKEEPING``):
+``arm_config`` / ``config_key``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+
+# config keys that change no number (or name the seed's run): runs that differ only in these are seeds of one arm
+BOOKKEEPING = ("seed", "run_name", "progress", "threads", "checkpoint_every")
 
 
 @dataclass
@@ -47,6 +58,19 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# fields whose value, where present, must be a number (NaN and inf included: JSON-lines logs write them)
+_EVAL_NUMBERS = ("step", "valid_ppl", "epoch", "wall_time", "tokens_seen", "train_ppl", "best_valid_ppl")
+_FINAL_NUMBERS = ("step", "best_step", "best_valid_ppl", "valid_ppl", "test_ppl", "wall_time", "tokens_per_s")
+
+
+def _mistyped(rec: dict, keys) -> list:
+    return [k for k in keys if k in rec and not _number(rec[k])]
+
+
 def read_run(path: Path, problems: list[str]) -> Optional[Run]:
     header, evals, final = None, [], None
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -62,13 +86,25 @@ def read_run(path: Path, problems: list[str]) -> Optional[Run]:
                 continue
             kind = rec.get("type")
             if kind == "header":
+                if not isinstance(rec.get("config", {}), dict) or not isinstance(rec.get("run_name", ""), str):
+                    problems.append(f"{path}:{lineno}: header line with a config that is not an object or a "
+                                    "run_name that is not a string skipped")
+                    continue
                 header = rec
             elif kind == "eval":
                 if not all(k in rec for k in ("step", "valid_ppl")):
                     problems.append(f"{path}:{lineno}: eval line without step/valid_ppl skipped")
                     continue
+                bad = _mistyped(rec, _EVAL_NUMBERS)
+                if bad:
+                    problems.append(f"{path}:{lineno}: eval line with non-numeric {', '.join(bad)} skipped")
+                    continue
                 evals.append(rec)
             elif kind == "final":
+                bad = _mistyped(rec, _FINAL_NUMBERS)
+                if bad:
+                    problems.append(f"{path}:{lineno}: final line with non-numeric {', '.join(bad)} skipped")
+                    continue
                 final = rec
             elif kind == "resume":
                 # the log was truncated to the checkpoint: later evals replace nothing
@@ -86,5 +122,27 @@ def read_runs(root, problems: Optional[list[str]] = None) -> list[Run]:
     problems = [] if problems is None else problems
     root = Path(root)
     files = [root] if root.is_file() else sorted(root.rglob("*.jsonl"))
-    runs = [r for r in (read_run(p, problems) for p in files) if r is not None]
-    return runs
+    runs, seen = [], {}
+    for p in files:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        if digest in seen:  # a copy of a log already read: counting it would add a seed that was never run
+            problems.append(f"{p}: identical to {seen[digest]}; read once")
+            continue
+        seen[digest] = p
+        r = read_run(p, problems)
+        if r is not None:
+            runs.append(r)
+    diverged = [r for r in runs if r.final is not None and r.final.get("stop") == "diverged"]
+    for r in diverged:  # its best validation perplexity predates the divergence: no arm's number
+        problems.append(f"{r.path}: the run diverged at step {r.final.get('step')}; not drawn")
+    return [r for r in runs if r not in diverged]
+
+
+def arm_config(run: Run) -> dict:
+    """The run's config without the seed and the ``BOOKKEEPING`` keys."""
+    return {k: v for k, v in run.config.items() if k not in BOOKKEEPING}
+
+
+def config_key(run: Run) -> str:
+    """``arm_config`` as a string: equal for the seeds of one arm, and only for them."""
+    return json.dumps(arm_config(run), sort_keys=True, default=str)

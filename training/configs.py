@@ -401,8 +401,10 @@ def validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise _err("noise_structure", f"'positions' is not available for rule {out['rule']!r} (it keeps "
                    "the sites' own structure); use noise_structure=locked")
     _check_arch(out)
-    if out["run_name"] and any(c in out["run_name"] for c in "/\\\0"):
-        raise _err("run_name", f"must be a plain file name, got {out['run_name']!r}")
+    if out["run_name"]:
+        from .files import safe_name
+
+        safe_name(out["run_name"], "config key 'run_name':")
     return out
 
 

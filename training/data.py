@@ -8,7 +8,7 @@ checksums in that folder's README).  Tokenisation is the
 10,000-word vocabulary, WikiText-2 2,088,628 and 33,278.  The vocabulary is
 built from ``train.txt`` in order of first appearance; a word of
 ``valid``/``test`` missing from it is an error (both corpora guarantee there
-is none).
+is none).  A UTF-8 byte-order mark at the start of a file is dropped.
 
 Where the corpora are: ``--data DIR`` or the environment variable
 ``DROPCHECK_DATA``; ``DIR`` is either a corpus folder (holding ``train.txt``)
@@ -16,10 +16,20 @@ or a folder holding ``ptb/`` and ``wikitext-2/``.
 
 Every problem with a file (missing, unreadable, not UTF-8, empty) raises one
 ``DataError`` naming the file.
+
+A corpus is identified by content, never by where it lies:
+``Corpus.identity(name)`` is its name, the SHA-256 of its three files and
+of its vocabulary (the words in index order), which run headers and
+checkpoints record; a resume refuses a checkpoint of another corpus.  A
+folder whose files are PTB's or WikiText-2's (``KNOWN_CORPORA``, the
+checksums of the data folder's README), or which is named ``ptb`` or
+``wikitext-2``, is that corpus: asking for the other one is refused
+(``check_corpus_name``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +43,24 @@ EOS = "<eos>"
 SPLITS = ("train", "valid", "test")
 CORPORA = ("ptb", "wikitext-2")
 
+# SHA-256 of each corpus's files (the data folder's README, which gives their provenance)
+KNOWN_CORPORA = {
+    "ptb": {
+        "train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+        "valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+        "test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+    },
+    "wikitext-2": {
+        "train.txt": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+        "valid.txt": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+        "test.txt": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+    },
+}
+
 __all__ = [
     "EOS",
+    "KNOWN_CORPORA",
+    "check_corpus_name",
     "Dictionary",
     "Corpus",
     "resolve_corpus_dir",
@@ -74,10 +100,29 @@ class Corpus:
     train: torch.Tensor
     valid: torch.Tensor
     test: torch.Tensor
+    sha256: dict = field(default_factory=dict)  # file name -> SHA-256 of its bytes
 
     @property
     def vocab_size(self) -> int:
         return len(self.dictionary)
+
+    @property
+    def known_as(self) -> Optional[str]:
+        """The corpus these files are (``KNOWN_CORPORA``; else the folder's
+        name when it is one of ``CORPORA``), or None."""
+        for name, files in KNOWN_CORPORA.items():
+            if self.sha256 and all(self.sha256.get(f) == h for f, h in files.items()):
+                return name
+        return self.path.name if self.path.name in CORPORA else None
+
+    def vocab_sha256(self) -> str:
+        """SHA-256 of the vocabulary: its words in index order, one per line."""
+        return hashlib.sha256("\n".join(self.dictionary.idx2word).encode("utf-8", "surrogatepass")).hexdigest()
+
+    def identity(self, name: str) -> dict:
+        """What runs record of the corpus (module docstring): no machine path."""
+        return {"name": name, "files": dict(sorted(self.sha256.items())), "vocab_size": self.vocab_size,
+                "vocab_sha256": self.vocab_sha256()}
 
     def split(self, name: str) -> torch.Tensor:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
@@ -133,6 +178,7 @@ def read_lines(path: Path) -> list[str]:
         raise DataError(
             f"corpus file {path} is not valid UTF-8 (byte {exc.start}, line {line}: {exc.reason})"
         ) from None
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the first word
     if "\x00" in text:
         raise DataError(f"corpus file {path} contains NUL bytes: not a text corpus")
     lines = text.split("\n")
@@ -168,7 +214,17 @@ def load_corpus(path: str | os.PathLike) -> Corpus:
     train = _tokenize(path / "train.txt", d, grow=True)
     valid = _tokenize(path / "valid.txt", d, grow=False)
     test = _tokenize(path / "test.txt", d, grow=False)
-    return Corpus(path, d, train, valid, test)
+    sums = {f"{s}.txt": hashlib.sha256((path / f"{s}.txt").read_bytes()).hexdigest() for s in SPLITS}
+    return Corpus(path, d, train, valid, test, sums)
+
+
+def check_corpus_name(corpus: Corpus, name: str) -> None:
+    """A ``DataError`` when the config's ``corpus`` is not the folder's own
+    (``Corpus.known_as``): a run labelled WikiText-2 must not train on PTB."""
+    known = corpus.known_as
+    if known is not None and known != name:
+        raise DataError(f"corpus={name} but {corpus.path} holds {known}: pass the {name} folder "
+                        f"(--data DIR with DIR/{name}/train.txt) or set corpus={known}")
 
 
 def batchify(data: torch.Tensor, bsz: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .configs import make_config
-from .files import run_files
+from .files import load_checkpoint, run_files
 from .data import batchify, get_batch, load_corpus, resolve_corpus_dir
 from .model import StatefulLM
 from .trainer import build_lm, train
@@ -37,7 +37,7 @@ def smoke_lm(steps: int = 300, seed: int = 1, batch: int = 8, seq_len: int = 20)
     corpus = load_corpus(path)
     with tempfile.TemporaryDirectory() as out:
         res = train(cfg, data=str(path), out=out, config_name="smoke", corpus=corpus)
-        state = torch.load(res.best_path, map_location="cpu", weights_only=False)["model"]
+        state = load_checkpoint(res.best_path, "best model")["model"]
     lm = build_lm(cfg, corpus.vocab_size, torch.device("cpu"), torch.float64, "loop")
     lm.load_state_dict(state)
     X, Y = get_batch(batchify(corpus.valid, batch), 0, seq_len)
@@ -61,7 +61,7 @@ def study_checkpoint(run: str, *, plan: str = "cpu-ptb", runs_dir=None) -> tuple
     if logged is None or not best.exists():
         raise DropcheckError(f"{folder}: no log or no best checkpoint of {run!r} (checkpoints are not committed: "
                              f"run `dropcheck reproduce --plan {plan}` for it first)")
-    return logged.header["config"], torch.load(best, map_location="cpu", weights_only=False)
+    return logged.header["config"], load_checkpoint(best, "best model")
 
 
 def study_lm(run: str, *, plan: str = "cpu-ptb", batch: int = 10, seq_len: int = 35, runs_dir=None):

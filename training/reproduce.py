@@ -15,9 +15,16 @@ files under ``--runs`` (default ``results/runs/<plan>``):
   ``<run>.ckpt.pt``: resumed (``dropcheck train --resume``, which continues
   to the same numbers as an uninterrupted run).
 - ``broken``: a log without a final line and no checkpoint (killed before its
-  first checkpoint), or a checkpoint whose log is gone (a fresh checkout keeps
-  git-ignored checkpoints but not uncommitted logs): started again.
+  first checkpoint), a log whose header is damaged, or a checkpoint whose log
+  is gone (a fresh checkout keeps git-ignored checkpoints but not uncommitted
+  logs): started again, its log first moved to ``<run>.jsonl.broken-<time>``.
 - ``todo``: nothing yet.
+
+A run whose process another driver beat to the run's lock (between this
+driver's look and its start) is reported ``held`` and left to that driver,
+not counted as failed.  A diverged run (``"stop": "diverged"`` in its final
+line) is done, reported failed when it diverges, and not drawn.
+``--arms`` patterns that match no arm are an error listing the plan's arms.
 
 Runs go in plan order, up to ``--jobs`` at a time, each a ``dropcheck
 train`` subprocess on its config's ``threads`` (1 for cpu-ptb), or on
@@ -64,7 +71,7 @@ from typing import Mapping, NamedTuple, Optional
 
 from dropcheck import DropcheckError
 
-from .files import is_locked, run_files
+from .files import is_locked, open_append, run_files, safe_name
 from .study import Plan, best_member, get_plan, PLANS
 
 
@@ -93,13 +100,13 @@ def _read_log(runs_dir: Path, name: str) -> tuple[Optional[dict], list[dict], Op
 
 def run_state(runs_dir: Path, name: str) -> str:
     files = run_files(runs_dir, name)
-    _, _, final = _read_log(runs_dir, name)
-    if final is not None:
+    header, _, final = _read_log(runs_dir, name)
+    if final is not None and header is not None:
         return "done"
     if is_locked(files.lock):
         return "running"
-    if files.log.exists():
-        return "interrupted" if files.ckpt.exists() else "broken"
+    if files.log.exists():  # a log whose header is damaged cannot be resumed: it starts again (backed up first)
+        return "interrupted" if files.ckpt.exists() and header is not None else "broken"
     return "broken" if files.ckpt.exists() else "todo"
 
 
@@ -116,8 +123,11 @@ def _complete_runs(plan: Plan, runs_dir: Path, problems: Optional[list[str]] = N
     going or interrupted would cut the seed-mean curves short."""
     from paper_figures.logs import read_runs
 
+    mine = re.compile("|".join(re.escape(plan.run_name(a.name, 0)[:-1]) + r"\d+" for a in plan.arms))
+    # the plan's own run names only: "cpu-ptb-" also begins cpu-ptb-cuda's runs and other plans' arms
     return [r for r in read_runs(runs_dir, [] if problems is None else problems)
-            if r.header.get("run_name", "").startswith(plan.name + "-") and r.final is not None]
+            if isinstance(r.header.get("run_name"), str) and mine.fullmatch(r.header["run_name"])
+            and r.final is not None]
 
 
 def _claims_wants(plan: Plan, runs_dir: Path) -> tuple[set[str], dict[str, int]]:
@@ -217,7 +227,14 @@ def _launch(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str], thread
     threads (its config's ``threads`` and the BLAS/OpenMP pools; for 0 the
     pools keep the environment's size), its output appended to ``<run>.out``;
     returns ``(process, job, output file)``."""
-    out = open(run_files(runs_dir, job.name).out, "a", encoding="utf-8")
+    files = run_files(runs_dir, job.name)
+    out = open_append(files.out)
+    if job.state == "broken" and files.log.exists():  # started again with --overwrite: keep what it had
+        backup = files.log.with_name(f"{files.log.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(files.log, backup)
+        out.write(f"dropcheck reproduce: {files.log.name} had no checkpoint to resume or a damaged header; "
+                  f"moved to {backup.name}, the run starts again\n")
+        out.flush()
     n = _job_threads(plan, job, threads)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)} if n else {})}
     p = subprocess.Popen(_command(plan, job, runs_dir, data, threads), stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -233,6 +250,16 @@ def _finished(runs_dir: Path, name: str, rc: int) -> tuple[bool, str]:
         return False, f"FAILED {name} (exit {rc}):\n    " + "\n    ".join(tail)
     return True, (f"done   {name}: best valid {final['best_valid_ppl']:.2f} at step "
                   f"{final['best_step']}, test {final['test_ppl']:.2f}")
+
+
+def _held_elsewhere(runs_dir: Path, name: str) -> bool:
+    """Whether a run our process could not start is another process's (another
+    driver took its lock between our look and our start)."""
+    files = run_files(runs_dir, name)
+    if is_locked(files.lock):
+        return True
+    tail = files.out.read_text(errors="replace").splitlines()[-3:] if files.out.exists() else []
+    return any("already running in another process" in line for line in tail)
 
 
 class PlanOutcome(NamedTuple):
@@ -252,6 +279,7 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
     runs_dir.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     left: list[str] = []
+    held: list[str] = []  # runs another process took between our look and our start: left to it
     running: dict[str, tuple[subprocess.Popen, RunJob, object]] = {}
     deadline = None if time_limit is None else time.monotonic() + time_limit
     total0 = len([j for j in plan_jobs(plan, runs_dir, seeds, patterns) if j.state != "done"])
@@ -286,7 +314,8 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
                         if j.state != "done" and j.name not in failed]
                 break
             todo = [j for j in plan_jobs(plan, runs_dir, seeds, patterns)
-                    if j.state not in ("done", "running") and j.name not in running and j.name not in failed]
+                    if j.state not in ("done", "running") and j.name not in running and j.name not in failed
+                    and j.name not in held]
             started = todo[: max(0, jobs - len(running))]
             for job in started:
                 running[job.name] = _launch(plan, job, runs_dir, data, threads)
@@ -304,6 +333,9 @@ def run_plan(plan: Plan, runs_dir: Path, *, jobs: int = 2, seeds: int = 2, data:
                 del running[name]
                 done_count += 1
                 ok, line = _finished(runs_dir, name, rc)
+                if not ok and _held_elsewhere(runs_dir, name):
+                    ok, line = True, f"held   {name}: another process is running it; left to that process"
+                    held.append(name)
                 if not ok:
                     failed.append(name)
                 bar.write(line)
@@ -332,6 +364,27 @@ def _drawing_code() -> str:
     return h.hexdigest()
 
 
+def _check_seeds_agree(runs: list) -> None:
+    """The claims pool the seeds of an arm (its run name less ``-s<seed>``):
+    a ``DropcheckError`` if two of them differ in a config key other than the
+    seed and the bookkeeping ones (``paper_figures.logs.config_key``)."""
+    import json
+
+    from paper_figures.logs import config_key
+
+    arms: dict = {}
+    for r in runs:
+        arms.setdefault(re.sub(r"-s\d+$", "", r.header["run_name"]), []).append(r)
+    for arm, members in sorted(arms.items()):
+        cfgs = {config_key(m): m for m in members}
+        if len(cfgs) > 1:
+            (ka, a), (kb, b) = list(cfgs.items())[:2]
+            ca, cb = json.loads(ka), json.loads(kb)
+            keys = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))
+            raise DropcheckError(f"the seeds of {arm} differ in {', '.join(keys)} ({a.path.name} vs {b.path.name}): "
+                                 "they are not seeds of one arm; move one aside or give it another run name")
+
+
 def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
     """Figures, tables and the claims (JSON + Markdown) from the logs alone."""
     from paper_figures.claims import write_claims
@@ -345,6 +398,7 @@ def draw(plan: Plan, runs_dir: Path, out: Path) -> list[Path]:
         print(f"warning: {p}", file=sys.stderr)
     if not runs:
         raise DropcheckError(f"no run log of plan {plan.name!r} under {runs_dir}")
+    _check_seeds_agree(runs)
     out.mkdir(parents=True, exist_ok=True)
     if plan.judge == "table2":
         from paper_figures.table2 import write_table2
@@ -415,19 +469,35 @@ def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance
     different processor or kernel instruction set rounds differently, and 300
     steps at lr 20 grow that into a few percent (README, "Re-checking a
     run"), so the machine of both is printed beside the verdict."""
+    from .configs import validate
+    from .data import load_corpus, resolve_corpus_dir
     from .trainer import cpu_kernels, train
 
+    safe_name(run, "--recheck")
+    log = run_files(runs_dir, run).log
     header, evals, _ = _read_log(runs_dir, run)
     if header is None or not evals:
-        raise DropcheckError(f"{run_files(runs_dir, run).log}: no header or no evaluation to re-check")
+        raise DropcheckError(f"{log}: no header or no evaluation to re-check")
     first = evals[0]
+    # the header is someone else's file: every name in it that becomes a path is checked, every key validated
+    config_name = safe_name(header.get("config_name", plan.config), f"config_name in the header of {log}")
+    if not isinstance(header.get("config"), dict) or not isinstance(first.get("step"), int) or first["step"] < 1:
+        raise DropcheckError(f"{log}: the header's config or the first evaluation's step is malformed")
     from .configs import DEFAULTS
 
-    # keys added since the run was logged take their defaults, which compute what the code did before them
-    cfg = {**DEFAULTS, **header["config"]}
-    cfg.update({"max_steps": int(first["step"]), "progress": False})
+    try:
+        # keys added since the run was logged take their defaults, which compute what the code did before them
+        cfg = validate({**DEFAULTS, **header["config"], "max_steps": first["step"], "progress": False})
+    except DropcheckError as exc:
+        raise DropcheckError(f"{log}: the header's config is invalid: {exc}") from None
+    corpus = load_corpus(resolve_corpus_dir(data, cfg["corpus"]))
+    logged = header.get("corpus")
+    if isinstance(logged, dict) and logged != corpus.identity(cfg["corpus"]):
+        raise DropcheckError(f"{log} was trained on another corpus than {corpus.path} (its header records "
+                             f"{logged.get('name')!r}, vocabulary {logged.get('vocab_size')}, with other file "
+                             "checksums or vocabulary): pass that corpus with --data")
     with tempfile.TemporaryDirectory() as tmp:
-        res = train(cfg, data=data, out=tmp, config_name=header.get("config_name", plan.config))
+        res = train(cfg, data=data, out=tmp, config_name=config_name, corpus=corpus)
     got = res.records[0]["valid_ppl"]
     want = first["valid_ppl"]
     rel = abs(got - want) / want
@@ -481,6 +551,10 @@ def run(args: argparse.Namespace) -> int:
         raise DropcheckError(f"--time-limit must be > 0 minutes, got {args.time_limit}")
     runs_dir = Path(args.runs or f"results/runs/{plan.name}")
     out = Path(args.out or f"results/{plan.name}")
+    unmatched = [p for p in args.arms or [] if not any(fnmatch.fnmatchcase(a.name, p) for a in plan.arms)]
+    if unmatched:
+        raise DropcheckError(f"--arms {' '.join(unmatched)} matches no arm of plan {plan.name!r}; its arms: "
+                             + ", ".join(a.name for a in plan.arms))
     if args.recheck:
         return recheck(plan, runs_dir, args.recheck, args.data, args.tolerance)
     if args.status:

@@ -6,11 +6,16 @@
   a resumed run computes the numbers of an uninterrupted one.
 - ``RunLog``: the JSON-lines log (header, one line per evaluation, final).
 - ``Checkpointer``: writes and reads ``<run>.ckpt.pt`` atomically (model,
-  optimizer, config, torch's global RNG, and every rank's ``RunState``).
+  optimizer, config, torch's global RNG, and every rank's ``RunState``), its
+  SHA-256 in ``<run>.ckpt.pt.sha256`` (``files.save_checkpoint``); a resume
+  reads it with ``weights_only=True`` after checking that digest, and
+  refuses a checkpoint of another corpus (``corpus``: name, file checksums,
+  vocabulary hash).
 
 The checkpoint layout (``CKPT_VERSION`` 1): ``loop`` (the counters),
 ``data_gen`` (shared by all ranks), ``ranks`` (per rank: ``gens``,
-``hidden``, ``acc``), beside ``model``, ``optimizer``, ``config``.
+``hidden``, ``acc``), beside ``model``, ``optimizer``, ``config`` and
+``corpus`` (``data.Corpus.identity()``; absent from older checkpoints).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.distributed as dist
 from dropcheck import DropcheckError
 
 from .configs import DEFAULTS
-from .files import atomic_torch_save, atomic_write_bytes
+from .files import atomic_write_bytes, load_checkpoint, open_append, save_checkpoint
 from .lm import state_to
 from .rules import Gens
 
@@ -36,7 +41,17 @@ CKPT_VERSION = 1
 # Keys that may differ between a checkpoint and a resumed run (they change no number).
 RESUME_MAY_DIFFER = ("progress", "threads", "checkpoint_every", "max_steps", "epochs", "patience", "device")
 
-__all__ = ["CKPT_VERSION", "RESUME_MAY_DIFFER", "Counters", "RunState", "RunLog", "Checkpointer"]
+__all__ = ["CKPT_VERSION", "RESUME_MAY_DIFFER", "Counters", "RunState", "RunLog", "Checkpointer", "Diverged"]
+
+
+class Diverged(DropcheckError):
+    """The run diverged: a training or validation loss that is not finite, or
+    whose perplexity overflows.  The run ends there, its log's ``final``
+    record says ``"stop": "diverged"``, and nothing after it is trained."""
+
+    def __init__(self, step: int, detail: str):
+        self.step = step
+        super().__init__(f"diverged at step {step}: {detail} (lower lr, or check the config)")
 
 
 @dataclass
@@ -144,6 +159,14 @@ class RunLog:
         kept = self.path.read_bytes().split(b"\n")[:n]
         if len(kept) < n:
             raise DropcheckError(f"cannot resume: log {self.path} has fewer lines than its checkpoint records")
+        for i, line in enumerate(kept, 1):  # the part the checkpoint vouches for must be intact
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except ValueError:  # UnicodeDecodeError included
+                ok = False
+            if not ok:
+                raise DropcheckError(f"cannot resume: log {self.path}, line {i} (before the checkpoint) is damaged; "
+                                     "restore the log, or start the run again with --overwrite")
         atomic_write_bytes(self.path, b"".join(line + b"\n" for line in kept))
         self.lines = n
 
@@ -154,7 +177,7 @@ class RunLog:
 
     def write(self, rec: Mapping[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open_append(self.path) as f:
                 f.write(json.dumps(rec, allow_nan=True) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -165,8 +188,9 @@ class Checkpointer:
     """``<run>.ckpt.pt``: save and restore a run (module docstring)."""
 
     def __init__(self, path: Path, *, cfg: Mapping[str, Any], config_name: str, run_name: str, world: int,
-                 is_main: bool):
+                 is_main: bool, corpus: Optional[Mapping[str, Any]] = None):
         self.path = path
+        self.corpus = dict(corpus) if corpus is not None else None
         self.cfg = dict(cfg)
         self.config_name = config_name
         self.run_name = run_name
@@ -197,14 +221,21 @@ class Checkpointer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "ranks": ranks,
+            "corpus": self.corpus,
         }
-        atomic_torch_save(ckpt, self.path)
+        save_checkpoint(ckpt, self.path)
 
     def load(self, state: RunState, lm: torch.nn.Module, opt: torch.optim.Optimizer, log: RunLog, rank: int) -> None:
         """Restore everything and truncate the log to the lines the checkpoint knew of."""
-        ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(self.path)
         if ckpt.get("version") != CKPT_VERSION:
             raise DropcheckError(f"checkpoint {self.path}: unknown format version {ckpt.get('version')!r}")
+        missing = [k for k in ("config", "world_size", "model", "optimizer", "loop", "data_gen", "torch_rng", "ranks")
+                   if k not in ckpt]
+        if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["ranks"], list):
+            raise DropcheckError(f"checkpoint {self.path}: not a dropcheck run checkpoint (missing or malformed: "
+                                 f"{', '.join(missing) or 'config/ranks'})")
+        self._check_corpus(ckpt.get("corpus"))
         diff = sorted(k for k in DEFAULTS if k not in RESUME_MAY_DIFFER and ckpt["config"].get(k, DEFAULTS[k]) != self.cfg[k])
         if diff:
             pairs = ", ".join(f"{k}: {ckpt['config'].get(k, DEFAULTS[k])!r} -> {self.cfg[k]!r}" for k in diff)
@@ -213,11 +244,31 @@ class Checkpointer:
             raise DropcheckError(
                 f"cannot resume {self.path}: it was written by {ckpt['world_size']} process(es), this run has {self.world}"
             )
-        lm.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        state.load_state_dict({"loop": ckpt["loop"], "data_gen": ckpt["data_gen"], "rank": ckpt["ranks"][rank]})
-        torch.set_rng_state(ckpt["torch_rng"])
-        device = state.loss_sum.device
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        try:
+            lm.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            state.load_state_dict({"loop": ckpt["loop"], "data_gen": ckpt["data_gen"], "rank": ckpt["ranks"][rank]})
+            torch.set_rng_state(ckpt["torch_rng"])
+            device = state.loss_sum.device
+            if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DropcheckError(f"cannot resume {self.path}: its contents do not fit this run "
+                                 f"({type(exc).__name__}: {first[:300]})") from None
         log.truncate_to(state.counters.log_lines)
+
+    def _check_corpus(self, theirs: Optional[Mapping[str, Any]]) -> None:
+        """Refuse a checkpoint of another corpus (a different file or vocabulary,
+        even of the same size: every word index would mean another word)."""
+        ours = self.corpus
+        if ours is None or theirs is None:  # an older checkpoint: the model's shapes are still checked on load
+            return
+        if not isinstance(theirs, Mapping):
+            raise DropcheckError(f"checkpoint {self.path}: malformed corpus record {theirs!r}")
+        keys = ("name", "files", "vocab_size", "vocab_sha256")
+        diff = [k for k in keys if theirs.get(k) != ours.get(k)]
+        if diff:
+            raise DropcheckError(f"cannot resume {self.path}: it was trained on another corpus ({theirs.get('name')!r}, "
+                                 f"vocabulary {theirs.get('vocab_size')}) than this run's ({ours.get('name')!r}, "
+                                 f"vocabulary {ours.get('vocab_size')}); differing: {', '.join(diff)}")

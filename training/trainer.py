@@ -5,8 +5,11 @@ One run writes, in its output folder, ``<run>.jsonl`` (first line the
 header: config, seed, device, git commit, torch version; then one line per
 evaluation and a final line with the test perplexity of the
 best-validation model and ``stop``: ``"budget"`` (epochs / max_steps) or
-``"patience"`` (``patience`` evaluations without a new best)), ``<run>.ckpt.pt`` (the last checkpoint) and
-``<run>.best.pt`` (the model with the best validation perplexity so far).
+``"patience"`` (``patience`` evaluations without a new best), or ``"diverged"``
+(a loss not finite or past 700 nats, where its perplexity overflows: no test,
+the run raises "diverged at step N")), ``<run>.ckpt.pt`` (the last checkpoint) and
+``<run>.best.pt`` (the model with the best validation perplexity so far), each
+with its SHA-256 in ``<file>.sha256`` (``files.save_checkpoint``).
 Eval records: ``step``, ``epoch`` (fractional), ``tokens_seen``,
 ``train_loss``/``train_ppl`` (mean over the interval's steps of the loss
 the rule optimises, without its regularizer: the mean over the k dropout
@@ -120,11 +123,12 @@ from torch import nn
 from dropcheck import DropcheckError, value_checks
 
 from .configs import run_name as default_run_name, validate
-from .files import atomic_torch_save, atomic_write_bytes, run_files, run_lock
-from .data import Corpus, batchify, get_batch, load_corpus, resolve_corpus_dir, sample_seq_len
+from .files import (atomic_torch_save, atomic_write_bytes, load_checkpoint, remove_run_outputs,
+                    remove_stale_temporaries, run_files, run_lock, save_checkpoint)
+from .data import Corpus, batchify, check_corpus_name, get_batch, load_corpus, resolve_corpus_dir, sample_seq_len
 from .lm import LanguageModel, StatefulLM, get_arch
 from .rules import Gens, UpdateRule, make_rule, needs_double_backward
-from .state import CKPT_VERSION, RESUME_MAY_DIFFER, Checkpointer, RunLog, RunState  # noqa: F401 (re-exported)
+from .state import CKPT_VERSION, RESUME_MAY_DIFFER, Checkpointer, Diverged, RunLog, RunState  # noqa: F401 (re-exported)
 
 
 __all__ = [
@@ -458,11 +462,9 @@ class Trainer:
         cfg, st, c = self.cfg, self.state, self.state.counters
         train_loss, reg, grad = self._interval_means()
         vloss, _ = evaluate(self.lm, self.valid_data, cfg["bptt"])
-        if not math.isfinite(vloss) or (st.steps and not math.isfinite(train_loss)):
-            raise DropcheckError(
-                f"training diverged at step {c.step}: train loss {train_loss}, valid loss {vloss} "
-                "(lower lr or check the config)"
-            )
+        # diverged: a loss that is not finite, or whose perplexity overflows float64 (exp(loss), loss >= 700 nats)
+        if not math.isfinite(_ppl(vloss)) or (st.steps and not math.isfinite(_ppl(train_loss))):
+            raise Diverged(c.step, f"train loss {train_loss}, valid loss {vloss}")
         vppl = _ppl(vloss)
         clean = evaluate(self.lm, self.train_eval, cfg["bptt"])[0] if self.train_eval is not None else math.nan
         c.evals += 1
@@ -473,8 +475,8 @@ class Trainer:
         if vppl < c.best_valid:
             c.best_valid, c.best_step = vppl, c.step
             if self.is_main and self.best_path is not None:
-                atomic_torch_save({"model": self.lm.state_dict(), "step": c.step, "valid_ppl": vppl, "config": cfg},
-                                  self.best_path)
+                save_checkpoint({"model": self.lm.state_dict(), "step": c.step, "valid_ppl": vppl, "config": cfg},
+                                self.best_path)
         tps = c.interval_tokens / c.interval_time if c.interval_time > 0 else math.nan
         lr_now = cfg["lr"] * c.lr_scale  # the rate this interval trained with
         if not significant:
@@ -527,7 +529,7 @@ def _header(cfg, name, config_name, device, backend, world, corpus, tokens: dict
         "torch": torch.__version__,
         "python": platform.python_version(),
         **cpu_kernels(),
-        "corpus": str(corpus.path),
+        "corpus": corpus.identity(cfg["corpus"]),  # name, file checksums, vocabulary hash: no machine path
         "vocab": corpus.vocab_size,
         **tokens,
         "parameters": n_params,
@@ -638,7 +640,7 @@ def _test_best(tr: "Trainer", lm: LanguageModel, d: _RunData, best_path: Path, w
     c, cfg = tr.state.counters, tr.cfg
     if world > 1:
         dist.barrier()
-    lm.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
+    lm.load_state_dict(load_checkpoint(best_path, "best model")["model"])
     tloss, tn = evaluate(lm, d.test, cfg["bptt"])
     vloss, _ = evaluate(lm, d.valid, cfg["bptt"])
     return {
@@ -720,8 +722,12 @@ def _run(cfg: Mapping[str, Any], name: str, out: Path, world: int, rank: int, de
     log_path, ckpt_path, best_path = files.log, files.ckpt, files.best
     if is_main:
         _check_outputs(out, log_path, ckpt_path, resume, overwrite)
+        remove_stale_temporaries(files)  # of writes a kill interrupted; we hold the run's lock
+        if overwrite and not resume:  # the old run's best.pt must not stand in for a new run that never improves
+            remove_run_outputs(files)
     if corpus is None:
         corpus = load_corpus(resolve_corpus_dir(data, cfg["corpus"]))
+    check_corpus_name(corpus, cfg["corpus"])
     d = _load_data(cfg, corpus, device, world, rank)
 
     # ---- model, rule, optimizer, state; log and checkpoints beside them
@@ -731,7 +737,8 @@ def _run(cfg: Mapping[str, Any], name: str, out: Path, world: int, rank: int, de
                  best_path=best_path, is_main=is_main)
     st = tr.state
     log = RunLog(log_path, is_main)
-    ckpt = Checkpointer(ckpt_path, cfg=cfg, config_name=config_name, run_name=name, world=world, is_main=is_main)
+    ckpt = Checkpointer(ckpt_path, cfg=cfg, config_name=config_name, run_name=name, world=world, is_main=is_main,
+                        corpus=corpus.identity(cfg["corpus"]))
     if resume:
         ckpt.load(st, lm, tr.opt, log, rank)
         log.write({"type": "resume", "step": st.counters.step, "epoch": st.counters.epoch, "time": time.time()})
@@ -747,8 +754,15 @@ def _run(cfg: Mapping[str, Any], name: str, out: Path, world: int, rank: int, de
     last_ckpt_step, stopped, stopped_early = c.step, False, False
 
     def eval_and_log() -> dict:
-        """Evaluate (fractional epoch from the stream position), log and keep the record."""
-        rec = tr.evaluate(c.epoch + min(1.0, c.pos / max(d.rows - 2, 1)))
+        """Evaluate (fractional epoch from the stream position), log and keep the record;
+        a diverged run ends with a ``final`` record that says so, and raises."""
+        try:
+            rec = tr.evaluate(c.epoch + min(1.0, c.pos / max(d.rows - 2, 1)))
+        except Diverged as exc:
+            log.write({"type": "final", "step": c.step, "stop": "diverged", "diverged": str(exc),
+                       "best_step": c.best_step, "best_valid_ppl": c.best_valid, "test_ppl": math.nan,
+                       "wall_time": c.train_time})
+            raise
         log.write(rec)
         records.append(rec)
         return rec
