@@ -117,11 +117,12 @@ def site_group(spec: SiteSpec, model: nn.Module) -> str:
     attention = tf.models.gpt2.modeling_gpt2.GPT2Attention
     if spec.module is lm.hf.transformer.drop:
         return "embedding"
-    if spec.functional and isinstance(spec.module, attention):
-        return "attention"
+    attns = [a for a in lm.hf.modules() if isinstance(a, attention)]
+    if spec.functional and (isinstance(spec.module, attention) or any(spec.module is a.attn_dropout for a in attns)):
+        return "attention"  # named after the calling module or after the module that holds its q
     if not spec.functional and isinstance(spec.module, nn.Dropout):
         # an attention module's own attn_dropout runs as a module only under reorder_and_upcast_attn
-        if any(spec.module is a.attn_dropout for a in lm.hf.modules() if isinstance(a, attention)):
+        if any(spec.module is a.attn_dropout for a in attns):
             return "attention"
         return "residual"
     raise DropcheckError(f"dropout site {spec.name!r} ({type(spec.module).__name__}) belongs to no group of GPT-2")

@@ -144,3 +144,22 @@ def test_configs_gpt2_cannot_run_are_refused_when_read(over, match):
 def test_the_lstm_refuses_gpt2_keys():
     with pytest.raises(DropcheckError, match="'q_attention': is read by arch 'gpt2' only"):
         make_config("smoke", q_attention=0.1)
+
+
+def test_the_clean_pass_has_every_site_off(tiny_cfg):
+    """Rule none's loss is the dropout-free loss (eval mode), draws nothing from
+    torch's RNG, and the model is left in training mode: attention dropout, a
+    functional call whose p follows the attention module's mode, is off too."""
+    cfg = tiny_cfg(arch="gpt2", dtype="float64", rule="none")
+    model = _model(cfg, scale=0.7).train()
+    rule = make_rule(cfg, model)
+    x, y = _batch()
+    g = torch.Generator().manual_seed(3)
+    before = torch.get_rng_state()
+    loss = rule.objective(model, x, y, Gens(g, g)).loss
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(m.training for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model(x).reshape(-1, V), y.reshape(-1))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
