@@ -2,10 +2,9 @@
 
 Each builder returns a ``Zoo`` entry: the model, its inputs (a dict of
 keyword inputs for the Hugging Face models), targets aligned with the
-logits (``-100`` where there is no target), and ``own_loss(model)``: the
-mean cross-entropy the way a user computes it from the model's own output,
-used for the ground truth ``E[train-mode loss] - eval-mode loss`` with the
-model's own random draws.  Nothing here calls dropcheck.
+logits (``-100`` where there is no target).  The ground truth ``E[train-mode loss] - eval-mode loss`` with the model's own
+random draws is ``dropcheck.testing.own_dropout_gap``, which uses none of
+dropcheck's analytic machinery.  Nothing here calls dropcheck.
 
 The Hugging Face models are built from tiny configs (no weights are ever
 downloaded; ``HF_HUB_OFFLINE=1``) with the default attention implementation
@@ -20,10 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,35 +38,6 @@ class Zoo:
     # (float64 throughout: 1e-5 and 1e-6; T5 below computes in float32 inside)
     fd_eps: float = 1e-5
     fd_rtol: float = 1e-6
-
-    def own_loss(self) -> torch.Tensor:
-        """Mean cross-entropy over the positions with a target, from the
-        model's own forward pass in whatever mode it is in."""
-        out = self.model(**self.inputs) if isinstance(self.inputs, dict) else self.model(self.inputs)
-        logits = out.logits if hasattr(out, "logits") else out
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.targets.reshape(-1), ignore_index=-100)
-
-    def own_gap(self, draws: int, seed: int, eval_modules: Callable[[nn.Module], bool] = None):
-        """``(mean, stderr)`` of ``loss(train mode, the model's own dropout) -
-        loss(eval mode)`` by plain Monte Carlo; the model's mode is restored.
-        ``eval_modules(m)``: modules kept in eval mode during the train-mode
-        draws (BatchNorm, whose running statistics define the network)."""
-        m = self.model
-        was = m.training
-        try:
-            with torch.no_grad():
-                m.eval()
-                base = self.own_loss()
-                m.train()
-                if eval_modules is not None:
-                    for mod in m.modules():
-                        if eval_modules(mod):
-                            mod.eval()
-                torch.manual_seed(seed)
-                vals = torch.stack([self.own_loss() for _ in range(draws)]) - base
-        finally:
-            m.train(was)
-        return float(vals.mean()), float(vals.std() / draws**0.5)
 
 
 def _scale_(model: nn.Module, std: float, seed: int) -> None:
@@ -261,10 +228,6 @@ def residual_sd(seed: int = 0, std: float = 1.0, real: bool = False) -> Zoo:
         model.bn.running_mean.copy_(0.3 * torch.randn(8, generator=g, dtype=DT))
         model.bn.running_var.copy_(0.5 + torch.rand(8, generator=g, dtype=DT))
     return Zoo("residual_sd_real" if real else "residual_sd", model, x, torch.randint(0, 4, (6,), generator=g))
-
-
-def is_batchnorm(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
 BUILDERS = {"gpt2": gpt2, "bert": bert, "t5": t5, "encoder_layer": encoder_layer, "residual_sd": residual_sd,

@@ -1,0 +1,54 @@
+"""pytest plugin of ``dropcheck.testing`` (registered through the
+``pytest11`` entry point, so it is active wherever dropcheck is installed).
+
+- the ``heavy`` marker: long Monte Carlo checks.  They are skipped unless
+  the run asks for them: ``pytest --heavy`` (or ``DROPCHECK_HEAVY=1``), or a
+  ``-m`` expression that mentions ``heavy`` (``-m heavy``; a suite whose
+  own ``addopts`` say ``-m 'not heavy'`` keeps its own selection).
+- ``--heavy`` also sets ``DROPCHECK_HEAVY=1``, which
+  ``dropcheck.testing.hypothesis_settings()`` reads (100 examples, not 10).
+- the ``dropcheck_seed`` fixture: an int seed (``--dropcheck-seed``,
+  default 0) for ``generator=`` arguments.
+
+Nothing here imports torch, so the plugin costs nothing in other projects.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("dropcheck")
+    group.addoption("--heavy", action="store_true", default=False,
+                    help="run tests marked heavy (long Monte Carlo checks); sets DROPCHECK_HEAVY=1")
+    group.addoption("--dropcheck-seed", type=int, default=0, help="seed of the dropcheck_seed fixture (default 0)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: long Monte Carlo / statistical checks (run with --heavy or -m heavy)")
+    if config.getoption("--heavy"):
+        os.environ["DROPCHECK_HEAVY"] = "1"
+
+
+def _heavy_requested(config) -> bool:
+    if config.getoption("--heavy") or os.environ.get("DROPCHECK_HEAVY", "") not in ("", "0"):
+        return True
+    return "heavy" in (config.getoption("markexpr", "") or "")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _heavy_requested(config):
+        return
+    skip = pytest.mark.skip(reason="heavy: run with --heavy (or -m heavy)")
+    for item in items:
+        if item.get_closest_marker("heavy") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def dropcheck_seed(request) -> int:
+    """An int seed for ``generator=`` arguments (``--dropcheck-seed``)."""
+    return int(request.config.getoption("--dropcheck-seed"))
