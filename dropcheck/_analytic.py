@@ -262,28 +262,31 @@ class AnalyticSession:
         """``(name, module)`` of the innermost module of the model on the
         Python stack (a frame whose ``self`` or ``module`` local is one), or
         ``(None, None)`` outside the model's forward pass."""
-        names = self.module_names()
-        f = sys._getframe(1)
-        while f is not None:
-            loc = f.f_locals
-            for k in ("self", "module"):
-                m = loc.get(k)
-                if m is not None and id(m) in names:
-                    return names[id(m)], m
-            f = f.f_back
-        return None, None
+        from ._functional import module_caller
+
+        return module_caller(self.module_names(), sys._getframe(1))
 
     def functional_site(self, h: torch.Tensor, q, structure: str, label: str) -> torch.Tensor:
-        """A dropout call without a module of its own (``_functional.py``)."""
+        """A dropout call without a module of its own (``_functional.py``),
+        named by ``_functional.site_name``; a drop probability that the model
+        carries for it (``with_drop_probability``) replaces the call's."""
+        from ._functional import site_name
+
         self.functional_seen = True
-        name, module = self.caller()
-        key = f"{name or '<root>'}:{label}"
-        q = _check_q(q, f"{label} call in module {name or '<root>'!r}")
-        spec = self._fspecs.get((key, q, structure))
+        name, module = site_name(self.module_names(), sys._getframe(1), float(q), label)
+        q = _check_q(q, f"{label} call in module {name.split(':')[0]!r}")
+        q = functional_override(self.model, name, q)
+        if q == 0.0:
+            return h
+        spec = self._fspecs.get(name)
+        if spec is not None and (spec.q, spec.structure) != (q, structure):
+            # one attribute read by calls of another kind or probability: keep names unique
+            name = f"{name}@{q:g}" if spec.q != q else f"{name}:{label}"
+            spec = self._fspecs.get(name)
         if spec is None:
-            spec = SiteSpec(key, module if module is not None else self.model, q, BERNOULLI, structure,
+            spec = SiteSpec(name, module if module is not None else self.model, q, BERNOULLI, structure,
                             functional=True)
-            self._fspecs[(key, q, structure)] = spec
+            self._fspecs[name] = spec
         return self.record(spec, h)
 
     # -- passes ------------------------------------------------------------
@@ -324,6 +327,18 @@ class AnalyticSession:
             "dropcheck does not see (e.g. the dropout inside a fused nn.LSTM/GRU, or a random C++ op); "
             "dropcheck would leave that noise in its analytic results, so it refuses the model"
         )
+
+
+def functional_override(model: nn.Module, name: str, q: float) -> float:
+    """The drop probability of functional site ``name`` of ``model``: the one
+    ``with_drop_probability`` set on this model (by name, or for every
+    functional site), else the call's own ``q``."""
+    table = getattr(model, "_dropcheck_q", None)
+    if not table:
+        return q
+    if name in table:
+        return table[name]
+    return table.get("*", q)
 
 
 _PASS: contextvars.ContextVar = contextvars.ContextVar("dropcheck_session", default=None)

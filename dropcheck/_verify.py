@@ -203,11 +203,8 @@ def _check_fd_vs_jvp(ctx: _Ctx) -> None:
 def _check_gaussian_limit(ctx: _Ctx) -> None:
     """Gaussian noise: the Monte Carlo gap tends to R_taylor as q -> 0."""
     R = ctx.R
-    if ctx.functional:
-        R.skip("Gaussian R_drop -> R_taylor as q -> 0", "MC gap", "R_taylor", "functional sites: q cannot be changed")
-        return
     t0 = time.perf_counter()
-    m = with_drop_probability(ctx.model, 0.01)
+    m = with_drop_probability(ctx.model, 0.01, inputs=ctx.X)  # functional sites too
     gap = dropout_gap(m, ctx.X, ctx.y, samples=4000, generator=ctx.seed, antithetic=True)
     tay = _f(taylor_regularizer(m, ctx.X, ctx.y))
     R.z("Gaussian R_drop -> R_taylor as q -> 0", "MC gap, q=0.01 (antithetic)", "R_taylor",
@@ -233,12 +230,9 @@ def _check_gap(ctx: _Ctx) -> None:
     mc = dropout_gap(model, X, y, samples=2000, generator=ctx.seed, control_variate=True)
     R.z("R_drop", "Monte Carlo (2000, control variate)", f"exact enumeration ({ex.samples} masks)",
         mc.value, ex.value, mc.stderr, t0)
-    if ctx.functional:
-        R.skip("lim R_drop/q = sum Delta_ik", "exact R_drop/q", "deletions", "functional sites: q cannot be changed")
-        return
     t0 = time.perf_counter()
     q0 = 1e-4
-    m = with_drop_probability(model, q0)
+    m = with_drop_probability(model, q0, inputs=X)  # functional sites too
     ex0 = dropout_gap(m, X, y, exact=True, max_units=ENUM_LIMIT).value / q0
     lim = first_order_gap(m, X, y)
     R.rel("lim R_drop/q = sum Delta_ik", f"exact R_drop/q at q={q0}", "sum of deletions Delta_ik",

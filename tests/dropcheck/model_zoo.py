@@ -230,6 +230,70 @@ def residual_sd(seed: int = 0, std: float = 1.0, real: bool = False) -> Zoo:
     return Zoo("residual_sd_real" if real else "residual_sd", model, x, torch.randint(0, 4, (6,), generator=g))
 
 
+def _token_batch(seed: int, n: int = 2, t: int = 5, vocab: int = 11):
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, vocab, (n, t), generator=g)
+    y = torch.randint(0, vocab, (n, t), generator=g)
+    y[0, 0] = -100
+    return ids, y, g
+
+
+def opt(seed: int = 0, attn: str = "sdpa", std: float = 0.5, dropout=0.3, attention_dropout=0.1) -> Zoo:
+    """Tiny OPT: every dropout functional (``F.dropout`` with ``self.dropout``
+    in the layers, attention dropout through eager or SDPA attention)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=11, hidden_size=8, num_hidden_layers=2, ffn_dim=16, num_attention_heads=2,
+                    max_position_embeddings=16, word_embed_proj_dim=8, dropout=dropout,
+                    attention_dropout=attention_dropout)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(cfg).to(DT)
+    _scale_(model, std, seed)
+    ids, y, _ = _token_batch(seed)
+    return Zoo(f"opt_{attn}", model, {"input_ids": ids}, y)
+
+
+def bart(seed: int = 0, attn: str = "sdpa", std: float = 0.5, dropout=0.3, activation_dropout=0.1,
+         attention_dropout=0.2) -> Zoo:
+    """Tiny BART (encoder and decoder): ``dropout``, ``activation_dropout`` and
+    ``attention_dropout`` all reach ``F.dropout`` / attention from one layer module."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(vocab_size=11, d_model=8, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=16,
+                     decoder_ffn_dim=16, encoder_attention_heads=2, decoder_attention_heads=2,
+                     max_position_embeddings=16, dropout=dropout, activation_dropout=activation_dropout,
+                     attention_dropout=attention_dropout)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(cfg).to(DT)
+    _scale_(model, std, seed)
+    ids, y, g = _token_batch(seed)
+    dec = torch.randint(0, 11, ids.shape, generator=g)
+    return Zoo(f"bart_{attn}", model, {"input_ids": ids, "decoder_input_ids": dec}, y)
+
+
+def llama(seed: int = 0, attn: str = "sdpa", std: float = 0.5, attention_dropout=0.3) -> Zoo:
+    """Tiny Llama: attention dropout only (``self.attention_dropout``); RMSNorm
+    computes in float32 inside the float64 model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                      attention_dropout=attention_dropout)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(DT)
+    if std is not None:
+        _scale_(model, std, seed)
+    ids, y, _ = _token_batch(seed)
+    return Zoo(f"llama_{attn}", model, {"input_ids": ids}, y)
+
+
+# models whose dropout is all functional (not in BUILDERS: test_functional_sites_hf.py uses them)
+FUNCTIONAL_HF = {"opt": opt, "bart": bart, "llama": llama}
+
+
 BUILDERS = {"gpt2": gpt2, "bert": bert, "t5": t5, "encoder_layer": encoder_layer, "residual_sd": residual_sd,
             "residual_sd_real": lambda: residual_sd(real=True)}
 # packages a builder needs beyond the test extra; skipped where absent, also on CI (PyPI's torchvision

@@ -1,0 +1,105 @@
+"""Functional dropout sites are first-class on Hugging Face models whose
+dropout is all functional (tiny OPT, BART, Llama built from configs, no
+weights): unique names that do not depend on the attention implementation
+or on call order, and per-site drop probabilities that reach every site,
+in dropcheck's passes and in the model's own."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import dropcheck as dc
+import dropcheck.testing as dct
+import model_zoo as Z
+
+if not os.environ.get("CI"):
+    pytest.importorskip("transformers")
+
+
+def _names(zoo):
+    return [(s.name, s.q) for s in dc.find_sites(zoo.model, zoo.inputs)]
+
+
+@pytest.mark.parametrize("kind", list(Z.FUNCTIONAL_HF))
+def test_site_names_are_unique_and_the_same_under_eager_and_sdpa(kind):
+    eager, sdpa = _names(Z.FUNCTIONAL_HF[kind](attn="eager")), _names(Z.FUNCTIONAL_HF[kind](attn="sdpa"))
+    assert eager == sdpa
+    names = [n for n, _ in sdpa]
+    assert len(set(names)) == len(names), names
+    assert all(":" in n and "@" not in n for n in names), names  # every q found in an attribute
+
+
+def test_bart_names_come_from_the_attribute_holding_q_in_encoder_and_decoder():
+    names = dict(_names(Z.bart()))
+    for stack in ("encoder", "decoder"):
+        assert names[f"model.{stack}.layers.0:dropout"] == 0.3
+        assert names[f"model.{stack}.layers.0:activation_dropout"] == 0.1
+        assert names[f"model.{stack}.layers.0.self_attn:dropout"] == 0.2
+    assert names["model.decoder.layers.0.encoder_attn:dropout"] == 0.2
+    # equal values: the call's source (p=self.activation_dropout) still tells them apart
+    tied = dict(_names(Z.bart(dropout=0.1, activation_dropout=0.1)))
+    assert {"model.encoder.layers.0:dropout", "model.encoder.layers.0:activation_dropout"} <= set(tied)
+
+
+@pytest.mark.parametrize("kind", list(Z.FUNCTIONAL_HF))
+def test_with_drop_probability_reaches_every_site_in_dropchecks_and_the_models_own_passes(kind):
+    zoo = Z.FUNCTIONAL_HF[kind]()
+    m, x, y = zoo.model, zoo.inputs, zoo.targets
+    low, high = (dc.with_drop_probability(m, q, inputs=x) for q in (0.02, 0.4))
+    assert {q for _, q in _names(Z.Zoo("", low, x, y))} == {0.02}
+    assert {q for _, q in _names(Z.Zoo("", high, x, y))} == {0.4}
+    assert {q for _, q in _names(zoo)} != {0.4}  # the original is untouched
+    # the model's own train-mode passes use the new q: at q = 0 every train-mode pass is the eval pass
+    off = dc.with_drop_probability(m, 0.0, inputs=x)
+    assert dc.find_sites(off, x, require=False) == []
+    assert tuple(dct.own_dropout_gap(off, x, y, 5, generator=0)) == (0.0, 0.0)
+    assert dct.own_dropout_gap(high, x, y, 5, generator=0).stderr > 0
+    # one site by name
+    first = _names(zoo)[0][0]
+    one = dc.with_drop_probability(m, {first: 0.05}, inputs=x)
+    got = dict(_names(Z.Zoo("", one, x, y)))
+    assert got[first] == 0.05 and {k: v for k, v in got.items() if k != first} == {
+        k: v for k, v in _names(zoo) if k != first}
+
+
+def test_the_overridden_copy_agrees_with_its_own_dropout():
+    zoo = Z.llama(attention_dropout=0.1)
+    m = dc.with_drop_probability(zoo.model, 0.4, inputs=zoo.inputs)
+    dct.assert_gap_matches_own_dropout(m, zoo.inputs, zoo.targets, 300, generator=5)
+
+
+def test_sites_that_cannot_be_overridden_are_refused_by_name():
+    zoo = Z.opt()
+    with pytest.raises(dc.DropcheckError, match="no_such_site"):
+        dc.with_drop_probability(zoo.model, {"no_such_site": 0.1}, inputs=zoo.inputs)
+    with pytest.raises(dc.DropcheckError, match="pass inputs="):
+        dc.with_drop_probability(zoo.model, {"model.decoder.layers.0:dropout": 0.1})
+
+    class Stuck(nn.Dropout):  # a dropout module whose q ignores assignment
+        @property
+        def p(self):
+            return 0.3
+
+        @p.setter
+        def p(self, value):
+            pass
+
+    net = nn.Sequential(nn.Linear(3, 3), Stuck(), nn.Linear(3, 2))
+    with pytest.raises(dc.DropcheckError, match=r"\['1'\].*cannot be set"):
+        dc.with_drop_probability(net, 0.1)
+
+
+def test_taylor_map_r_drop_moves_with_q_on_opt():
+    from dropcheck._taylor_map import map_model
+
+    zoo = Z.opt()
+    rows = map_model("opt", zoo.model, zoo.inputs, zoo.targets, [0.01, 0.3], samples=200, noises=("bernoulli",),
+                     limit=False)
+    lo, hi = rows
+    assert abs(hi.R_drop - lo.R_drop) > 4 * (hi.R_drop_stderr ** 2 + lo.R_drop_stderr ** 2) ** 0.5, rows
+    # R_approx does not depend on q, so λ R_approx scales with λ(q) exactly
+    assert hi.R_approx_weighted / lo.R_approx_weighted == pytest.approx(dc.dropout_lambda(0.3) / dc.dropout_lambda(0.01))
