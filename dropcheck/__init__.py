@@ -26,7 +26,7 @@ from ._analytic import (
     sample_eta,
     zero_probe,
 )
-from ._common import value_checks
+from ._common import Estimate, value_checks
 from ._errors import DataError, DropcheckError, NoDropoutSiteError
 from ._explicit import explicit_regularizer, loss_jacobian_regularizer, taylor_regularizer
 from ._gap import GapEstimate, dropout_gap, first_order_gap
@@ -70,6 +70,7 @@ __all__ = [
     "dropout_gap",
     "first_order_gap",
     "GapEstimate",
+    "Estimate",
     "implicit_noise",
     "implicit_noise_covariance",
     "implicit_noise_jacobian",

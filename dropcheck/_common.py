@@ -77,6 +77,47 @@ def call_model(model: nn.Module, inputs) -> torch.Tensor:
     return extract_logits(session.run_pass(lambda: _invoke(model, inputs)))
 
 
+class Estimate(tuple):
+    """``(value, stderr)`` of a stochastic estimator called with
+    ``return_stderr=True``: ``value`` is what the call returns otherwise (a
+    scalar tensor, differentiable where the call's result is), ``stderr``
+    the standard error of the mean over its ``samples`` independent draws
+    (a float, from the draws' sample standard deviation)."""
+
+    def __new__(cls, value, stderr: float, samples: int):
+        obj = super().__new__(cls, (value, float(stderr)))
+        obj.samples = int(samples)
+        return obj
+
+    @property
+    def value(self):
+        return self[0]
+
+    @property
+    def stderr(self) -> float:
+        return self[1]
+
+    def __repr__(self) -> str:
+        v = float(self[0].detach()) if isinstance(self[0], torch.Tensor) else self[0]
+        return f"Estimate(value={v!r}, stderr={self[1]!r}, samples={self.samples})"
+
+
+def with_stderr(value, draws, factors, samples: int, per_site: bool, keys):
+    """``value`` (a scalar, or ``{key: scalar}``) wrapped as ``Estimate``s from
+    the per-draw, per-site values ``draws[s][j]`` and the sites' weights
+    ``factors[j]`` (λ_i and site weights): the total's draws are
+    ``Σ_j factors[j] draws[s][j]``."""
+    import math as _m
+
+    if samples < 2:
+        raise DropcheckError(f"return_stderr needs samples >= 2 draws, got {samples}")
+    D = torch.tensor(draws, dtype=torch.float64) * torch.tensor(factors, dtype=torch.float64)
+    se = D.std(0, unbiased=True) / _m.sqrt(samples)
+    if per_site:
+        return {k: Estimate(value[k], float(se[j]), samples) for j, k in enumerate(keys)}
+    return Estimate(value, float(D.sum(1).std(unbiased=True)) / _m.sqrt(samples), samples)
+
+
 _VALUE_CHECKS = contextvars.ContextVar("dropcheck_value_checks", default=True)
 
 
@@ -242,6 +283,8 @@ def needs_graph(model: nn.Module) -> bool:
 def _detach(out):
     if isinstance(out, torch.Tensor):
         return out.detach()
+    if isinstance(out, Estimate):
+        return Estimate(_detach(out.value), out.stderr, out.samples)
     if isinstance(out, dict):
         return {k: _detach(v) for k, v in out.items()}
     return out

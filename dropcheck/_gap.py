@@ -24,6 +24,7 @@ class GapEstimate(tuple):
     def __new__(cls, value: float, stderr: float, samples: int):
         obj = super().__new__(cls, (float(value), float(stderr)))
         obj.samples = int(samples)
+        obj.control_variate = False  # whether the first-order control variate was subtracted
         return obj
 
     @property
@@ -53,7 +54,7 @@ def dropout_gap(
     generator: Union[torch.Generator, int, None, Mapping] = None,
     noise: Optional[str] = None,
     antithetic: bool = False,
-    control_variate: bool = False,
+    control_variate: Union[bool, str] = False,
     max_units: int = 16,
     sites: Optional[SiteNames] = None,
 ) -> GapEstimate:
@@ -67,7 +68,15 @@ def dropout_gap(
     Gaussian sites), which removes the O(√q) first-order fluctuation;
     ``control_variate=True`` subtracts the first-order term ``Σ_i ∂L/∂h_i ·
     (η_i ⊙ h_i)`` (clean-point gradient, mean zero for any noise), which
-    does the same for Bernoulli noise.
+    does the same for Bernoulli noise.  It narrows the error bar only where
+    that linear term predicts most of each draw's loss change (small
+    effective deletions: convnets, MLPs, small ``q``); where single
+    deletions move the loss far from its linear prediction (attention
+    probabilities, narrow transformer layers at ``q ≈ 0.1-0.3``) it can
+    widen it several-fold (docs/testing.md, "Error bars").
+    ``control_variate="auto"`` decides from a pilot of 32 extra draws (not
+    part of the estimate): the form with the smaller sample variance is used
+    for the ``samples`` draws; ``GapEstimate.control_variate`` says which.
     ``exact=True`` enumerates the keep/drop patterns of the noise units
     (Bernoulli sites only) and weights each by its probability, factorized
     over independent groups: units that reach disjoint sets of output
@@ -102,6 +111,11 @@ def dropout_gap(
     if int(samples) < 2:
         raise DropcheckError(f"Monte Carlo needs samples >= 2, got {samples!r}")
     gen = site_generators(generator)
+    if control_variate not in (True, False, "auto"):
+        raise DropcheckError(f"control_variate must be True, False or 'auto', got {control_variate!r}")
+    auto = control_variate == "auto"
+    if auto and antithetic:
+        raise DropcheckError("control_variate='auto' and antithetic=True: choose one")
     if control_variate:
         with torch.enable_grad():
             Zp, _, pocc = probe_forward(model, inputs, targets)
@@ -116,6 +130,13 @@ def dropout_gap(
             s.reset(policy)
             return mean_loss(*flatten_logits(call_model(model, inputs), targets))
 
+        if auto:  # pilot: both forms on the same 32 draws, the smaller variance wins
+            raw, adj = [], []
+            for _ in range(32):
+                lv = loss(noise_policy(gen, noise))
+                raw.append(lv)
+                adj.append(lv - sum((c * o.expand(o.extra["eta"])).sum() for c, o in zip(cv, s.occurrences)))
+            control_variate = bool(torch.stack(adj).var() < torch.stack(raw).var())
         for _ in range(int(samples)):
             lv = loss(noise_policy(gen, noise))
             if control_variate:
@@ -127,7 +148,9 @@ def dropout_gap(
             else:
                 vals.append(lv)
     v = torch.stack(vals) - base
-    return GapEstimate(float(v.mean()), float(v.std(unbiased=True) / math.sqrt(len(vals))), len(vals))
+    out = GapEstimate(float(v.mean()), float(v.std(unbiased=True) / math.sqrt(len(vals))), len(vals))
+    out.control_variate = bool(control_variate)
+    return out
 
 
 @grad_aware

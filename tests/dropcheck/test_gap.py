@@ -277,3 +277,21 @@ def test_gap_estimate_unpacks_as_value_and_stderr():
     assert (r, se) == (est.value, est.stderr) and se == 0.0 and est.samples == 4
     assert pickle.loads(pickle.dumps(est)).samples == 4
     assert "samples=4" in repr(est)
+
+
+@pytest.mark.parametrize("blocks, scale, cv_wins", [
+    ([("dropout", 0.1)], 0.5, True),  # near-linear: the first-order term is most of each draw's change
+    ([("dropout", 0.5), ("dropout", 0.5)], 3.0, False),  # large weights, q = 0.5: deletions far from linear
+])
+def test_control_variate_auto_picks_the_form_with_the_smaller_error_bar(blocks, scale, cv_wins):
+    import dropcheck.testing as dct
+
+    c = dct.build_case(dict(blocks=blocks, d=4, classes=3, n=3, t=4, scale=scale, seed=2))
+    m, x, y = c.model, c.inputs, c.targets
+    plain = dc.dropout_gap(m, x, y, samples=300, generator=1)
+    cv = dc.dropout_gap(m, x, y, samples=300, generator=1, control_variate=True)
+    auto = dc.dropout_gap(m, x, y, samples=300, generator=1, control_variate="auto")
+    assert (cv.stderr < plain.stderr) == cv_wins and auto.control_variate == cv_wins
+    assert cv.control_variate and not plain.control_variate
+    with pytest.raises(dc.DropcheckError, match="control_variate"):
+        dc.dropout_gap(m, x, y, samples=10, control_variate="yes")
