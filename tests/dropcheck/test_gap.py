@@ -295,3 +295,30 @@ def test_control_variate_auto_picks_the_form_with_the_smaller_error_bar(blocks, 
     assert cv.control_variate and not plain.control_variate
     with pytest.raises(dc.DropcheckError, match="control_variate"):
         dc.dropout_gap(m, x, y, samples=10, control_variate="yes")
+
+
+@pytest.mark.parametrize("spec", [
+    dict(blocks=[("dropout", 0.3), ("locked", 0.2), ("attention", 0.3)], d=3, classes=3, n=3, t=3, scale=2.0,
+         ignore=0.25, seed=1),
+    dict(blocks=[("channel", 0.3), ("dropconnect", 0.2), ("drop_path", 0.3), ("functional", 0.1)], d=3, classes=3,
+         n=2, t=3, scale=2.0, ignore=0.0, seed=4),
+])
+def test_first_order_gap_batched_deletions_equal_one_pass_per_unit(spec, monkeypatch):
+    """The batched route (each example tiled, ``copies`` deletions per pass)
+    gives the per-unit loop's value (``copies=1``) to rounding, site by site;
+    DropConnect (noise shared over the batch) takes the loop inside the same call."""
+    import dropcheck._gap as gap_mod
+    import dropcheck.testing as dct
+
+    c = dct.build_case(spec)
+    loop = dc.first_order_gap(c.model, c.inputs, c.targets, per_site=True, copies=1)
+    batched_sites = []
+    real = gap_mod._tiled_deletions
+    monkeypatch.setattr(gap_mod, "_tiled_deletions",
+                        lambda m, t, occs, j, N: batched_sites.append(occs[j].key) or real(m, t, occs, j, N))
+    fast = dc.first_order_gap(c.model, c.inputs, c.targets, per_site=True, copies=4)
+    assert set(fast) == set(loop)
+    for k in loop:
+        assert fast[k] == pytest.approx(loop[k], rel=1e-9, abs=1e-13), k
+    weight_sites = {k for k in loop if ".lin.drop." in k}
+    assert set(batched_sites) == set(loop) - weight_sites and batched_sites
