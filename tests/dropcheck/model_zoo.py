@@ -290,6 +290,18 @@ def llama(seed: int = 0, attn: str = "sdpa", std: float = 0.5, attention_dropout
     return Zoo(f"llama_{attn}", model, {"input_ids": ids}, y)
 
 
+def cnn(seed: int = 0) -> Zoo:
+    """A small CNN: ``Dropout2d`` between convolutions, BatchNorm (eval-mode
+    statistics in every pass), dropout before the classifier."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout2d(0.2),
+                          nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Dropout(0.3), nn.Linear(6, 4)).to(DT)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(8, 2, 6, 6, generator=g, dtype=DT)
+    return Zoo("cnn", model, x, torch.randint(0, 4, (8,), generator=g))
+
+
 # models whose dropout is all functional (not in BUILDERS: test_functional_sites_hf.py uses them)
 FUNCTIONAL_HF = {"opt": opt, "bart": bart, "llama": llama}
 
