@@ -250,6 +250,74 @@ def default_eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
 
 
+def fd_step_and_tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """Central-difference step and the agreement to expect for a model that
+    computes in ``dtype``: ``ε = u^(1/3)`` (``default_eps``) balances the
+    ``O(ε²)`` truncation against the ``O(u/ε)`` rounding, both then of order
+    ``u^(2/3)``; the tolerance allows a factor 100 for the derivatives'
+    constants, floored at 1e-6: 1e-6 in float64, 2.4e-3 in float32."""
+    u = float(torch.finfo(dtype).eps)
+    return u ** (1.0 / 3.0), max(1e-6, 100.0 * u ** (2.0 / 3.0))
+
+
+_PRECISION: "weakref.WeakKeyDictionary" = None  # model -> (fingerprint, param dtype, compute dtype)
+
+
+def compute_dtype(model: nn.Module, inputs) -> torch.dtype:
+    """The least precise floating dtype the model actually computes in: one
+    clean analytic forward pass (no grad, no random draw) records the dtype of
+    every floating result computed from more precise floating inputs; a
+    float32 RMSNorm inside a float64 model gives float32 (float32 masks or
+    position tables made from integers do not count).  Cached per model (and
+    its parameters' dtype)."""
+    import weakref
+
+    from torch.overrides import TorchFunctionMode
+
+    global _PRECISION
+    if _PRECISION is None:
+        _PRECISION = weakref.WeakKeyDictionary()
+    pdt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    fp = (tuple(id(m) for m in model.modules()), pdt)
+    hit = _PRECISION.get(model)
+    if hit is not None and hit[0] == fp:
+        return hit[1]
+    seen: set = set()
+
+    def floats(x, acc):
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point():
+                acc.append(x.dtype)
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                floats(v, acc)
+        return acc
+
+    class _Watch(TorchFunctionMode):
+        """Records the dtype of results computed from more precise floating
+        inputs (a downcast on the data path, e.g. ``h.to(torch.float32)``);
+        tensors made from integers or constants (masks, positions) do not count."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = floats(args, floats(list((kwargs or {}).values()), []))
+            if ins:
+                finest = min(torch.finfo(d).eps for d in ins)
+                for d in floats(out, []):
+                    if torch.finfo(d).eps > finest:
+                        seen.add(d)
+            return out
+
+    from ._analytic import analytic_mode  # the clean network, no random draw
+
+    with torch.no_grad(), analytic_mode(model), _Watch():
+        call_model(model, inputs)
+    seen.add(pdt)
+    low = max(seen, key=lambda d: torch.finfo(d).eps)
+    _PRECISION[model] = (fp, low)
+    return low
+
+
 def quad_form(p: torch.Tensor, u: torch.Tensor, hessian: str = "output") -> torch.Tensor:
     """``uᵀ H u`` per row with ``p`` of shape ``(N, c)`` and ``u`` of shape
     ``(N, c, ...)`` (extra trailing dims allowed).

@@ -41,7 +41,8 @@ from ._common import (
     call_model,
     check_estimator,
     check_inputs,
-    default_eps,
+    compute_dtype,
+    fd_step_and_tolerance,
     flatten_logits,
     grad_aware,
     mean_loss,
@@ -172,7 +173,8 @@ def explicit_regularizer(
       Jacobian-vector product, ``(1/N) Σ_n u_nᵀ H_out u_n``.
     - ``"fd"``: the same ``u`` by a central difference of two forward passes
       with multiplicative probes ``h(1 ± ε √λ_i v_i)`` at all sites at once
-      (first-order autograd only); bias ``O(ε²)``.
+      (first-order autograd only); bias ``O(ε²)``; default ``ε`` from the
+      precision the model computes in (``_common.compute_dtype``).
 
     ``samples`` averages that many draws (ignored by ``"exact"``).
     ``hessian="identity"`` is the Section 5.2 ablation (``H_out`` replaced by
@@ -279,7 +281,7 @@ def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_
         unlock_positions(occs)
     ws = site_weight_list(occs, site_weights)
     p = torch.softmax(Z, -1)
-    eps = default_eps(Z.dtype) if eps is None else float(eps)
+    eps = fd_step_and_tolerance(compute_dtype(model, inputs))[0] if eps is None else float(eps)
     if not eps > 0:
         raise DropcheckError(f"eps must be > 0, got {eps!r}")
     gens = site_generators(generator)

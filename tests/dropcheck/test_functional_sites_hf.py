@@ -103,3 +103,43 @@ def test_taylor_map_r_drop_moves_with_q_on_opt():
     assert abs(hi.R_drop - lo.R_drop) > 4 * (hi.R_drop_stderr ** 2 + lo.R_drop_stderr ** 2) ** 0.5, rows
     # R_approx does not depend on q, so λ R_approx scales with λ(q) exactly
     assert hi.R_approx_weighted / lo.R_approx_weighted == pytest.approx(dc.dropout_lambda(0.3) / dc.dropout_lambda(0.01))
+
+
+# -- precision: a float32 RMSNorm inside a float64 Llama ---------------------------
+
+
+def test_compute_dtype_sees_the_float32_norm_and_only_it():
+    from dropcheck._common import compute_dtype
+
+    assert compute_dtype(Z.llama().model, Z.llama().inputs) == torch.float32  # RMSNorm upcasts to float32
+    zoo = Z.opt()  # float32 masks made from integers are not a downcast of the data
+    assert compute_dtype(zoo.model, zoo.inputs) == torch.float64
+
+
+def test_implicit_noise_fd_step_follows_the_models_precision():
+    zoo = Z.llama()
+    m, x, y = zoo.model, zoo.inputs, zoo.targets
+
+    def err(eps):
+        a = dc.implicit_noise(m, x, y, generator=3)
+        b = dc.implicit_noise(m, x, y, generator=3, estimator="fd", eps=eps)
+        fa = torch.cat([v.reshape(-1) for v in a.values()])
+        fb = torch.cat([v.reshape(-1) for v in b.values()])
+        return float((fa - fb).norm() / fa.norm())
+
+    from dropcheck._common import default_eps, fd_step_and_tolerance
+
+    default, float64_step = err(None), err(default_eps(torch.float64))
+    assert default < fd_step_and_tolerance(torch.float32)[1]
+    assert float64_step > 10 * default  # float64's step drowns in the float32 norm's rounding
+
+
+def test_verify_model_passes_on_llama_and_notes_the_float32_limit():
+    from dropcheck._cases import Case
+    from dropcheck._verify import run_case
+
+    zoo = Z.llama()
+    rows = run_case(Case("llama", "tiny Llama", zoo.model, zoo.inputs, zoo.targets), draws=100, seed=0)
+    assert not [r for r in rows if r.status == "FAIL"], [(r.quantity, r.error, r.tolerance, r.note) for r in rows]
+    fd_rows = [r for r in rows if "fd" in r.route_a or "fd" in r.route_b]
+    assert fd_rows and all("float32" in r.note for r in fd_rows)
