@@ -308,8 +308,10 @@ def compute_dtype(model: nn.Module, inputs) -> torch.dtype:
                         seen.add(d)
             return out
 
-    from ._analytic import analytic_mode  # the clean network, no random draw
+    from ._analytic import analytic_mode, current_session  # the clean network, no random draw
 
+    if current_session(model) is not None:  # inside another pass of this model: no pass of our own
+        return hit[1] if hit is not None else pdt
     with torch.no_grad(), analytic_mode(model), _Watch():
         call_model(model, inputs)
     seen.add(pdt)
