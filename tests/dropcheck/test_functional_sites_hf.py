@@ -143,3 +143,16 @@ def test_verify_model_passes_on_llama_and_notes_the_float32_limit():
     assert not [r for r in rows if r.status == "FAIL"], [(r.quantity, r.error, r.tolerance, r.note) for r in rows]
     fd_rows = [r for r in rows if "fd" in r.route_a or "fd" in r.route_b]
     assert fd_rows and all("float32" in r.note for r in fd_rows)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("kind", ["opt", "bart"])
+def test_verify_model_passes_on_opt_and_bart(kind):
+    """``verify --model`` on the all-functional OPT and BART (float64 throughout:
+    no precision note): every check passes or is skipped for size."""
+    from dropcheck._cases import Case
+    from dropcheck._verify import run_case
+
+    zoo = Z.FUNCTIONAL_HF[kind]()
+    rows = run_case(Case(kind, kind, zoo.model, zoo.inputs, zoo.targets), draws=100, seed=0)
+    assert not [r for r in rows if r.status == "FAIL"], [(r.quantity, r.error, r.tolerance, r.note) for r in rows]
