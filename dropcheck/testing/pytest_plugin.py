@@ -10,7 +10,10 @@
 - the ``dropcheck_seed`` fixture: an int seed (``--dropcheck-seed``,
   default 0) for ``generator=`` arguments.
 
-Nothing here imports torch, so the plugin costs nothing in other projects.
+The module itself uses only pytest, but importing it imports the
+``dropcheck`` package (and so torch) when pytest starts, in every project of
+an environment where dropcheck is installed; ``-p no:dropcheck`` turns the
+plugin off.
 """
 
 from __future__ import annotations
