@@ -2,7 +2,8 @@
 ``pytest11`` entry point, so it is active wherever dropcheck is installed).
 
 - the ``heavy`` marker: long Monte Carlo checks.  They are skipped unless
-  the run asks for them: ``pytest --heavy`` (or ``DROPCHECK_HEAVY=1``), or a
+  the run asks for them: ``pytest --heavy`` (also ``--dropcheck-heavy``, the
+  only name if another plugin owns ``--heavy``; or ``DROPCHECK_HEAVY=1``), or a
   ``-m`` expression that mentions ``heavy`` (``-m heavy``; a suite whose
   own ``addopts`` say ``-m 'not heavy'`` keeps its own selection).
 - ``--heavy`` also sets ``DROPCHECK_HEAVY=1``, which
@@ -25,19 +26,23 @@ import pytest
 
 def pytest_addoption(parser):
     group = parser.getgroup("dropcheck")
-    group.addoption("--heavy", action="store_true", default=False,
-                    help="run tests marked heavy (long Monte Carlo checks); sets DROPCHECK_HEAVY=1")
+    kw = dict(action="store_true", default=False, dest="dropcheck_heavy",
+              help="run tests marked heavy (long Monte Carlo checks); sets DROPCHECK_HEAVY=1")
+    try:
+        group.addoption("--heavy", "--dropcheck-heavy", **kw)
+    except ValueError:  # another plugin owns --heavy: keep ours under its long name
+        group.addoption("--dropcheck-heavy", **kw)
     group.addoption("--dropcheck-seed", type=int, default=0, help="seed of the dropcheck_seed fixture (default 0)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "heavy: long Monte Carlo / statistical checks (run with --heavy or -m heavy)")
-    if config.getoption("--heavy"):
+    if config.getoption("dropcheck_heavy"):
         os.environ["DROPCHECK_HEAVY"] = "1"
 
 
 def _heavy_requested(config) -> bool:
-    if config.getoption("--heavy") or os.environ.get("DROPCHECK_HEAVY", "") not in ("", "0"):
+    if config.getoption("dropcheck_heavy") or os.environ.get("DROPCHECK_HEAVY", "") not in ("", "0"):
         return True
     return "heavy" in (config.getoption("markexpr", "") or "")
 
