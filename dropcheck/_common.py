@@ -260,7 +260,7 @@ def fd_step_and_tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return u ** (1.0 / 3.0), max(1e-6, 100.0 * u ** (2.0 / 3.0))
 
 
-_PRECISION: "weakref.WeakKeyDictionary" = None  # model -> (fingerprint, param dtype, compute dtype)
+_PRECISION = None  # WeakKeyDictionary: model -> ((module ids, param dtype), compute dtype)
 
 
 def compute_dtype(model: nn.Module, inputs) -> torch.dtype:

@@ -12,7 +12,6 @@ in train or in eval mode.
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -48,11 +47,6 @@ def _f(t) -> float:
 
 def _flat(g: dict) -> torch.Tensor:
     return torch.cat([v.detach().reshape(-1) for v in g.values()])
-
-
-def _mean_se(vals) -> tuple[float, float]:
-    v = torch.tensor(vals, dtype=torch.float64)
-    return float(v.mean()), float(v.std() / math.sqrt(len(v)))
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -119,9 +113,9 @@ def test_estimators_agree_and_do_not_depend_on_the_mode(zoo):
     exact = results["train"]["exact"]
     gen = torch.Generator().manual_seed(6)
     for est in ("hutchinson", "sampled"):
-        mean, se = _mean_se([_f(dc.explicit_regularizer(m, X, y, estimator=est, generator=gen)) for _ in range(40)])
+        mean, se = dct.mean_stderr([_f(dc.explicit_regularizer(m, X, y, estimator=est, generator=gen)) for _ in range(40)])
         assert abs(mean - exact) < Z_MAX * se, (est, mean, se, exact)
-    mean, se = _mean_se([_f(dc.taylor_regularizer(m, X, y, estimator="hutchinson", generator=gen))
+    mean, se = dct.mean_stderr([_f(dc.taylor_regularizer(m, X, y, estimator="hutchinson", generator=gen))
                          for _ in range(30)])
     assert abs(mean - results["train"]["taylor"]) < Z_MAX * se
 
