@@ -450,7 +450,8 @@ def with_drop_probability(model: nn.Module, q, *, inputs=None) -> nn.Module:
             f"with_drop_probability: {missing} name no site of {type(model).__name__}; its sites are "
             f"{sorted(before)}"
         )
-    want = {n: table.get(n, table.get("*", q0)) for n, q0 in before.items()}
+    # the sites asked for (another site may change with them: GPT-2's SDPA call reads attn_dropout.p)
+    want = {n: table.get(n, table["*"]) if "*" in table else table[n] for n in before if n in table or "*" in table}
     kept = sorted(n for n, q1 in want.items() if q1 > 0 and (n not in after or abs(after[n] - q1) > 1e-12))
     if kept:
         raise DropcheckError(

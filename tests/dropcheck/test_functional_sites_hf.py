@@ -156,3 +156,12 @@ def test_verify_model_passes_on_opt_and_bart(kind):
     zoo = Z.FUNCTIONAL_HF[kind]()
     rows = run_case(Case(kind, kind, zoo.model, zoo.inputs, zoo.targets), draws=100, seed=0)
     assert not [r for r in rows if r.status == "FAIL"], [(r.quantity, r.error, r.tolerance, r.note) for r in rows]
+
+
+def test_a_module_q_that_feeds_a_functional_site_is_not_refused():
+    """GPT-2 under SDPA passes ``attn_dropout.p`` to the attention call: setting
+    the module sets the functional site too, and that is no refusal."""
+    zoo = Z.gpt2()
+    m = dc.with_drop_probability(zoo.model, {"transformer.h.0.attn.attn_dropout": 0.05}, inputs=zoo.inputs)
+    got = dict(_names(Z.Zoo("", m, zoo.inputs, zoo.targets)))
+    assert got["transformer.h.0.attn:attn_dropout"] == 0.05 and got["transformer.drop"] == 0.3
