@@ -331,14 +331,37 @@ class AnalyticSession:
 
 def functional_override(model: nn.Module, name: str, q: float) -> float:
     """The drop probability of functional site ``name`` of ``model``: the one
-    ``with_drop_probability`` set on this model (by name, or for every
-    functional site), else the call's own ``q``."""
-    table = getattr(model, "_dropcheck_q", None)
-    if not table:
-        return q
-    if name in table:
-        return table[name]
-    return table.get("*", q)
+    ``with_drop_probability`` set (by name, or for every functional site) on
+    ``model`` or on the submodule of ``model`` on the site's path that
+    carries a table (a ``with_drop_probability`` copy wrapped in another
+    module; its table names sites relative to itself), else the call's own
+    ``q``."""
+    path = name.split(":", 1)[0]
+    parts = [] if path == "<root>" else path.split(".")
+    for i in range(len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        try:
+            sub = model.get_submodule(prefix) if prefix else model
+        except AttributeError:
+            break
+        table = sub.__dict__.get("_dropcheck_q")
+        if table:
+            rel = name[len(prefix) + 1:] if prefix else name
+            if rel.startswith(":"):
+                rel = "<root>" + rel
+            return table.get(rel, table.get("*", q))
+    return q
+
+
+def session_covering(module: nn.Module) -> Optional["AnalyticSession"]:
+    """An active analytic session whose model contains ``module`` (itself or
+    as a submodule), or ``None``."""
+    s = _PASS.get()
+    while s is not None:
+        if s.model is module or id(module) in s.module_names():
+            return s
+        s = getattr(s, "_parent", None)
+    return None
 
 
 _PASS: contextvars.ContextVar = contextvars.ContextVar("dropcheck_session", default=None)

@@ -408,11 +408,11 @@ class OverrideMode(TorchFunctionMode):
 
 def override_pre_hook(module, args):
     """Forward pre-hook of a ``with_drop_probability`` copy: enter
-    ``OverrideMode`` for the pass (not inside dropcheck's analytic passes,
-    which apply the same table themselves)."""
-    from ._analytic import current_session
+    ``OverrideMode`` for the pass (not inside a dropcheck analytic pass of a
+    model containing it, which applies the same table itself)."""
+    from ._analytic import session_covering
 
-    if current_session(module) is not None or not getattr(module, "_dropcheck_q", None):
+    if session_covering(module) is not None or not module.__dict__.get("_dropcheck_q"):
         return None
     mode = OverrideMode(module)
     mode.__enter__()

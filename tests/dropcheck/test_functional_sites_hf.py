@@ -165,3 +165,21 @@ def test_a_module_q_that_feeds_a_functional_site_is_not_refused():
     m = dc.with_drop_probability(zoo.model, {"transformer.h.0.attn.attn_dropout": 0.05}, inputs=zoo.inputs)
     got = dict(_names(Z.Zoo("", m, zoo.inputs, zoo.targets)))
     assert got["transformer.h.0.attn:attn_dropout"] == 0.05 and got["transformer.drop"] == 0.3
+
+
+def test_a_copy_wrapped_in_another_module_keeps_its_names_and_its_q():
+    zoo = Z.llama(attention_dropout=0.1)
+    one = dc.with_drop_probability(zoo.model, {"model.layers.1.self_attn:attention_dropout": 0.4}, inputs=zoo.inputs)
+
+    class Wrapper(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, **kw):
+            return self.m(**kw)
+
+    w = Wrapper(one)
+    assert _names(Z.Zoo("", w, zoo.inputs, zoo.targets)) == [
+        ("m.model.layers.0.self_attn:attention_dropout", 0.1), ("m.model.layers.1.self_attn:attention_dropout", 0.4)]
+    dct.assert_gap_matches_own_dropout(w, zoo.inputs, zoo.targets, 300, generator=7, min_resolution=0)
