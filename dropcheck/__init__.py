@@ -10,6 +10,7 @@ Public API (docs/design.md)::
     dc.explicit_regularizer(model, inputs, targets, estimator="exact")  # R_approx (4.4)
     dc.taylor_regularizer(model, inputs, targets)                      # R_taylor (4.2)
     dc.dropout_gap(model, inputs, targets, samples=1000)               # R_drop
+    dc.taylor_regime(model, inputs, targets)                           # where the 2nd-order picture holds
     dc.implicit_noise(model, inputs, targets)                          # ξ_approx (4.5)
     dc.implicit_noise(..., sites=["lm.drop_emb"], generator={"lm.drop_emb": g})  # per-site options
     dc.dropout_k_gradient(model, inputs, targets, k)                   # Algorithm 1
@@ -26,7 +27,7 @@ from ._analytic import (
     sample_eta,
     zero_probe,
 )
-from ._common import value_checks
+from ._common import Estimate, value_checks
 from ._errors import DataError, DropcheckError, NoDropoutSiteError
 from ._explicit import explicit_regularizer, loss_jacobian_regularizer, taylor_regularizer
 from ._gap import GapEstimate, dropout_gap, first_order_gap
@@ -39,6 +40,7 @@ from ._implicit import (
     noise_injected_dropout_k_gradient,
     two_draw_noise,
 )
+from ._regime import RegimeRow, TaylorRegime, taylor_regime
 from ._surrogate import AnalyticObjective, analytic_dropout_objective
 from ._sites import (
     DropConnect,
@@ -69,7 +71,11 @@ __all__ = [
     "loss_jacobian_regularizer",
     "dropout_gap",
     "first_order_gap",
+    "taylor_regime",
+    "TaylorRegime",
+    "RegimeRow",
     "GapEstimate",
+    "Estimate",
     "implicit_noise",
     "implicit_noise_covariance",
     "implicit_noise_jacobian",

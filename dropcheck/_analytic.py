@@ -264,28 +264,31 @@ class AnalyticSession:
         """``(name, module)`` of the innermost module of the model on the
         Python stack (a frame whose ``self`` or ``module`` local is one), or
         ``(None, None)`` outside the model's forward pass."""
-        names = self.module_names()
-        f = sys._getframe(1)
-        while f is not None:
-            loc = f.f_locals
-            for k in ("self", "module"):
-                m = loc.get(k)
-                if m is not None and id(m) in names:
-                    return names[id(m)], m
-            f = f.f_back
-        return None, None
+        from ._functional import module_caller
+
+        return module_caller(self.module_names(), sys._getframe(1))
 
     def functional_site(self, h: torch.Tensor, q, structure: str, label: str) -> torch.Tensor:
-        """A dropout call without a module of its own (``_functional.py``)."""
+        """A dropout call without a module of its own (``_functional.py``),
+        named by ``_functional.site_name``; a drop probability that the model
+        carries for it (``with_drop_probability``) replaces the call's."""
+        from ._functional import site_name
+
         self.functional_seen = True
-        name, module = self.caller()
-        key = f"{name or '<root>'}:{label}"
-        q = _check_q(q, f"{label} call in module {name or '<root>'!r}")
-        spec = self._fspecs.get((key, q, structure))
+        name, module = site_name(self.module_names(), sys._getframe(1), float(q), label)
+        q = _check_q(q, f"{label} call in module {name.split(':')[0]!r}")
+        q = functional_override(self.model, name, q)
+        if q == 0.0:
+            return h
+        spec = self._fspecs.get(name)
+        if spec is not None and (spec.q, spec.structure) != (q, structure):
+            # one attribute read by calls of another kind or probability: keep names unique
+            name = f"{name}@{q:g}" if spec.q != q else f"{name}:{label}"
+            spec = self._fspecs.get(name)
         if spec is None:
-            spec = SiteSpec(key, module if module is not None else self.model, q, BERNOULLI, structure,
+            spec = SiteSpec(name, module if module is not None else self.model, q, BERNOULLI, structure,
                             functional=True)
-            self._fspecs[(key, q, structure)] = spec
+            self._fspecs[name] = spec
         return self.record(spec, h)
 
     # -- passes ------------------------------------------------------------
@@ -326,6 +329,41 @@ class AnalyticSession:
             "dropcheck does not see (e.g. the dropout inside a fused nn.LSTM/GRU, or a random C++ op); "
             "dropcheck would leave that noise in its analytic results, so it refuses the model"
         )
+
+
+def functional_override(model: nn.Module, name: str, q: float) -> float:
+    """The drop probability of functional site ``name`` of ``model``: the one
+    ``with_drop_probability`` set (by name, or for every functional site) on
+    ``model`` or on the submodule of ``model`` on the site's path that
+    carries a table (a ``with_drop_probability`` copy wrapped in another
+    module; its table names sites relative to itself), else the call's own
+    ``q``."""
+    path = name.split(":", 1)[0]
+    parts = [] if path == "<root>" else path.split(".")
+    for i in range(len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        try:
+            sub = model.get_submodule(prefix) if prefix else model
+        except AttributeError:
+            break
+        table = sub.__dict__.get("_dropcheck_q")
+        if table:
+            rel = name[len(prefix) + 1:] if prefix else name
+            if rel.startswith(":"):
+                rel = "<root>" + rel
+            return table.get(rel, table.get("*", q))
+    return q
+
+
+def session_covering(module: nn.Module) -> Optional["AnalyticSession"]:
+    """An active analytic session whose model contains ``module`` (itself or
+    as a submodule), or ``None``."""
+    s = _PASS.get()
+    while s is not None:
+        if s.model is module or id(module) in s.module_names():
+            return s
+        s = getattr(s, "_parent", None)
+    return None
 
 
 _PASS: contextvars.ContextVar = contextvars.ContextVar("dropcheck_session", default=None)

@@ -78,6 +78,47 @@ def call_model(model: nn.Module, inputs) -> torch.Tensor:
     return extract_logits(session.run_pass(lambda: _invoke(model, inputs)))
 
 
+class Estimate(tuple):
+    """``(value, stderr)`` of a stochastic estimator called with
+    ``return_stderr=True``: ``value`` is what the call returns otherwise (a
+    scalar tensor, differentiable where the call's result is), ``stderr``
+    the standard error of the mean over its ``samples`` independent draws
+    (a float, from the draws' sample standard deviation)."""
+
+    def __new__(cls, value, stderr: float, samples: int):
+        obj = super().__new__(cls, (value, float(stderr)))
+        obj.samples = int(samples)
+        return obj
+
+    @property
+    def value(self):
+        return self[0]
+
+    @property
+    def stderr(self) -> float:
+        return self[1]
+
+    def __repr__(self) -> str:
+        v = float(self[0].detach()) if isinstance(self[0], torch.Tensor) else self[0]
+        return f"Estimate(value={v!r}, stderr={self[1]!r}, samples={self.samples})"
+
+
+def with_stderr(value, draws, factors, samples: int, per_site: bool, keys):
+    """``value`` (a scalar, or ``{key: scalar}``) wrapped as ``Estimate``s from
+    the per-draw, per-site values ``draws[s][j]`` and the sites' weights
+    ``factors[j]`` (λ_i and site weights): the total's draws are
+    ``Σ_j factors[j] draws[s][j]``."""
+    import math as _m
+
+    if samples < 2:
+        raise DropcheckError(f"return_stderr needs samples >= 2 draws, got {samples}")
+    D = torch.tensor(draws, dtype=torch.float64) * torch.tensor(factors, dtype=torch.float64)
+    se = D.std(0, unbiased=True) / _m.sqrt(samples)
+    if per_site:
+        return {k: Estimate(value[k], float(se[j]), samples) for j, k in enumerate(keys)}
+    return Estimate(value, float(D.sum(1).std(unbiased=True)) / _m.sqrt(samples), samples)
+
+
 _VALUE_CHECKS = contextvars.ContextVar("dropcheck_value_checks", default=True)
 
 
@@ -235,6 +276,76 @@ def fd_eps(eps: Optional[float], dtype: torch.dtype) -> float:
     return eps
 
 
+def fd_step_and_tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """Central-difference step and the agreement to expect for a model that
+    computes in ``dtype``: ``ε = u^(1/3)`` (``default_eps``) balances the
+    ``O(ε²)`` truncation against the ``O(u/ε)`` rounding, both then of order
+    ``u^(2/3)``; the tolerance allows a factor 100 for the derivatives'
+    constants, floored at 1e-6: 1e-6 in float64, 2.4e-3 in float32."""
+    u = float(torch.finfo(dtype).eps)
+    return u ** (1.0 / 3.0), max(1e-6, 100.0 * u ** (2.0 / 3.0))
+
+
+_PRECISION = None  # WeakKeyDictionary: model -> ((module ids, param dtype), compute dtype)
+
+
+def compute_dtype(model: nn.Module, inputs) -> torch.dtype:
+    """The least precise floating dtype the model actually computes in: one
+    clean analytic forward pass (no grad, no random draw) records the dtype of
+    every floating result computed from more precise floating inputs; a
+    float32 RMSNorm inside a float64 model gives float32 (float32 masks or
+    position tables made from integers do not count).  Cached per model (and
+    its parameters' dtype)."""
+    import weakref
+
+    from torch.overrides import TorchFunctionMode
+
+    global _PRECISION
+    if _PRECISION is None:
+        _PRECISION = weakref.WeakKeyDictionary()
+    pdt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    fp = (tuple(id(m) for m in model.modules()), pdt)
+    hit = _PRECISION.get(model)
+    if hit is not None and hit[0] == fp:
+        return hit[1]
+    seen: set = set()
+
+    def floats(x, acc):
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point():
+                acc.append(x.dtype)
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                floats(v, acc)
+        return acc
+
+    class _Watch(TorchFunctionMode):
+        """Records the dtype of results computed from more precise floating
+        inputs (a downcast on the data path, e.g. ``h.to(torch.float32)``);
+        tensors made from integers or constants (masks, positions) do not count."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = floats(args, floats(list((kwargs or {}).values()), []))
+            if ins:
+                finest = min(torch.finfo(d).eps for d in ins)
+                for d in floats(out, []):
+                    if torch.finfo(d).eps > finest:
+                        seen.add(d)
+            return out
+
+    from ._analytic import analytic_mode, current_session  # the clean network, no random draw
+
+    if current_session(model) is not None:  # inside another pass of this model: no pass of our own
+        return hit[1] if hit is not None else pdt
+    with torch.no_grad(), analytic_mode(model), _Watch():
+        call_model(model, inputs)
+    seen.add(pdt)
+    low = max(seen, key=lambda d: torch.finfo(d).eps)
+    _PRECISION[model] = (fp, low)
+    return low
+
+
 def quad_form(p: torch.Tensor, u: torch.Tensor, hessian: str = "output") -> torch.Tensor:
     """``uᵀ H u`` per row with ``p`` of shape ``(N, c)`` and ``u`` of shape
     ``(N, c, ...)`` (extra trailing dims allowed).
@@ -268,6 +379,8 @@ def needs_graph(model: nn.Module) -> bool:
 def _detach(out):
     if isinstance(out, torch.Tensor):
         return out.detach()
+    if isinstance(out, Estimate):
+        return Estimate(_detach(out.value), out.stderr, out.samples)
     if isinstance(out, dict):
         return {k: _detach(v) for k, v in out.items()}
     return out

@@ -41,7 +41,9 @@ from ._common import (
     call_model,
     check_estimator,
     check_inputs,
+    compute_dtype,
     fd_eps,
+    fd_step_and_tolerance,
     flatten_logits,
     grad_aware,
     mean_loss,
@@ -49,6 +51,7 @@ from ._common import (
     quad_form,
     select_rows,
     site_weight_list,
+    with_stderr,
 )
 from ._errors import DropcheckError
 
@@ -149,6 +152,7 @@ def explicit_regularizer(
     site_weights: Optional[Mapping[str, float]] = None,
     independent_positions: bool = False,
     sites: Optional[SiteNames] = None,
+    return_stderr: bool = False,
 ) -> Value:
     """Explicit regularizer ``R_approx`` of dropout, eqs. (4.3)-(4.4).
 
@@ -170,7 +174,8 @@ def explicit_regularizer(
       Jacobian-vector product, ``(1/N) Σ_n u_nᵀ H_out u_n``.
     - ``"fd"``: the same ``u`` by a central difference of two forward passes
       with multiplicative probes ``h(1 ± ε √λ_i v_i)`` at all sites at once
-      (first-order autograd only); bias ``O(ε²)``.
+      (first-order autograd only); bias ``O(ε²)``; default ``ε`` from the
+      precision the model computes in (``_common.compute_dtype``).
 
     ``samples`` averages that many draws (ignored by ``"exact"``).
     ``hessian="identity"`` is the Section 5.2 ablation (``H_out`` replaced by
@@ -191,6 +196,9 @@ def explicit_regularizer(
 
     Returns a scalar tensor, differentiable in the parameters so it can be
     added to a loss; ``per_site=True`` returns ``{site key: value}``.
+    ``return_stderr=True`` (stochastic estimators, ``samples >= 2``) returns
+    an ``Estimate`` ``(value, stderr)`` instead (per site with
+    ``per_site``): the standard error of the mean over the ``samples`` draws.
     """
     check_estimator(estimator, ESTIMATORS)
     if hessian not in ("output", "identity"):
@@ -200,9 +208,11 @@ def explicit_regularizer(
     samples = int(samples)
     cg = needs_graph(model)
 
+    if return_stderr and estimator == "exact":
+        raise DropcheckError("return_stderr: the exact estimator has no sampling error; use a stochastic one")
     if estimator == "fd":
         return _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site, site_weights,
-                   independent_positions)
+                   independent_positions, return_stderr)
 
     Z, y, occs = probe_forward(model, inputs, targets)
     if independent_positions:
@@ -220,8 +230,10 @@ def explicit_regularizer(
     gens = site_generators(generator)
     probes = [o.delta for o in occs]
     acc = [Z.new_zeros(()) for _ in occs]
+    draws = []  # per draw, per site (detached): the standard error's data
     if estimator == "sampled":
         for _ in range(samples):
+            row = []
             gen = gens.one("estimator 'sampled' (its labels y' ~ p)")
             if hessian == "output":
                 yp = torch.multinomial(p.detach().to(gen.device), 1, generator=gen).squeeze(1).to(Z.device)
@@ -233,37 +245,53 @@ def explicit_regularizer(
                 surrogate, probes, retain_graph=True, create_graph=cg, allow_unused=True, materialize_grads=True
             )
             for j, (o, g) in enumerate(zip(occs, gs)):
-                acc[j] = acc[j] + (o.unit_sum(g * o.h) ** 2).sum() / N
+                t = (o.unit_sum(g * o.h) ** 2).sum() / N
+                acc[j] = acc[j] + t
+                row.append(float(t.detach()))
+            draws.append(row)
     else:  # hutchinson: u = J d by the double-vjp trick (linear in the dummy w)
         wdummy = torch.zeros_like(Z, requires_grad=True)
         gs = torch.autograd.grad(
             Z, probes, grad_outputs=wdummy, create_graph=True, allow_unused=True, materialize_grads=True
         )
         for _ in range(samples):
+            row = []
             for j, (o, g) in enumerate(zip(occs, gs)):
                 d = o.expand(rademacher(o.mask_shape, o.h, gens(o))) * o.h
                 if not g.requires_grad:  # site does not reach the logits
+                    row.append(0.0)
                     continue
                 (u,) = torch.autograd.grad(g, wdummy, grad_outputs=d, retain_graph=True, create_graph=cg)
-                acc[j] = acc[j] + quad_form(p, u, hessian).mean()
+                t = quad_form(p, u, hessian).mean()
+                acc[j] = acc[j] + t
+                row.append(float(t.detach()))
+            draws.append(row)
     per = {o.key: a / samples for o, a in zip(occs, acc)}
-    return _finish(per, occs, weighted, per_site, site_weights)
+    out = _finish(per, occs, weighted, per_site, site_weights)
+    if not return_stderr:
+        return out
+    ws = site_weight_list(occs, site_weights)
+    factors = [w * (o.site.lam if weighted else 1.0) for o, w in zip(occs, ws)]
+    return with_stderr(out, draws, factors, samples, per_site, [o.key for o in occs])
 
 
 def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_site, site_weights,
-        independent_positions=False):
+        independent_positions=False, return_stderr=False):
     Z, y, occs = clean_forward(model, inputs, targets)
     if independent_positions:
         unlock_positions(occs)
     ws = site_weight_list(occs, site_weights)
     p = torch.softmax(Z, -1)
-    eps = fd_eps(eps, Z.dtype)
+    # ε from the precision the model computes in; a given ε must be one the dtype resolves
+    eps = fd_step_and_tolerance(compute_dtype(model, inputs))[0] if eps is None else fd_eps(eps, Z.dtype)
     if not eps > 0:
         raise DropcheckError(f"eps must be > 0, got {eps!r}")
     gens = site_generators(generator)
     groups = [[j] for j in range(len(occs))] if per_site else [list(range(len(occs)))]
     acc = [Z.new_zeros(()) for _ in groups]
+    draws = []
     for _ in range(samples):
+        row = []
         vs = [rademacher(o.mask_shape, o.h, gens(o)) for o in occs]
         for gi, group in enumerate(groups):
             etas = [None] * len(occs)
@@ -272,11 +300,16 @@ def _fd(model, inputs, targets, samples, weighted, hessian, generator, eps, per_
                 etas[j] = scale * vs[j]
             zp, zm = fd_pair(model, inputs, etas, eps, Z.shape)
             u = (zp - zm) / (2.0 * eps)
-            acc[gi] = acc[gi] + quad_form(p, u, hessian).mean()
+            t = quad_form(p, u, hessian).mean()
+            acc[gi] = acc[gi] + t
+            row.append(float(t.detach()))
+        draws.append(row)
     acc = [a / samples for a in acc]
-    if per_site:
-        return {o.key: a for o, a in zip(occs, acc)}
-    return acc[0]
+    out = {o.key: a for o, a in zip(occs, acc)} if per_site else acc[0]
+    if not return_stderr:
+        return out
+    # the probes already carry λ_i and the site weights
+    return with_stderr(out, draws, [1.0] * len(groups), samples, per_site, [o.key for o in occs])
 
 
 @grad_aware
@@ -328,6 +361,7 @@ def taylor_regularizer(
     generator: Union[torch.Generator, int, None, Mapping] = None,
     per_site: bool = False,
     sites: Optional[SiteNames] = None,
+    return_stderr: bool = False,
 ) -> Value:
     """Second-order Taylor term of the dropout gap, eq. (4.2), model Hessian included.
 
@@ -339,9 +373,11 @@ def taylor_regularizer(
     ``"hutchinson"`` along ``Σ_u v_u a_u`` with Rademacher ``v``.
     Equals the weighted ``R_approx`` exactly where only the softmax follows
     every site.  ``sites`` and per-site ``generator`` mappings as in
-    ``explicit_regularizer``.
+    ``explicit_regularizer``; ``return_stderr`` (``"hutchinson"``) as there.
     """
     check_estimator(estimator, ("exact", "hutchinson"))
+    if return_stderr and estimator == "exact":
+        raise DropcheckError("return_stderr: the exact estimator has no sampling error; use 'hutchinson'")
     cg = needs_graph(model)
     Z, y, occs = probe_forward(model, inputs, targets)
     L = mean_loss(Z, y)
@@ -350,9 +386,11 @@ def taylor_regularizer(
     )
     per: dict[str, torch.Tensor] = {}
     gens = site_generators(generator) if estimator == "hutchinson" else None
+    cols = []  # per site, per draw (hutchinson): the standard error's data
     for o, g in zip(occs, gs):
         if not g.requires_grad:
             per[o.key] = Z.new_zeros(())
+            cols.append([0.0] * int(samples))
             continue
         if estimator == "exact":
             U = o.units
@@ -370,9 +408,18 @@ def taylor_regularizer(
             per[o.key] = total
         else:
             total = Z.new_zeros(())
+            col = []
             for _ in range(int(samples)):
                 d = o.expand(rademacher(o.mask_shape, o.h, gens(o))) * o.h
                 (Hv,) = torch.autograd.grad(g, o.delta, grad_outputs=d, retain_graph=True, create_graph=cg)
-                total = total + (Hv * d).sum()
+                t = (Hv * d).sum()
+                total = total + t
+                col.append(float(t.detach()))
+            cols.append(col)
             per[o.key] = total / int(samples)
-    return _finish(per, occs, weighted, per_site)
+    out = _finish(per, occs, weighted, per_site)
+    if not return_stderr:
+        return out
+    factors = [o.site.lam if weighted else 1.0 for o in occs]
+    draws = [list(r) for r in zip(*cols)]
+    return with_stderr(out, draws, factors, int(samples), per_site, [o.key for o in occs])

@@ -17,8 +17,15 @@ sees every torch call the model makes.  It turns
   site too;
 
 each named after the module that made the call (the innermost module of the
-model on the Python stack), e.g. ``"transformer.h.0.attn:attention"``.
-Calls with ``training=False`` or ``p = 0`` are the identity.
+model on the Python stack) and the attribute that holds its drop
+probability (``site_name``), e.g. ``"model.layers.0.self_attn:attention_dropout"``,
+``"model.encoder.layers.0:activation_dropout"``.  Calls with
+``training=False`` or ``p = 0`` are the identity.
+
+A model copy made by ``with_drop_probability`` carries per-site drop
+probabilities for its functional sites; ``OverrideMode`` applies them to the
+model's own forward passes (outside dropcheck's analytic passes, where
+``AnalyticSession.functional_site`` applies them).
 
 Everything else random is refused with an error naming the module:
 ``torch.rand*``, ``bernoulli``, ``Tensor.uniform_``, alpha dropout, RReLU in
@@ -28,14 +35,157 @@ mean-one noise would otherwise be silently left in).
 
 from __future__ import annotations
 
+import linecache
 import math
+import os
+import re
+import sys
 import types
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ._errors import DropcheckError
+
+# --------------------------------------------------------------------------
+# naming a functional site
+
+
+def module_caller(names: dict, frame) -> tuple:
+    """``(name, module)`` of the innermost module of the model on the Python
+    stack from ``frame`` up (a frame whose ``self`` or ``module`` local is
+    one of the model's modules; ``names`` maps ``id(module)`` to its
+    qualified name), or ``(None, None)`` outside the model's forward pass."""
+    f = frame
+    while f is not None:
+        loc = f.f_locals
+        for k in ("self", "module"):
+            m = loc.get(k)
+            if m is not None and id(m) in names:
+                return names[id(m)], m
+        f = f.f_back
+    return None, None
+
+
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+_KIT_DIR = os.path.join(_OWN_DIR, "testing")
+
+
+def _call_frame(frame):
+    """The frame of the model's code that made a dropout call: the first
+    frame from ``frame`` up that is neither torch's nor dropcheck's own
+    (dropcheck.testing's example networks count as model code)."""
+    f = frame
+    while f is not None:
+        mod = f.f_globals.get("__name__", "") or ""
+        fn = f.f_code.co_filename
+        own = fn.startswith(_OWN_DIR) and not fn.startswith(_KIT_DIR)
+        if not (mod == "torch" or mod.startswith("torch.") or own):
+            return f
+        f = f.f_back
+    return None
+
+
+_DROPISH = re.compile(r"drop|^p$")
+_REF = re.compile(r"\b(?:self|module)\.(?:config\.)?([A-Za-z_]\w*)")
+_NAME_CACHE: dict = {}
+
+
+def _q_of(value) -> Optional[float]:
+    """The drop probability an attribute holds: a float, or a dropout module's ``p``."""
+    if isinstance(value, torch.nn.Module):
+        value = getattr(value, "p", None)
+    if isinstance(value, bool) or not isinstance(value, (float, int)):
+        return None
+    return float(value)
+
+
+def _same(a: Optional[float], q: float) -> bool:
+    return a is not None and abs(a - q) <= 1e-12 * max(1.0, abs(q))
+
+
+def _call_text(frame) -> str:
+    """The source of the call at ``frame``'s line (continued until its
+    parentheses close, at most 8 lines)."""
+    fn, ln = frame.f_code.co_filename, frame.f_lineno
+    text, depth = "", 0
+    for k in range(8):
+        line = linecache.getline(fn, ln + k)
+        if not line:
+            break
+        text += line
+        depth += line.count("(") - line.count(")")
+        if depth <= 0:
+            break
+    return text
+
+
+def q_attribute(module, frame, q: float) -> Optional[str]:
+    """The attribute (or config key) of ``module`` that holds the drop
+    probability ``q`` of a functional dropout call made at ``frame``:
+
+    1. an attribute named in the call's source (``p=self.activation_dropout``,
+       ``self.config.attention_dropout``) whose value is ``q``;
+    2. else the only dropout-like attribute of ``module`` (its name contains
+       ``drop``, or is ``p``) whose value is ``q`` (a float, or a dropout
+       submodule's ``p``): Hugging Face's ``attention_dropout`` reached
+       through ``dropout=self.attention_dropout`` under eager and SDPA
+       attention alike; with several, the first defined;
+    3. else the same among ``module.config``'s keys;
+
+    ``None`` when no attribute holds ``q`` (a literal ``F.dropout(x, 0.2)``)."""
+    if module is None:
+        return None
+    key = (frame.f_code if frame is not None else None, frame.f_lineno if frame is not None else None,
+           id(module), q)
+    if key in _NAME_CACHE:
+        return _NAME_CACHE[key]
+    found = None
+    config = getattr(module, "config", None)
+
+    def value(attr):
+        v = _q_of(module.__dict__.get(attr, module._modules.get(attr) if hasattr(module, "_modules") else None))
+        if v is None and config is not None:
+            v = _q_of(getattr(config, attr, None))
+        return v
+
+    if frame is not None:
+        for attr in _REF.findall(_call_text(frame)):
+            if _same(value(attr), q):
+                found = attr
+                break
+    if found is None:
+        own = list(module.__dict__.items()) + list(getattr(module, "_modules", {}).items())
+        cands = [a for a, v in own if _DROPISH.search(a) and _same(_q_of(v), q)]
+        if not cands and config is not None and hasattr(config, "__dict__"):
+            cands = [a for a, v in vars(config).items() if _DROPISH.search(a) and _same(_q_of(v), q)]
+        found = cands[0] if cands else None
+    if len(_NAME_CACHE) > 4096:
+        _NAME_CACHE.clear()
+    _NAME_CACHE[key] = found
+    return found
+
+
+def call_label(dims, attention_depth: int) -> str:
+    """The kind of a dropout call, for a site whose ``q`` no attribute holds."""
+    if attention_depth > 0:
+        return "attention"
+    return "dropout" if dims == "position" else ("feature_dropout" if dims == "feature" else f"dropout{dims}d")
+
+
+def site_name(names: dict, frame, q: float, label: str) -> tuple:
+    """``(name, module)`` of a functional site: ``"<caller>:<attribute>"``
+    with the attribute that holds its ``q`` (``q_attribute``), else
+    ``"<caller>:<label>@<q>"`` (e.g. ``"0:dropout@0.2"``), so that calls with
+    different ``q`` never share a name and names do not depend on call order."""
+    name, module = module_caller(names, frame)
+    attr = q_attribute(module, _call_frame(frame), float(q))
+    return f"{name or '<root>'}:{attr if attr else f'{label}@{float(q):g}'}", module
+
+
+# --------------------------------------------------------------------------
 
 
 def _bind_dropout(input, p=0.5, training=True, inplace=False):
@@ -163,9 +313,7 @@ class FunctionalMode(TorchFunctionMode):
                 return h
             name = s.caller()[0]
             structure = "position" if dims == "position" else _channel_structure(h, dims, name)
-            label = "attention" if s.attention_depth > 0 else (
-                "dropout" if dims == "position" else ("feature_dropout" if dims == "feature" else f"dropout{dims}d"))
-            return s.functional_site(h, p, structure, label)
+            return s.functional_site(h, p, structure, call_label(dims, s.attention_depth))
         if func is F.scaled_dot_product_attention:
             s.functional_seen = True
             return sdpa_math(s, *_bind_sdpa(*args, **kwargs))
@@ -200,3 +348,81 @@ class FunctionalMode(TorchFunctionMode):
             f"{why}. Analytic passes run the model in training mode (so that every dropout call shows "
             "itself); remove or switch off this randomness, or make it a dropout site"
         )
+
+
+# --------------------------------------------------------------------------
+# per-site drop probabilities of functional sites in the model's own passes
+
+
+def _replace(args, kwargs, index: int, key: str, value):
+    if key in kwargs or len(args) <= index:
+        kwargs = dict(kwargs)
+        kwargs[key] = value
+        return args, kwargs
+    args = list(args)
+    args[index] = value
+    return tuple(args), kwargs
+
+
+class OverrideMode(TorchFunctionMode):
+    """Applies a model's per-site drop probabilities (``model._dropcheck_q``,
+    set by ``with_drop_probability``) to its functional and attention dropout
+    calls in its own forward passes (train mode, outside dropcheck's analytic
+    passes): each call's ``p`` / ``dropout_p`` is replaced by the site's new
+    ``q``; sites are named as in the analytic passes (``site_name``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.names = {id(m): (n or "<root>") for n, m in model.named_modules()}
+        self.attention_depth = 0
+
+    def _new_q(self, q: float, label: str) -> float:
+        from ._analytic import functional_override
+
+        name, _ = site_name(self.names, sys._getframe(2), float(q), label)
+        return functional_override(self.model, name, float(q))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        entry = _DROPOUT.get(func)
+        if entry is not None:
+            binder, dims = entry
+            _, p, training = binder(*args, **kwargs)
+            if training and float(p) > 0.0:
+                q = self._new_q(p, call_label(dims, self.attention_depth))
+                args, kwargs = _replace(args, kwargs, 1, "p", q)
+        elif func is F.scaled_dot_product_attention:
+            p = _bind_sdpa(*args, **kwargs)[4]
+            if float(p) > 0.0:
+                args, kwargs = _replace(args, kwargs, 4, "dropout_p", self._new_q(p, "attention"))
+        elif func is F.multi_head_attention_forward:
+            self.attention_depth += 1
+            try:
+                with self:
+                    return _MHA(*args, **kwargs)
+            finally:
+                self.attention_depth -= 1
+        return func(*args, **kwargs)
+
+
+def override_pre_hook(module, args):
+    """Forward pre-hook of a ``with_drop_probability`` copy: enter
+    ``OverrideMode`` for the pass (not inside a dropcheck analytic pass of a
+    model containing it, which applies the same table itself)."""
+    from ._analytic import session_covering
+
+    if session_covering(module) is not None or not module.__dict__.get("_dropcheck_q"):
+        return None
+    mode = OverrideMode(module)
+    mode.__enter__()
+    module.__dict__.setdefault("_dropcheck_modes", []).append(mode)
+    return None
+
+
+def override_post_hook(module, args, output):
+    """Forward hook (``always_call``): leave the pass's ``OverrideMode``."""
+    modes = module.__dict__.get("_dropcheck_modes")
+    if modes:
+        modes.pop().__exit__(None, None, None)
+    return None

@@ -24,7 +24,9 @@ from ._analytic import (
 from ._common import (
     check_estimator,
     check_inputs,
+    compute_dtype,
     fd_eps,
+    fd_step_and_tolerance,
     flatten_logits,
     grad_aware,
     mean_loss,
@@ -79,7 +81,11 @@ def implicit_noise(
 
     ``estimator="autograd"``: double backward.  ``"fd"``:
     ``[∇_W L(h(1+εη)) - ∇_W L(h(1-εη))] / (2ε)``, first-order autograd only,
-    error ``O(ε²)``.  The same ``generator`` state gives the same ``η`` in both.
+    error ``O(ε²)``; default ``ε = u^(1/3)`` with ``u`` the machine epsilon of
+    the least precise dtype the model computes in (``compute_dtype``: a
+    float32 RMSNorm inside a float64 model gives float32's 4.9e-3, not
+    float64's 6.1e-6, whose rounding error would dominate).  The same
+    ``generator`` state gives the same ``η`` in both.
     ``site_weights`` multiplies each site's ``η`` (keys: site keys or module
     names; default 1), e.g. per-group noise coefficients.
     ``independent_positions=True`` draws one ``η`` per position and unit at
@@ -117,7 +123,9 @@ def implicit_noise(
     Z, y, occs = clean_forward(model, inputs, targets)
     if independent_positions:
         unlock_positions(occs)
-    eps = fd_eps(eps, Z.dtype)
+    # ε from the precision the model computes in (a float32 norm inside a float64 model: float32's);
+    # a given ε must be one the dtype resolves
+    eps = fd_step_and_tolerance(compute_dtype(model, inputs))[0] if eps is None else fd_eps(eps, Z.dtype)
     ws = site_weight_list(occs, site_weights)
     etas = [w * sample_eta(o, gens(o), noise) for o, w in zip(occs, ws)]
     out = []

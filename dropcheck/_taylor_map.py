@@ -130,7 +130,7 @@ def map_model(
     rows = []
     for q in qs:
         lam = dropout_lambda(q)
-        model_q = with_drop_probability(model, q)
+        model_q = with_drop_probability(model, q, inputs=inputs)  # functional sites too
         for noise in noises:
             kw = dict(control_variate=True) if noise == "bernoulli" else dict(antithetic=True)
             gap = dropout_gap(model_q, inputs, targets, samples=samples, generator=seed, noise=noise, **kw)

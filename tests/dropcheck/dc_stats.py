@@ -1,36 +1,21 @@
 """Statistics and error measures of the tests.
 
 Every statistical check returns a z-score of a sample mean with its own
-estimated standard error; the tests accept ``|z| < Z_MAX = 4.5``, a
-two-sided false-alarm rate of 6.8e-6 per test for a Gaussian statistic (the
-means here are over >= 100 draws; skew of the per-draw values can raise this
-by a small factor, still < 1e-4).
+estimated standard error (``dropcheck.testing.zscore``); the tests accept
+``|z| < Z_MAX = 4.5``, a two-sided false-alarm rate of 6.8e-6 per test for a
+Gaussian statistic (the means here are over >= 100 draws; skew of the
+per-draw values can raise this by a small factor, still < 1e-4).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from dc_cases import DT, gen
 
-
-Z_MAX = 4.5  # two-sided Gaussian tail: P(|Z| > 4.5) = 6.8e-6
-
-
-def zscore(values, target: float) -> float:
-    """``(mean − target)/stderr`` of i.i.d. draws (``inf`` for a zero stderr and a miss)."""
-    v = torch.as_tensor(values, dtype=DT).reshape(-1)
-    se = float(v.std(unbiased=True)) / math.sqrt(v.numel())
-    d = float(v.mean()) - float(target)
-    # Rounding floor: where the draws barely vary (e.g. a single noise unit makes
-    # every Rademacher probe give the same value) the spread is rounding, and a
-    # 1e-16 difference between two float64 routes is not a statistical miss.
-    se = max(se, 1e-12 * max(abs(float(target)), abs(float(v.mean()))))
-    if se == 0.0:
-        return 0.0 if d == 0.0 else math.inf
-    return d / se
+# the z-score and its threshold are the public kit's (dropcheck.testing), the
+# same ones a user's suite gets
+from dropcheck.testing import Z_MAX, zscore  # noqa: E402,F401
 
 
 def rel(a, b) -> float:

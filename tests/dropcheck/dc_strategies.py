@@ -18,6 +18,7 @@ def mlp_cases(acts=tuple(ACTS), max_hidden=2, min_hidden=0, last_only=False, q_m
     the last layer's input), q in [q_min, q_max], weight scale in [0.3, 3],
     1..max_n examples, integer seeds for the weights and the data."""
     st = _st()
+    from dropcheck.testing.strategies import drop_probabilities, seeds  # the public kit's bounded draws
 
     @st.composite
     def strat(draw):
@@ -28,10 +29,10 @@ def mlp_cases(acts=tuple(ACTS), max_hidden=2, min_hidden=0, last_only=False, q_m
             layers = {n_hidden}
         else:
             layers = draw(st.sets(st.integers(0, n_hidden), min_size=1))
-        qs = {k: draw(st.floats(q_min, q_max)) for k in sorted(layers)}
+        qs = {k: draw(drop_probabilities(q_min, q_max)) for k in sorted(layers)}
         scale = draw(st.floats(0.3, 3.0))
         n = draw(st.integers(1, max_n))
-        seed = draw(st.integers(0, 2**31 - 1))
+        seed = draw(seeds())
         return dict(sizes=sizes, acts=act, sites=qs, scale=scale, n=n, seed=seed)
 
     return strat()

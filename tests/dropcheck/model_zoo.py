@@ -2,10 +2,9 @@
 
 Each builder returns a ``Zoo`` entry: the model, its inputs (a dict of
 keyword inputs for the Hugging Face models), targets aligned with the
-logits (``-100`` where there is no target), and ``own_loss(model)``: the
-mean cross-entropy the way a user computes it from the model's own output,
-used for the ground truth ``E[train-mode loss] - eval-mode loss`` with the
-model's own random draws.  Nothing here calls dropcheck.
+logits (``-100`` where there is no target).  The ground truth ``E[train-mode loss] - eval-mode loss`` with the model's own
+random draws is ``dropcheck.testing.own_dropout_gap``, which uses none of
+dropcheck's analytic machinery.  Nothing here calls dropcheck.
 
 The Hugging Face models are built from tiny configs (no weights are ever
 downloaded; ``HF_HUB_OFFLINE=1``) with the default attention implementation
@@ -20,10 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,35 +38,6 @@ class Zoo:
     # (float64 throughout: 1e-5 and 1e-6; T5 below computes in float32 inside)
     fd_eps: float = 1e-5
     fd_rtol: float = 1e-6
-
-    def own_loss(self) -> torch.Tensor:
-        """Mean cross-entropy over the positions with a target, from the
-        model's own forward pass in whatever mode it is in."""
-        out = self.model(**self.inputs) if isinstance(self.inputs, dict) else self.model(self.inputs)
-        logits = out.logits if hasattr(out, "logits") else out
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.targets.reshape(-1), ignore_index=-100)
-
-    def own_gap(self, draws: int, seed: int, eval_modules: Callable[[nn.Module], bool] = None):
-        """``(mean, stderr)`` of ``loss(train mode, the model's own dropout) -
-        loss(eval mode)`` by plain Monte Carlo; the model's mode is restored.
-        ``eval_modules(m)``: modules kept in eval mode during the train-mode
-        draws (BatchNorm, whose running statistics define the network)."""
-        m = self.model
-        was = m.training
-        try:
-            with torch.no_grad():
-                m.eval()
-                base = self.own_loss()
-                m.train()
-                if eval_modules is not None:
-                    for mod in m.modules():
-                        if eval_modules(mod):
-                            mod.eval()
-                torch.manual_seed(seed)
-                vals = torch.stack([self.own_loss() for _ in range(draws)]) - base
-        finally:
-            m.train(was)
-        return float(vals.mean()), float(vals.std() / draws**0.5)
 
 
 def _scale_(model: nn.Module, std: float, seed: int) -> None:
@@ -263,8 +230,80 @@ def residual_sd(seed: int = 0, std: float = 1.0, real: bool = False) -> Zoo:
     return Zoo("residual_sd_real" if real else "residual_sd", model, x, torch.randint(0, 4, (6,), generator=g))
 
 
-def is_batchnorm(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+def _token_batch(seed: int, n: int = 2, t: int = 5, vocab: int = 11):
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, vocab, (n, t), generator=g)
+    y = torch.randint(0, vocab, (n, t), generator=g)
+    y[0, 0] = -100
+    return ids, y, g
+
+
+def opt(seed: int = 0, attn: str = "sdpa", std: float = 0.5, dropout=0.3, attention_dropout=0.1) -> Zoo:
+    """Tiny OPT: every dropout functional (``F.dropout`` with ``self.dropout``
+    in the layers, attention dropout through eager or SDPA attention)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=11, hidden_size=8, num_hidden_layers=2, ffn_dim=16, num_attention_heads=2,
+                    max_position_embeddings=16, word_embed_proj_dim=8, dropout=dropout,
+                    attention_dropout=attention_dropout)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(cfg).to(DT)
+    _scale_(model, std, seed)
+    ids, y, _ = _token_batch(seed)
+    return Zoo(f"opt_{attn}", model, {"input_ids": ids}, y)
+
+
+def bart(seed: int = 0, attn: str = "sdpa", std: float = 0.5, dropout=0.3, activation_dropout=0.1,
+         attention_dropout=0.2) -> Zoo:
+    """Tiny BART (encoder and decoder): ``dropout``, ``activation_dropout`` and
+    ``attention_dropout`` all reach ``F.dropout`` / attention from one layer module."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(vocab_size=11, d_model=8, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=16,
+                     decoder_ffn_dim=16, encoder_attention_heads=2, decoder_attention_heads=2,
+                     max_position_embeddings=16, dropout=dropout, activation_dropout=activation_dropout,
+                     attention_dropout=attention_dropout)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(cfg).to(DT)
+    _scale_(model, std, seed)
+    ids, y, g = _token_batch(seed)
+    dec = torch.randint(0, 11, ids.shape, generator=g)
+    return Zoo(f"bart_{attn}", model, {"input_ids": ids, "decoder_input_ids": dec}, y)
+
+
+def llama(seed: int = 0, attn: str = "sdpa", std: float = 0.5, attention_dropout=0.3) -> Zoo:
+    """Tiny Llama: attention dropout only (``self.attention_dropout``); RMSNorm
+    computes in float32 inside the float64 model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                      attention_dropout=attention_dropout)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(DT)
+    if std is not None:
+        _scale_(model, std, seed)
+    ids, y, _ = _token_batch(seed)
+    return Zoo(f"llama_{attn}", model, {"input_ids": ids}, y)
+
+
+def cnn(seed: int = 0) -> Zoo:
+    """A small CNN: ``Dropout2d`` between convolutions, BatchNorm (eval-mode
+    statistics in every pass), dropout before the classifier."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout2d(0.2),
+                          nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Dropout(0.3), nn.Linear(6, 4)).to(DT)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(8, 2, 6, 6, generator=g, dtype=DT)
+    return Zoo("cnn", model, x, torch.randint(0, 4, (8,), generator=g))
+
+
+# models whose dropout is all functional (not in BUILDERS: test_functional_sites_hf.py uses them)
+FUNCTIONAL_HF = {"opt": opt, "bart": bart, "llama": llama}
 
 
 BUILDERS = {"gpt2": gpt2, "bert": bert, "t5": t5, "encoder_layer": encoder_layer, "residual_sd": residual_sd,

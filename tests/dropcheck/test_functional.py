@@ -21,8 +21,8 @@ from torch import nn
 
 import dc_cases as cases
 import dc_references as refs
-import dc_stats as stats
 import dropcheck as dc
+import dropcheck.testing as dct
 import model_zoo as Z
 
 DT = torch.float64
@@ -84,8 +84,8 @@ def test_functional_dropout_equals_module_dropout(kind, channel):
     else:
         X, y = cases.data(3, 3, 3, seed=1)  # 3 + 4 = 7 units per example
     sites = dc.find_sites(fun, X)
-    second = ("dropout1d" if kind == "F" else "feature_dropout") if channel else "dropout"
-    assert [(s.name, s.q) for s in sites] == [("<root>:dropout", 0.3), (f"<root>:{second}", 0.4)]
+    # named by the attribute that holds q (read from the call's source: self.q1, self.q2)
+    assert [(s.name, s.q) for s in sites] == [("<root>:q1", 0.3), ("<root>:q2", 0.4)]
     for m in (mods, fun):
         m.train()
     vals = {}
@@ -122,11 +122,13 @@ def test_functional_site_keys_name_the_calling_module():
     model = nn.Sequential(Inner(), nn.Tanh(), Inner(), nn.Linear(3, 2)).double()
     X, _ = cases.data(2, 3, 2, seed=0)
     sites = dc.find_sites(model, X)
+    # literal q: no attribute holds it, so the name carries it (unique, independent of call order)
     assert [(s.name, s.q, s.functional) for s in sites] == [
-        ("0:dropout", 0.2, True), ("0:dropout", 0.3, True), ("2:dropout", 0.2, True), ("2:dropout", 0.3, True)]
+        ("0:dropout@0.2", 0.2, True), ("0:dropout@0.3", 0.3, True), ("2:dropout@0.2", 0.2, True),
+        ("2:dropout@0.3", 0.3, True)]
     y = torch.randint(0, 2, (2,))
     keys = list(dc.explicit_regularizer(model, X, y, per_site=True))
-    assert keys == ["0:dropout", "0:dropout#1", "2:dropout", "2:dropout#1"]
+    assert keys == ["0:dropout@0.2", "0:dropout@0.3", "2:dropout@0.2", "2:dropout@0.3"]
     with pytest.raises(dc.NoDropoutSiteError):
         dc.find_sites(model)  # no dropout *module*: only a forward pass shows them
 
@@ -203,7 +205,7 @@ def test_attention_math_path_equals_torchs_kernel(mask):
         with dc.analytic_mode(sd) as s:
             ours = dc._common.call_model(sd, X)
     assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-13)
-    assert [o.key for o in s.occurrences] == ["<root>:attention"]
+    assert [o.key for o in s.occurrences] == ["<root>:p"]  # the attribute holding q
 
 
 @pytest.mark.parametrize("mask", MASKS)
@@ -244,15 +246,11 @@ def test_multihead_attention_both_paths_agree():
     b.load_state_dict(a.state_dict())
     X = torch.randn(2, 3, 4, generator=cases.gen(1), dtype=DT)
     y = torch.randint(0, 3, (2, 3), generator=cases.gen(2))
-    assert [s.name for s in dc.find_sites(a, X)] == ["mha:attention"]
-    assert [s.name for s in dc.find_sites(b, X)] == ["mha:attention"]
+    assert [s.name for s in dc.find_sites(a, X)] == ["mha:dropout"]  # MultiheadAttention.dropout holds q
+    assert [s.name for s in dc.find_sites(b, X)] == ["mha:dropout"]
     assert _f(dc.explicit_regularizer(a, X, y)) == pytest.approx(_f(dc.explicit_regularizer(b, X, y)), rel=1e-11)
     assert _f(dc.taylor_regularizer(a, X, y)) == pytest.approx(_f(dc.taylor_regularizer(b, X, y)), rel=1e-11)
-    zoo = Z.Zoo("mha", a, X, y)
-    own, own_se = zoo.own_gap(800, seed=3)
-    ours = dc.dropout_gap(a, X, y, samples=800, generator=4)
-    assert own > 4 * own_se
-    assert abs(ours.value - own) < stats.Z_MAX * math.hypot(own_se, ours.stderr)
+    dct.assert_gap_matches_own_dropout(a, X, y, 800, generator=3)  # own draws seed 3, dropcheck's seed 4
 
 
 # -- train mode, refusals, buffers -----------------------------------------------

@@ -277,3 +277,48 @@ def test_gap_estimate_unpacks_as_value_and_stderr():
     assert (r, se) == (est.value, est.stderr) and se == 0.0 and est.samples == 4
     assert pickle.loads(pickle.dumps(est)).samples == 4
     assert "samples=4" in repr(est)
+
+
+@pytest.mark.parametrize("blocks, scale, cv_wins", [
+    ([("dropout", 0.1)], 0.5, True),  # near-linear: the first-order term is most of each draw's change
+    ([("dropout", 0.5), ("dropout", 0.5)], 3.0, False),  # large weights, q = 0.5: deletions far from linear
+])
+def test_control_variate_auto_picks_the_form_with_the_smaller_error_bar(blocks, scale, cv_wins):
+    import dropcheck.testing as dct
+
+    c = dct.build_case(dict(blocks=blocks, d=4, classes=3, n=3, t=4, scale=scale, seed=2))
+    m, x, y = c.model, c.inputs, c.targets
+    plain = dc.dropout_gap(m, x, y, samples=300, generator=1)
+    cv = dc.dropout_gap(m, x, y, samples=300, generator=1, control_variate=True)
+    auto = dc.dropout_gap(m, x, y, samples=300, generator=1, control_variate="auto")
+    assert (cv.stderr < plain.stderr) == cv_wins and auto.control_variate == cv_wins
+    assert cv.control_variate and not plain.control_variate
+    with pytest.raises(dc.DropcheckError, match="control_variate"):
+        dc.dropout_gap(m, x, y, samples=10, control_variate="yes")
+
+
+@pytest.mark.parametrize("spec", [
+    dict(blocks=[("dropout", 0.3), ("locked", 0.2), ("attention", 0.3)], d=3, classes=3, n=3, t=3, scale=2.0,
+         ignore=0.25, seed=1),
+    dict(blocks=[("channel", 0.3), ("dropconnect", 0.2), ("drop_path", 0.3), ("functional", 0.1)], d=3, classes=3,
+         n=2, t=3, scale=2.0, ignore=0.0, seed=4),
+])
+def test_first_order_gap_batched_deletions_equal_one_pass_per_unit(spec, monkeypatch):
+    """The batched route (each example tiled, ``copies`` deletions per pass)
+    gives the per-unit loop's value (``copies=1``) to rounding, site by site;
+    DropConnect (noise shared over the batch) takes the loop inside the same call."""
+    import dropcheck._gap as gap_mod
+    import dropcheck.testing as dct
+
+    c = dct.build_case(spec)
+    loop = dc.first_order_gap(c.model, c.inputs, c.targets, per_site=True, copies=1)
+    batched_sites = []
+    real = gap_mod._tiled_deletions
+    monkeypatch.setattr(gap_mod, "_tiled_deletions",
+                        lambda m, t, occs, j, N: batched_sites.append(occs[j].key) or real(m, t, occs, j, N))
+    fast = dc.first_order_gap(c.model, c.inputs, c.targets, per_site=True, copies=4)
+    assert set(fast) == set(loop)
+    for k in loop:
+        assert fast[k] == pytest.approx(loop[k], rel=1e-9, abs=1e-13), k
+    weight_sites = {k for k in loop if ".lin.drop." in k}
+    assert set(batched_sites) == set(loop) - weight_sites and batched_sites
