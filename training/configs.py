@@ -287,7 +287,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "min_improvement": 0.005,
         "checkpoint_every": 100,
         "device": "cpu",
-        "estimator": "fd_shared",
+        "estimator": "fd",
         "noise_estimator": "fd",
         "threads": 1,
     },
