@@ -418,8 +418,10 @@ def _check_arch(cfg: Mapping[str, Any]) -> None:
             continue
         for key in get_arch(other).keys:
             if key not in arch.keys and cfg[key] != DEFAULTS[key]:
+                named = [n for n, c in CONFIGS.items() if c.get("arch", DEFAULTS["arch"]) == arch.name]
+                hint = f"; start from a config of arch {arch.name!r} ({', '.join(named)})" if named else ""
                 raise _err(key, f"is read by arch {other!r} only, not by arch {arch.name!r} "
-                           f"(got {cfg[key]!r}, default {DEFAULTS[key]!r})")
+                           f"(got {cfg[key]!r}, default {DEFAULTS[key]!r}){hint}")
     why = arch.check(cfg)
     if why:
         raise DropcheckError(f"arch {arch.name!r} refuses this config (rule {cfg['rule']!r}): {why}")
