@@ -157,6 +157,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 import dropcheck as dc
 from dropcheck import DropcheckError
+from paper_figures.rule_labels import rule_label
 
 from .lm import StatefulLM, detach_state as detach_hidden, get_arch
 
@@ -293,11 +294,6 @@ def _factor(weights: Mapping[str, float]):
     return 1.0, dict(weights)
 
 
-def _mult(cfg: Mapping[str, Any], key: str) -> str:
-    m = cfg.get(key, 1.0)
-    return "" if m in (1, 1.0, None) else f" (×{m:g})"
-
-
 class UpdateRule:
     """The pieces every rule is built from; one subclass per rule (the
     ``REGISTRY`` below) says which pieces make its ``objective`` and its
@@ -318,8 +314,9 @@ class UpdateRule:
     @classmethod
     def label(cls, cfg: Mapping[str, Any]) -> str:
         """The paper's name (Figures 1-5, Table 1); ``cfg`` may be a log header's
-        partial config."""
-        raise NotImplementedError
+        partial config.  The names live in ``paper_figures.rule_labels`` (no
+        torch), where the figures and claims read them."""
+        return rule_label(cls.name, cfg)
 
     @classmethod
     def has_noise(cls, cfg: Mapping[str, Any]) -> bool:
@@ -624,10 +621,6 @@ class NoDropout(UpdateRule):
 
     name = "none"
 
-    @classmethod
-    def label(cls, cfg):
-        return "no dropout"
-
     def objective(self, model, x, y, gens):
         loss, hid = self.clean(model, x, y)
         return StepResult(loss, loss.detach(), {}, hid)
@@ -637,10 +630,6 @@ class L2(UpdateRule):
     """``L + (l2/2) Σ‖W‖²`` over every trained parameter."""
 
     name = "l2"
-
-    @classmethod
-    def label(cls, cfg):
-        return f"ℓ2 ({cfg['l2']:g})" if "l2" in cfg else "ℓ2"
 
     def objective(self, model, x, y, gens):
         loss, hid = self.clean(model, x, y)
@@ -655,10 +644,6 @@ class Dropout(UpdateRule):
     name = "dropout"
     takes_k = True
 
-    @classmethod
-    def label(cls, cfg):
-        return f"DROPOUT_{int(cfg.get('k', 1) or 1)}"
-
     def objective(self, model, x, y, gens):
         loss, hid = self.dropout_k(model, x, y, gens, self.k)
         return StepResult(loss, loss.detach(), {}, hid)
@@ -668,10 +653,6 @@ class DropoutInject(Dropout):
     """DROPOUT_k plus ``sqrt((1-1/k)/2) · ξ̃_drop`` (Sec. 3.1)."""
 
     name = "dropout_inject"
-
-    @classmethod
-    def label(cls, cfg):
-        return super().label(cfg) + " + ξ̃_drop"
 
     @classmethod
     def has_noise(cls, cfg):
@@ -691,10 +672,6 @@ class DropoutImplicit(Dropout):
 
     name = "dropout_implicit"
     shared_probe_ok = True
-
-    @classmethod
-    def label(cls, cfg):
-        return super().label(cfg) + " + ξ_approx" + _mult(cfg, "implicit_mult")
 
     @classmethod
     def uses_xi_approx(cls, cfg):
@@ -732,10 +709,6 @@ class Explicit(UpdateRule):
     shared_probe_ok = True
 
     @classmethod
-    def label(cls, cfg):
-        return "R_approx" + _mult(cfg, "explicit_mult")
-
-    @classmethod
     def uses_estimator(cls, cfg):
         return True
 
@@ -766,11 +739,6 @@ class ExplicitImplicit(Explicit):
     name = "explicit_implicit"
 
     @classmethod
-    def label(cls, cfg):
-        pos = " (per-position)" if cfg.get("noise_structure") == "positions" else ""
-        return "R_approx + ξ_approx" + _mult(cfg, "explicit_mult") + pos
-
-    @classmethod
     def uses_xi_approx(cls, cfg):
         return True
 
@@ -778,13 +746,6 @@ class ExplicitImplicit(Explicit):
 class _Ablation(Explicit):
     """An ablation of ``R_approx`` (Sec. 5): ``ξ_approx`` added only if
     ``ablation_noise``."""
-
-    short: ClassVar[str]
-
-    @classmethod
-    def label(cls, cfg):
-        noise = " + ξ_approx" if cfg.get("ablation_noise") else ""
-        return cls.short + noise + _mult(cfg, "explicit_mult")
 
     @classmethod
     def uses_xi_approx(cls, cfg):
@@ -796,7 +757,6 @@ class IdentityHessian(_Ablation):
     the shared-probe objective with ``hessian="identity"``."""
 
     name = "identity_hessian"
-    short = "identity H_out"
     hessian = "identity"
 
 
@@ -805,7 +765,6 @@ class LossJacobian(_Ablation):
     double backward (``dc.loss_jacobian_regularizer``)."""
 
     name = "loss_jacobian"
-    short = "R̃_approx"
     shared_probe_ok = False  # R̃ needs the loss Jacobian's own gradient (a double backward)
     positions_ok = False  # dc.loss_jacobian_regularizer keeps the sites' own structure
 
