@@ -141,3 +141,12 @@ def test_the_cpu_study_tables_are_the_committed_logs(first, folder):
     assert not missing and not unknown, f"complete logs not in the notebook's table: {missing}; " \
                                         f"notebook rows that are no complete log: {unknown}"
     assert got == want
+
+
+def test_results_readme_names_every_results_folder():
+    """results/README.md says what each folder under results/ holds and how to
+    regenerate it: a new folder without a row there fails here."""
+    text = (ROOT / "results" / "README.md").read_text(encoding="utf-8")
+    folders = sorted(p.name for p in (ROOT / "results").iterdir() if p.is_dir())
+    missing = [f for f in folders if f"{f}/" not in text]
+    assert folders and not missing, f"results/README.md has no row for: {missing}"
