@@ -39,10 +39,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from training.rules import REGISTRY
-
 from .logs import Run
 from .noise import Comparison, NoiseRule, common_seeds, compare_arms, first_within
+from .rule_labels import RULE_LABELS
 
 VERDICTS = ("reproduced", "partly", "not reproduced", "untestable here", "not yet run")
 PART_VERDICTS = ("holds", "fails", "untestable here", "not yet run")
@@ -194,8 +193,8 @@ def capped_still_improving(runs: list[Run]) -> list[str]:
 # --- recognising arms from their configs ------------------------------------
 
 def _is(rule: str, **kw) -> Callable[[dict], bool]:
-    if rule not in REGISTRY:
-        raise ValueError(f"no update rule {rule!r}; registered: {list(REGISTRY)}")
+    if rule not in RULE_LABELS:
+        raise ValueError(f"no update rule {rule!r}; known: {list(RULE_LABELS)}")
 
     def pred(c: dict) -> bool:
         if c.get("rule") != rule:

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from . import log_schema
+from .log_schema import EVAL, FINAL, HEADER, RESUME
+
 
 # config keys that change no number (or name the seed's run): runs that differ only in these are seeds of one arm
 BOOKKEEPING = ("seed", "run_name", "progress", "threads", "checkpoint_every")
@@ -58,19 +61,6 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-# fields whose value, where present, must be a number (NaN and inf included: JSON-lines logs write them)
-_EVAL_NUMBERS = ("step", "valid_ppl", "epoch", "wall_time", "tokens_seen", "train_ppl", "best_valid_ppl")
-_FINAL_NUMBERS = ("step", "best_step", "best_valid_ppl", "valid_ppl", "test_ppl", "wall_time", "tokens_per_s")
-
-
-def _mistyped(rec: dict, keys) -> list:
-    return [k for k in keys if k in rec and not _number(rec[k])]
-
-
 def read_run(path: Path, problems: list[str]) -> Optional[Run]:
     header, evals, final = None, [], None
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -85,28 +75,28 @@ def read_run(path: Path, problems: list[str]) -> Optional[Run]:
                 problems.append(f"{path}:{lineno}: malformed log line skipped ({exc})")
                 continue
             kind = rec.get("type")
-            if kind == "header":
+            if kind == HEADER:
                 if not isinstance(rec.get("config", {}), dict) or not isinstance(rec.get("run_name", ""), str):
                     problems.append(f"{path}:{lineno}: header line with a config that is not an object or a "
                                     "run_name that is not a string skipped")
                     continue
                 header = rec
-            elif kind == "eval":
-                if not all(k in rec for k in ("step", "valid_ppl")):
+            elif kind == EVAL:
+                if not all(k in rec for k in log_schema.REQUIRED[EVAL]):
                     problems.append(f"{path}:{lineno}: eval line without step/valid_ppl skipped")
                     continue
-                bad = _mistyped(rec, _EVAL_NUMBERS)
+                bad = log_schema.mistyped(rec, EVAL)
                 if bad:
                     problems.append(f"{path}:{lineno}: eval line with non-numeric {', '.join(bad)} skipped")
                     continue
                 evals.append(rec)
-            elif kind == "final":
-                bad = _mistyped(rec, _FINAL_NUMBERS)
+            elif kind == FINAL:
+                bad = log_schema.mistyped(rec, FINAL)
                 if bad:
                     problems.append(f"{path}:{lineno}: final line with non-numeric {', '.join(bad)} skipped")
                     continue
                 final = rec
-            elif kind == "resume":
+            elif kind == RESUME:
                 # the log was truncated to the checkpoint: later evals replace nothing
                 pass
             else:

@@ -1,4 +1,4 @@
-"""How large is each update rule's noise beside SGD's own?  (README, "Gradient noise at this scale")
+"""How large is each update rule's noise beside SGD's own?  (results/cpu-ptb/README.md, "Gradient noise at this scale")
 
 At the ``cpu-ptb`` scale DROPOUT_k gets *better* as k grows and ξ_approx
 adds nothing measurable (claims C1 and C5), the opposite of the paper's

@@ -467,8 +467,8 @@ def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance
 
     The re-run matches exactly on the machine kind the run was logged on; a
     different processor or kernel instruction set rounds differently, and 300
-    steps at lr 20 grow that into a few percent (README, "Re-checking a
-    run"), so the machine of both is printed beside the verdict."""
+    steps at lr 20 grow that into a few percent (results/cpu-ptb/README.md,
+    "Re-checking a run"), so the machine of both is printed beside the verdict."""
     from .configs import validate
     from .data import load_corpus, resolve_corpus_dir
     from .trainer import cpu_kernels, train

@@ -1,146 +1,11 @@
 """The update rules of the paper, each one config value ``rule``.
 
 ``REGISTRY`` maps each value to one small class (``NoDropout``, ``L2``,
-``Dropout``, ...): its ``objective`` and ``noise``, its label in the
-paper's terms, whether it takes ``k`` draws, which estimator keys it reads
-and whether it needs a double backward.  Everything else (config
-validation, run names, the trainer, the bench, the figures' labels) reads
-the registry instead of comparing rule names.
-
-Every rule splits its update direction ``g`` into two parts:
-
-- ``objective(...)``: a differentiable scalar whose parameter gradient is the
-  deterministic-given-the-draws part of ``g`` (data loss, dropout loss,
-  explicit regularizers).  The trainer back-propagates it (through
-  DistributedDataParallel when there are several processes, see
-  ``trainer.py``).
-- ``noise(...)``: an additive gradient term that is not the gradient of a
-  loss (``ξ̃_drop``, ``ξ_approx``), returned as ``{parameter name: tensor}``
-  and added to ``.grad`` after the backward pass (all-reduced by the trainer).
-
-Rules (``L`` is the mean cross-entropy over the tokens of the batch, ``L_η``
-the same with dropout noise ``η``, ``R_g`` the unweighted regularizer of the
-sites of group ``g``):
-
-=====================  ============================================  ==========================================
-rule                   objective                                     noise
-=====================  ============================================  ==========================================
-``none``               ``L`` (every site off)                        -
-``l2``                 ``L + (l2/2) Σ‖W‖²``                          -
-``dropout``            ``(1/k) Σ_j L_{η_j}``  (Algorithm 1)          -
-``dropout_inject``     ``(1/k) Σ_j L_{η_j}``                         ``sqrt((1-1/k)/2) · ξ̃_drop`` (Sec. 3.1)
-``explicit``           ``L + Σ_g c_g R_g``  ((4.3)-(4.4))            - (``estimator=fd_shared``: the
-                                                                    same fast path, noise weight 0)
-``dropout_implicit``   ``(1/k) Σ_j L_{η_j}``                         ``sqrt(1-1/k) · ξ_approx`` (Algorithm 4;
-                                                                    ``estimator=fd_shared``: in the objective)
-``explicit_implicit``  ``L + Σ_g c_g R_g``                           ``ξ_approx`` (Algorithm 2; with
-                                                                    ``estimator=fd_shared`` both in the
-                                                                    objective, see below)
-``identity_hessian``   ``L + Σ_g c_g R_g`` with ``H_out → I/c``      ``ξ_approx`` if ``ablation_noise``
-                       (``estimator=fd_shared``: the fast path)
-``loss_jacobian``      ``L + Σ_g c_g R̃_g`` (5.1)                     ``ξ_approx`` if ``ablation_noise``
-=====================  ============================================  ==========================================
-
-with ``ξ̃_drop = ∇L_{η¹} - ∇L_{η²}`` (two fresh draws) and ``ξ_approx`` from
-``dropcheck.implicit_noise`` (one Rademacher draw, ``η = sqrt(q/(1-q))·±1``).
-
-Coefficients per site group ``g`` (``embedding``, ``hidden``, ``output``,
-``weights``, ``rows``; see ``model.py``):
-
-- explicit: ``c_g = λ(q_g) · explicit_mult · explicit_mult_<g>`` with the
-  derived ``λ = q/(2(1-q))`` (1/3 at q = 0.4).  The official code has no
-  built-in multiplier: its explicit and implicit coefficients are command-line
-  flags that default to 0, and the paper's 0.66 at q = 0.4 (``q/(1-q)``,
-  ``explicit_mult=2``) is a tuned value, not a derived one; the CPU study
-  runs 1, 1.5 and 2 times λ and lets the data decide.
-- noise: ``m_g = implicit_mult · implicit_mult_<g>`` scales that group's
-  ``η`` (so its share of ``Cov(ξ_approx)`` by ``m_g²``); 1 is the paper's
-  untuned choice.
-
-Noise structure of the analytic terms (``noise_structure``): ``locked``
-(default) keeps the locked sites' one-mask-per-sequence structure, so
-``R_approx`` has the cross-time terms and ``ξ_approx`` one ``η`` per
-sequence and unit; ``positions`` treats every position as independent
-(``independent_positions=True`` in dropcheck), as the official code does.
-DropConnect and row sites are unaffected.
-
-Noise draws come from explicit generators (``Gens``): ``local`` for noise
-that is independent per sequence or position (locked and per-position
-sites, sampled labels, Hutchinson probes), ``shared`` for noise that is one
-draw for the whole batch (DropConnect and embedding-row masks).  In one
-process the two are the same generator object, so a rule's draws follow
-one stream in a fixed order (the objective's, then the noise's) and
-coincide with dropcheck's own functions called with that generator in the
-same order (tested).  Under data parallelism ``shared`` is seeded alike on
-every rank, which makes the whole-batch masks one mask for the global
-batch, as in a single process.
-
-Per-group coefficients: the exact, sampled and Hutchinson estimators (and
-``loss_jacobian_regularizer``) give ``R_site`` unweighted (``per_site=True,
-weighted=False``), multiplied here by ``c_g`` so that the per-group values
-can be logged.  Where dropcheck treats all sites in one pass, its
-``site_weights`` carry the coefficients: the finite-difference estimator
-probes every site in one pair of passes with weights ``λ(q_site) · w_site``
-(probe scale ``sqrt(λ w)``), ``w = explicit_mult · explicit_mult_<g>``;
-``ξ_approx`` gets ``site_weights = m_g`` (each site's ``η`` times its
-multiplier).  Where every weight of a call is the same, it is factored out
-of the call instead (so the default configs compute bit for bit what they
-computed before ``site_weights`` existed).  Dropout masks are drawn with
-``dc.noise_policy`` (weight sites from ``gens.shared``, the others from
-``gens.local``).
-
-A multiplier of 0 leaves the group's sites out of that call (dropcheck's
-``sites=``: they are the identity, as if their ``q`` were 0), so they draw no
-noise at all.  ``site_weights=0`` would give the same values but would still
-draw the sites' Rademacher numbers from the generator, shifting every later
-draw; leaving them out keeps the draws of the other sites the same as if the
-group had no dropout (tested).  Under data parallelism ``ξ_approx`` takes
-per-site generators (``generator={site: generator}``): ``shared`` for the
-whole-batch sites, ``local`` for the others, in one dropcheck call.
-
-The shared-probe fast path (``estimator="fd_shared"``, rules
-``explicit_implicit``, ``explicit``, ``identity_hessian`` and
-``dropout_implicit``) is ``dc.analytic_dropout_objective``:
-three forward passes (clean and ``h(1 ± ε√(λ_i w_i) v_i)``) with one
-Rademacher probe ``v`` shared by the explicit and the implicit term, and one
-first-order backward (``noise_estimator`` is ignored).  When the model ends
-in its tied ``nn.Linear`` decoder (the AWD-LSTM here) the perturbed passes
-stop at the decoder's input and one decoder matmul on the difference of the
-features gives the logit perturbation, with no softmax on the perturbed
-passes (dropcheck's ``decoder="auto"``).  For rule ``explicit`` the noise
-weight is 0 (``implicit_weight=0``): the objective is ``L + Σ_i c_i R̂_i``
-with the same ``R̂`` as ``estimator=fd`` (same probe law, one pass fewer:
-the clean pass serves both ``L`` and ``p``).  Rule ``identity_hessian``
-passes ``hessian="identity"`` (``R̂ = ‖u‖²/c``, the fd estimator's value
-with ``H_out → I/c``).  Rule ``dropout_implicit`` uses only the noise
-term: explicit weight 0, site weights ``m_g²``, and ``sqrt(1-1/k)`` times
-the call's zero-mean implicit term is added to the DROPOUT_k loss (so
-``ξ̂_approx`` rides the same backward as the ``k`` dropout passes, with the
-probes drawn after the dropout masks); the clean pass only gives ``p``,
-so ``fd_mid`` saves it.
-
-``estimator="fd_mid"`` is the same objective without the clean pass
-(``center="midpoint"``): ``L`` and ``p`` are evaluated at the mean of the
-two probe passes' decoder inputs, which is the clean one up to ``O(ε²)``,
-so the update is the ``fd_shared`` one up to ``O(ε²)`` (tested, ratio 4 per
-halving of ε); two passes through the LSTM instead of three.  The hidden
-state carried to the next batch is the mean of the two probe passes' (the
-clean one up to ``O(ε²)``), and the logged loss is ``L`` at that midpoint.  Its objective's
-gradient is ``∇[L + a Σ_i λ_i w_i R̂_i] + b Σ_i sqrt(w_i) ξ̂_i``: since one
-probe serves both terms, site ``i``'s noise coefficient is tied to the
-square root of its explicit weight.  The rule maps its coefficients onto
-``(a, b, w)`` with ``a λ_i w_i = c_i`` and ``b sqrt(w_i) = m_i``, which
-exists only when ``m_g² / (explicit_mult · explicit_mult_<g>)`` is one
-number for every active group (and a group's ``m_g`` is 0 exactly when its
-explicit weight is); otherwise ``make_rule`` raises.  Under data
-parallelism the whole objective, its implicit part included, goes through
-the DDP backward, so each site's probe is both its explicit probe and its
-noise ``η``: per-sequence sites need probes independent across ranks
-(``gens.local``), whole-batch sites (DropConnect, rows) the same ``η`` on
-every rank (``gens.shared``).  One call draws every probe from one
-generator, so with several processes the fast path is allowed only when
-the noise acts on sites of one kind only (e.g. ``q_weights = q_rows = 0``),
-else a clear error (``check_world_size``).
+``Dropout``, ...) with its ``objective`` (a differentiable scalar) and its
+``noise`` (an additive gradient term, ``ξ̃_drop`` or ``ξ_approx``).  What each
+rule computes, its coefficients per site group, the noise structure, the
+generators and the shared-probe fast paths ``fd_shared``/``fd_mid`` are
+described in docs/training.md, "The update rules".
 """
 
 from __future__ import annotations
@@ -157,6 +22,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 import dropcheck as dc
 from dropcheck import DropcheckError
+from paper_figures.rule_labels import rule_label
 
 from .lm import StatefulLM, detach_state as detach_hidden, get_arch
 
@@ -293,11 +159,6 @@ def _factor(weights: Mapping[str, float]):
     return 1.0, dict(weights)
 
 
-def _mult(cfg: Mapping[str, Any], key: str) -> str:
-    m = cfg.get(key, 1.0)
-    return "" if m in (1, 1.0, None) else f" (×{m:g})"
-
-
 class UpdateRule:
     """The pieces every rule is built from; one subclass per rule (the
     ``REGISTRY`` below) says which pieces make its ``objective`` and its
@@ -318,8 +179,9 @@ class UpdateRule:
     @classmethod
     def label(cls, cfg: Mapping[str, Any]) -> str:
         """The paper's name (Figures 1-5, Table 1); ``cfg`` may be a log header's
-        partial config."""
-        raise NotImplementedError
+        partial config.  The names live in ``paper_figures.rule_labels`` (no
+        torch), where the figures and claims read them."""
+        return rule_label(cls.name, cfg)
 
     @classmethod
     def has_noise(cls, cfg: Mapping[str, Any]) -> bool:
@@ -624,10 +486,6 @@ class NoDropout(UpdateRule):
 
     name = "none"
 
-    @classmethod
-    def label(cls, cfg):
-        return "no dropout"
-
     def objective(self, model, x, y, gens):
         loss, hid = self.clean(model, x, y)
         return StepResult(loss, loss.detach(), {}, hid)
@@ -637,10 +495,6 @@ class L2(UpdateRule):
     """``L + (l2/2) Σ‖W‖²`` over every trained parameter."""
 
     name = "l2"
-
-    @classmethod
-    def label(cls, cfg):
-        return f"ℓ2 ({cfg['l2']:g})" if "l2" in cfg else "ℓ2"
 
     def objective(self, model, x, y, gens):
         loss, hid = self.clean(model, x, y)
@@ -655,10 +509,6 @@ class Dropout(UpdateRule):
     name = "dropout"
     takes_k = True
 
-    @classmethod
-    def label(cls, cfg):
-        return f"DROPOUT_{int(cfg.get('k', 1) or 1)}"
-
     def objective(self, model, x, y, gens):
         loss, hid = self.dropout_k(model, x, y, gens, self.k)
         return StepResult(loss, loss.detach(), {}, hid)
@@ -668,10 +518,6 @@ class DropoutInject(Dropout):
     """DROPOUT_k plus ``sqrt((1-1/k)/2) · ξ̃_drop`` (Sec. 3.1)."""
 
     name = "dropout_inject"
-
-    @classmethod
-    def label(cls, cfg):
-        return super().label(cfg) + " + ξ̃_drop"
 
     @classmethod
     def has_noise(cls, cfg):
@@ -691,10 +537,6 @@ class DropoutImplicit(Dropout):
 
     name = "dropout_implicit"
     shared_probe_ok = True
-
-    @classmethod
-    def label(cls, cfg):
-        return super().label(cfg) + " + ξ_approx" + _mult(cfg, "implicit_mult")
 
     @classmethod
     def uses_xi_approx(cls, cfg):
@@ -732,10 +574,6 @@ class Explicit(UpdateRule):
     shared_probe_ok = True
 
     @classmethod
-    def label(cls, cfg):
-        return "R_approx" + _mult(cfg, "explicit_mult")
-
-    @classmethod
     def uses_estimator(cls, cfg):
         return True
 
@@ -766,11 +604,6 @@ class ExplicitImplicit(Explicit):
     name = "explicit_implicit"
 
     @classmethod
-    def label(cls, cfg):
-        pos = " (per-position)" if cfg.get("noise_structure") == "positions" else ""
-        return "R_approx + ξ_approx" + _mult(cfg, "explicit_mult") + pos
-
-    @classmethod
     def uses_xi_approx(cls, cfg):
         return True
 
@@ -778,13 +611,6 @@ class ExplicitImplicit(Explicit):
 class _Ablation(Explicit):
     """An ablation of ``R_approx`` (Sec. 5): ``ξ_approx`` added only if
     ``ablation_noise``."""
-
-    short: ClassVar[str]
-
-    @classmethod
-    def label(cls, cfg):
-        noise = " + ξ_approx" if cfg.get("ablation_noise") else ""
-        return cls.short + noise + _mult(cfg, "explicit_mult")
 
     @classmethod
     def uses_xi_approx(cls, cfg):
@@ -796,7 +622,6 @@ class IdentityHessian(_Ablation):
     the shared-probe objective with ``hessian="identity"``."""
 
     name = "identity_hessian"
-    short = "identity H_out"
     hessian = "identity"
 
 
@@ -805,7 +630,6 @@ class LossJacobian(_Ablation):
     double backward (``dc.loss_jacobian_regularizer``)."""
 
     name = "loss_jacobian"
-    short = "R̃_approx"
     shared_probe_ok = False  # R̃ needs the loss Jacobian's own gradient (a double backward)
     positions_ok = False  # dc.loss_jacobian_regularizer keeps the sites' own structure
 

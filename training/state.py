@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from dropcheck import DropcheckError
+from paper_figures import log_schema
 
 from .configs import DEFAULTS
 from .files import atomic_write_bytes, load_checkpoint, open_append, save_checkpoint
@@ -176,6 +177,11 @@ class RunLog:
         self.lines = 0
 
     def write(self, rec: Mapping[str, Any]) -> None:
+        """Append one record; a record outside the log schema
+        (``paper_figures.log_schema``, which the readers use) is refused."""
+        wrong = log_schema.problems(rec)
+        if wrong:
+            raise DropcheckError(f"log {self.path}: {'; '.join(wrong)} (paper_figures/log_schema.py)")
         if self.enabled:
             with open_append(self.path) as f:
                 f.write(json.dumps(rec, allow_nan=True) + "\n")

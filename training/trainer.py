@@ -1,104 +1,11 @@
 """Training loop: evaluation, JSON-lines logs, atomic checkpoints, resume,
 data parallelism.
 
-One run writes, in its output folder, ``<run>.jsonl`` (first line the
-header: config, seed, device, git commit, torch version; then one line per
-evaluation and a final line with the test perplexity of the
-best-validation model and ``stop``: ``"budget"`` (epochs / max_steps) or
-``"patience"`` (``patience`` evaluations without a new best), or ``"diverged"``
-(a loss not finite or past 700 nats, where its perplexity overflows: no test,
-the run raises "diverged at step N")), ``<run>.ckpt.pt`` (the last checkpoint) and
-``<run>.best.pt`` (the model with the best validation perplexity so far), each
-with its SHA-256 in ``<file>.sha256`` (``files.save_checkpoint``).
-Eval records: ``step``, ``epoch`` (fractional), ``tokens_seen``,
-``train_loss``/``train_ppl`` (mean over the interval's steps of the loss
-the rule optimises, without its regularizer: the mean over the k dropout
-draws for the dropout rules, the clean loss otherwise),
-``clean_train_loss``/``clean_train_ppl`` (no dropout, the first
-``train_eval_tokens`` tokens of the training text scored like the
-validation text: the training perplexity of the paper's Figure 1),
-``valid_loss``/``valid_ppl`` (no dropout, the whole validation slice,
-hidden state carried), ``best_valid_ppl``, ``reg`` (interval means of the regularizer
-values, e.g. ``R`` and ``R/<group>``), ``grad_norm`` and ``clipped_frac``
-(with ``clip``: the interval's mean gradient norm before clipping, noise
-included, and the fraction of its steps that clipping shortened; NaN
-without ``clip``), ``wall_time`` (training seconds so
-far, evaluation excluded) and ``tokens_per_s`` (training tokens per
-second over the interval, all ranks together).
-Files are written atomically (temporary file + ``os.replace``).  ``resume``
-restores model, optimizer, every generator (data order / BPTT lengths,
-dropout and estimator noise, torch's global RNG), the data position, the
-carried hidden state and the running averages, truncates the log to the
-lines the checkpoint knew of, and continues: the numbers are the same as
-an uninterrupted run's (tested bit for bit on CPU).
-
-Data parallelism and the analytic regularizers
-----------------------------------------------
-
-Launch with ``torchrun --nproc_per_node N -m dropcheck train ...`` (gloo on
-CPU, NCCL on GPU).  The global batch of ``batch_size`` sequences (columns of
-the batchified stream) is split into ``N`` equal column blocks, one per
-rank, so the ranks together see exactly the single-process batch; BPTT
-lengths come from a generator seeded alike on all ranks.
-
-Each step has two parts (``rules.py``):
-
-1. The rule's *objective* (data or dropout loss plus, for the explicit
-   rules, ``Σ_g c_g R_g``) is computed inside the forward of a
-   ``DistributedDataParallel``-wrapped module (``_Objective``), and one
-   ``backward()`` follows.  The double-backward path of ``R_approx`` (the
-   estimators call ``torch.autograd.grad(..., create_graph=True)`` with
-   respect to the sites' probes) happens entirely inside that forward: it
-   differentiates with respect to probe tensors, not parameters, so it runs
-   none of the parameters' gradient-accumulation hooks through which DDP
-   starts its all-reduce.  The parameter gradient of ``loss + R`` (its
-   second-order part included) then flows in the single ``backward()``,
-   each parameter's accumulation fires once, and DDP's bucketed all-reduce
-   averages it over ranks.  Every loss and exact regularizer is a mean over
-   the rank's tokens (DropConnect's Gauss-Newton term is a mean over
-   positions too), so with equal shards the average of the ranks' gradients
-   is the gradient on the concatenated batch, up to floating-point
-   summation order (tested: 2 gloo processes vs 1 process for ``none`` and
-   ``explicit`` with the exact estimator).  The stochastic estimators
-   (sampled labels, Hutchinson, finite differences) keep their expectation;
-   for DropConnect sites the sampled-label square ``(Σ_n g_n·a_u)²`` is
-   formed per shard, which drops cross-shard terms of zero mean.  The k
-   forward passes of ``DROPOUT_k`` all happen inside the one DDP forward as
-   well.
-2. The rule's *noise* (``ξ̃_drop``, ``ξ_approx``) is not the gradient of a
-   loss: each rank computes it on its own shard with
-   ``torch.autograd.grad`` on the un-wrapped model (so DDP never sees it),
-   then the trainer all-reduces it (sum / N) and adds it to ``.grad``.
-   Since the loss is a mean over the rank's tokens, the average of the
-   ranks' ``ξ`` computed from independent per-sequence noise is ``ξ`` of
-   the concatenated batch with the concatenated noise.  Noise that is one
-   draw for the whole batch (DropConnect and embedding-row masks, and their
-   ``η`` in ``ξ_approx``) comes from a generator seeded alike on all ranks,
-   so it is the same draw on every rank, as in one process; per-sequence
-   noise comes from a per-rank generator.
-
-The shared-probe fast paths (``rule=explicit`` or ``explicit_implicit``
-with ``estimator=fd_shared``, or ``fd_mid`` which takes the loss and the
-carried hidden state at the midpoint of the two probe passes instead of a
-clean pass; ``dc.analytic_dropout_objective``) have no separate noise: the
-implicit part is the gradient of a loss term (first order in the logit
-perturbation of the probes ``h(1 ± ε√λ v)``), so it lives in the objective (part 1) and goes through
-the DDP backward with the rest, averaged over ranks like any loss
-gradient.  The probe ``v`` is then also the noise ``η``, so it must be
-independent per sequence at locked sites (each rank's ``local`` generator)
-and one draw for the global batch at DropConnect and row sites (the
-``shared`` generator, seeded alike on every rank).  One dropcheck call
-draws every site's probe from one generator, so this is guaranteed only
-when the noise acts on sites of one kind; for the paper's setting (both
-kinds with q > 0) ``rule.check_world_size`` refuses to start with more than
-one process and names the alternatives (one process, or ``estimator=fd
-noise_estimator=fd``).
-
-Gradient clipping follows the all-reduce, so every rank clips the same
-gradient and the replicas stay identical.  Evaluation runs the whole
-validation/test stream on every rank (no communication, identical
-numbers); only rank 0 writes files.  A checkpoint gathers every rank's
-hidden state and generators, and resuming needs the same number of ranks.
+What a run writes (the log's records, the checkpoints and their SHA-256),
+how resuming reproduces an uninterrupted run, and how the analytic
+regularizers go through DistributedDataParallel are described in
+docs/training.md ("The run log, checkpoints and resume"; "Data parallelism
+and the analytic regularizers").
 """
 
 from __future__ import annotations
