@@ -14,7 +14,10 @@ Every model the pipeline trains (trainer, rules, bench, evaluation) is a
   perturbed passes at its input (``u = W(f⁺ − f⁻)/2ε``; ``dc.
   analytic_dropout_objective(decoder=...)``).
 
-Nothing else belongs in it.  In particular a model does not say where its
+Nothing else belongs in it.  (One optional extra: a model *with* state that
+wants ``estimator=fd_mid`` provides ``record_states()``, the states of the
+perturbed passes, which stop at the decoder; without it ``fd_mid`` is refused
+for that model and ``fd_shared`` works.)  A model does not say where its
 dropout is: the sites, their drop probability ``q`` and ``λ(q)`` come from
 dropcheck's core (``dc.find_sites(model, tokens)``), whatever kind of
 dropout the model uses (modules, ``F.dropout``, attention dropout).
