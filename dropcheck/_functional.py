@@ -41,6 +41,7 @@ import os
 import re
 import sys
 import types
+import weakref
 from typing import Optional
 
 import torch
@@ -90,7 +91,10 @@ def _call_frame(frame):
 
 _DROPISH = re.compile(r"drop|^p$")
 _REF = re.compile(r"\b(?:self|module)\.(?:config\.)?([A-Za-z_]\w*)")
-_NAME_CACHE: dict = {}
+# module -> {(code, line, q): attribute}; weakly keyed, so that a module freed and another made at the same
+# address (the same id) never inherits its names (an id-keyed cache did, which named sites after another
+# model's attributes depending on test order)
+_NAME_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _q_of(value) -> Optional[float]:
@@ -138,10 +142,13 @@ def q_attribute(module, frame, q: float) -> Optional[str]:
     ``None`` when no attribute holds ``q`` (a literal ``F.dropout(x, 0.2)``)."""
     if module is None:
         return None
-    key = (frame.f_code if frame is not None else None, frame.f_lineno if frame is not None else None,
-           id(module), q)
-    if key in _NAME_CACHE:
-        return _NAME_CACHE[key]
+    key = (frame.f_code if frame is not None else None, frame.f_lineno if frame is not None else None, q)
+    try:
+        cache = _NAME_CACHE.setdefault(module, {})
+    except TypeError:  # not weakly referenceable: no cache
+        cache = {}
+    if key in cache:
+        return cache[key]
     found = None
     config = getattr(module, "config", None)
 
@@ -162,9 +169,9 @@ def q_attribute(module, frame, q: float) -> Optional[str]:
         if not cands and config is not None and hasattr(config, "__dict__"):
             cands = [a for a, v in vars(config).items() if _DROPISH.search(a) and _same(_q_of(v), q)]
         found = cands[0] if cands else None
-    if len(_NAME_CACHE) > 4096:
-        _NAME_CACHE.clear()
-    _NAME_CACHE[key] = found
+    if len(cache) > 4096:
+        cache.clear()
+    cache[key] = found
     return found
 
 

@@ -60,3 +60,14 @@ def pytest_collection_modifyitems(config, items):
 def dropcheck_seed(request) -> int:
     """An int seed for ``generator=`` arguments (``--dropcheck-seed``)."""
     return int(request.config.getoption("--dropcheck-seed"))
+
+
+def plugin_args() -> list[str]:
+    """The pytest arguments that load this plugin in a subprocess: none when the
+    installed package registers it (entry point ``pytest11``; a second ``-p``
+    would be refused as already registered), else ``-p dropcheck.testing.pytest_plugin``."""
+    from importlib.metadata import entry_points
+
+    if any(ep.value == __name__ for ep in entry_points(group="pytest11")):
+        return []
+    return ["-p", __name__]

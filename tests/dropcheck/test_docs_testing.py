@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dropcheck.testing.pytest_plugin import plugin_args
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,7 +35,7 @@ def test_the_user_suite_from_the_docs_passes(tmp_path):
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")  # this checkout's dropcheck
     env["OMP_NUM_THREADS"] = "1"  # tiny models: more threads only contend (as in tests/conftest.py)
     env.setdefault("HF_HUB_OFFLINE", "1")
-    cmd = [sys.executable, "-m", "pytest", "-p", "dropcheck.testing.pytest_plugin", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", *plugin_args(), "-p", "no:cacheprovider",
            "-o", "addopts=", "-q", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]

@@ -183,3 +183,25 @@ def test_a_copy_wrapped_in_another_module_keeps_its_names_and_its_q():
     assert _names(Z.Zoo("", w, zoo.inputs, zoo.targets)) == [
         ("m.model.layers.0.self_attn:attention_dropout", 0.1), ("m.model.layers.1.self_attn:attention_dropout", 0.4)]
     dct.assert_gap_matches_own_dropout(w, zoo.inputs, zoo.targets, 300, generator=7, min_resolution=0)
+
+
+def test_the_name_cache_dies_with_its_module():
+    """Site names are cached per module object, never per ``id()``: a module
+    freed and another made at the same address must not inherit its names (an
+    id-keyed cache named a copied Llama's sites ``:dropout`` in one test order)."""
+    import gc
+
+    from dropcheck import _functional as fn
+
+    class A(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dropout = 0.1
+
+    a = A()
+    assert fn.q_attribute(a, None, 0.1) == "dropout"
+    assert a in fn._NAME_CACHE
+    n = len(fn._NAME_CACHE)
+    del a
+    gc.collect()
+    assert len(fn._NAME_CACHE) == n - 1

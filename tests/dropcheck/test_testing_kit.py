@@ -10,6 +10,8 @@ import sys
 import textwrap
 
 import pytest
+
+from dropcheck.testing.pytest_plugin import plugin_args
 import torch
 from hypothesis import example, given
 from torch import nn
@@ -129,7 +131,7 @@ def test_the_pytest_plugin_skips_heavy_tests_unless_asked(tmp_path):
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")  # this checkout's dropcheck
 
     def run(*args):
-        cmd = [sys.executable, "-m", "pytest", "-p", "dropcheck.testing.pytest_plugin", "-q", "-p", "no:cacheprovider",
+        cmd = [sys.executable, "-m", "pytest", *plugin_args(), "-q", "-p", "no:cacheprovider",
                "-o", "addopts=", "-p", "no:randomly", str(tmp_path), "-rs", *args]
         return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
 
