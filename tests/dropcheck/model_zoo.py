@@ -300,3 +300,17 @@ OPTIONAL = {"residual_sd_real": ("timm", "torchvision")}
 ATTN_ONLY = {"gpt2_attn_only": lambda: gpt2(attn_only=True),
              "encoder_layer_attn_only": lambda: encoder_layer(attn_only=True)}
 HF = {"gpt2", "bert", "t5", "gpt2_attn_only"}
+
+
+def wide_last_layer_net(seed: int = 0):
+    """``(model, x, y)``: dropout (q = 0.05) only on the input of the last
+    layer of a 64-wide tanh net with small last weights, in float64, on 8
+    examples: where the second-order picture holds (``R_taylor = λ R_approx``
+    exactly at a last-layer site)."""
+    g = torch.Generator().manual_seed(seed)
+    wide = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Dropout(0.05), nn.Linear(64, 3)).double()
+    with torch.no_grad():
+        wide[3].weight.mul_(0.3)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    return wide, x, y

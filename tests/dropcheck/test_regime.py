@@ -32,12 +32,7 @@ def test_cnn_fails_at_every_q_and_a_fresh_own_gap_confirms_it():
 
 
 def test_wide_last_layer_holds_and_a_fresh_own_gap_confirms_it():
-    g = torch.Generator().manual_seed(0)
-    wide = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Dropout(0.05), nn.Linear(64, 3)).double()
-    with torch.no_grad():
-        wide[3].weight.mul_(0.3)
-    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (8,), generator=g)
+    wide, x, y = Z.wide_last_layer_net()
     rep = dc.taylor_regime(wide, x, y, qs=(0.02, 0.1), samples=600)
     print(rep)
     assert rep.q_holds == 0.1 and rep.resolved and abs(rep.limit_ratio - 1) < 0.05

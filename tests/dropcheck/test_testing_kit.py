@@ -10,8 +10,6 @@ import sys
 import textwrap
 
 import pytest
-
-from dropcheck.testing.pytest_plugin import plugin_args
 import torch
 from hypothesis import example, given
 from torch import nn
@@ -19,6 +17,9 @@ from torch import nn
 import dropcheck as dc
 import dropcheck.testing as dct
 from dropcheck.testing import strategies as dst
+from dropcheck.testing.pytest_plugin import plugin_args
+
+import model_zoo as Z
 
 # one site of every kind; seed and scale chosen so that its gap is resolved (own gap -16 standard errors at
 # 300 draws; most seeds at scale 2 give |gap| > 7 se)
@@ -90,12 +91,7 @@ def test_assert_unbiased_accepts_an_unbiased_estimator_and_rejects_a_biased_one(
 def test_assert_second_order_holds_on_a_last_layer_site_and_fails_on_a_narrow_deep_one():
     # dropout only on the input of the last linear layer: R_taylor = λ R_approx exactly and R_drop agrees with
     # it to second order; a width-2 tanh layer with large weights is far from the second-order picture
-    g = torch.Generator().manual_seed(0)
-    wide = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Dropout(0.05), nn.Linear(64, 3)).double()
-    with torch.no_grad():
-        wide[3].weight.mul_(0.3)
-    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (8,), generator=g)
+    wide, x, y = Z.wide_last_layer_net()
     dct.assert_second_order_holds(wide, x, y, rtol=0.25, samples=2000)
     narrow = nn.Sequential(nn.Linear(4, 2), nn.Dropout(0.05), nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 3)).double()
     with torch.no_grad():
