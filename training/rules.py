@@ -239,12 +239,13 @@ class UpdateRule:
             raise DropcheckError(f"rule {self.name!r} needs at least one dropout site with q > 0; all q_* are 0")
         if self.shared_probe:
             self.shared_probe_weights()  # raises when the multipliers cannot share one probe
+        self.stateful = _has_state(model.lm)  # read once: fd_mid's per-step path needs it
         if self.center == "midpoint" and self.shared_probe:
             lm = model.lm
             if lm.decoder is None:
                 raise DropcheckError(f"estimator 'fd_mid' needs the model's trailing linear decoder; arch "
                                      f"{self.arch!r} has none: use fd_shared")
-            if _has_state(lm) and not hasattr(lm, "record_states"):
+            if self.stateful and not hasattr(lm, "record_states"):
                 raise DropcheckError(f"estimator 'fd_mid' carries the midpoint state to the next segment, which "
                                      f"arch {self.arch!r} cannot record (no record_states): use fd_shared")
 
@@ -457,7 +458,7 @@ class UpdateRule:
         if not keep_hidden:
             return dc.analytic_dropout_objective(model, x, y, **kw), None
         if self.center == "midpoint":
-            if not _has_state(model.lm):
+            if not self.stateful:
                 return dc.analytic_dropout_objective(model, x, y, **kw), model.lm.init_state(x.shape[1])
             with model.lm.record_states() as passes:
                 res = dc.analytic_dropout_objective(model, x, y, **kw)
