@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from .arms import arm_label
+from .claims import _seed
 from .logs import Run
 from .noise import NoiseRule, compare_arms, compare_gaps
 
@@ -55,11 +56,6 @@ PAPER = {
 }
 METHODS = ("no dropout", "DROPOUT_1", "DROPOUT_2", "DROPOUT_4", "R_approx", "R_approx + ξ_approx")
 OVERFIT = 0.10  # no regularization at least 10% above DROPOUT_1: the regime can show a regularizer
-
-
-def _seed(run: Run) -> Optional[int]:
-    s = run.config.get("seed", run.header.get("seed"))
-    return s if isinstance(s, int) else None
 
 
 def _size_labels(runs: list[Run]) -> dict[int, str]:
