@@ -77,10 +77,16 @@ TINY = dict(
 )
 
 
-# The same run on a tiny GPT-2 (arch=gpt2): the LSTM's own keys stay at their defaults.
-LSTM_ONLY = ("hidden", "q_hidden", "q_output", "q_weights", "q_rows")
+# The same run on a tiny GPT-2 (arch=gpt2): the keys only the AWD-LSTM reads (its registry entry's
+# ``keys``) stay at their defaults.
+def _without_lstm_keys(cfg: dict) -> dict:
+    from training.lm import get_arch
+
+    return {k: v for k, v in cfg.items() if k not in get_arch("awd-lstm").keys}
+
+
 TINY_GPT2 = dict(
-    {k: v for k, v in TINY.items() if k not in LSTM_ONLY},
+    _without_lstm_keys(TINY),
     arch="gpt2",
     emb=8,
     heads=2,
