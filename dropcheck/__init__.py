@@ -42,6 +42,7 @@ from ._implicit import (
 )
 from ._regime import RegimeRow, TaylorRegime, taylor_regime
 from ._surrogate import AnalyticObjective, analytic_dropout_objective
+from ._site_api import find_sites, with_drop_probability
 from ._sites import (
     DropConnect,
     GaussianDropout,
@@ -49,8 +50,6 @@ from ._sites import (
     SiteSpec,
     WeightDrop,
     dropout_lambda,
-    find_sites,
-    with_drop_probability,
 )
 
 __version__ = "0.1.0"

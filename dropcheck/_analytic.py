@@ -35,8 +35,11 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Un
 import torch
 from torch import nn
 
+from ._common import call_model
 from ._errors import DropcheckError, NoDropoutSiteError
-from ._sites import BERNOULLI, GAUSSIAN, SiteSpec, _check_q, find_sites
+from ._functional import FunctionalMode, module_caller, site_name
+from ._session import PASS, functional_override
+from ._sites import BERNOULLI, GAUSSIAN, SiteSpec, _check_q, module_sites
 
 
 @dataclass
@@ -264,16 +267,12 @@ class AnalyticSession:
         """``(name, module)`` of the innermost module of the model on the
         Python stack (a frame whose ``self`` or ``module`` local is one), or
         ``(None, None)`` outside the model's forward pass."""
-        from ._functional import module_caller
-
         return module_caller(self.module_names(), sys._getframe(1))
 
     def functional_site(self, h: torch.Tensor, q, structure: str, label: str) -> torch.Tensor:
         """A dropout call without a module of its own (``_functional.py``),
         named by ``_functional.site_name``; a drop probability that the model
         carries for it (``with_drop_probability``) replaces the call's."""
-        from ._functional import site_name
-
         self.functional_seen = True
         name, module = site_name(self.module_names(), sys._getframe(1), float(q), label)
         q = _check_q(q, f"{label} call in module {name.split(':')[0]!r}")
@@ -314,8 +313,6 @@ class AnalyticSession:
         return out
 
     def _random_pass(self, fn) -> None:
-        from ._functional import FunctionalMode
-
         _DISCOVERED.pop(self.model, None)  # the next context runs with the mode again
         if not self.mode_on:  # run once more under the mode, which names the module
             self.detect_only = True
@@ -329,52 +326,6 @@ class AnalyticSession:
             "dropcheck does not see (e.g. the dropout inside a fused nn.LSTM/GRU, or a random C++ op); "
             "dropcheck would leave that noise in its analytic results, so it refuses the model"
         )
-
-
-def functional_override(model: nn.Module, name: str, q: float) -> float:
-    """The drop probability of functional site ``name`` of ``model``: the one
-    ``with_drop_probability`` set (by name, or for every functional site) on
-    ``model`` or on the submodule of ``model`` on the site's path that
-    carries a table (a ``with_drop_probability`` copy wrapped in another
-    module; its table names sites relative to itself), else the call's own
-    ``q``."""
-    path = name.split(":", 1)[0]
-    parts = [] if path == "<root>" else path.split(".")
-    for i in range(len(parts) + 1):
-        prefix = ".".join(parts[:i])
-        try:
-            sub = model.get_submodule(prefix) if prefix else model
-        except AttributeError:
-            break
-        table = sub.__dict__.get("_dropcheck_q")
-        if table:
-            rel = name[len(prefix) + 1:] if prefix else name
-            if rel.startswith(":"):
-                rel = "<root>" + rel
-            return table.get(rel, table.get("*", q))
-    return q
-
-
-def session_covering(module: nn.Module) -> Optional["AnalyticSession"]:
-    """An active analytic session whose model contains ``module`` (itself or
-    as a submodule), or ``None``."""
-    s = _PASS.get()
-    while s is not None:
-        if s.model is module or id(module) in s.module_names():
-            return s
-        s = getattr(s, "_parent", None)
-    return None
-
-
-_PASS: contextvars.ContextVar = contextvars.ContextVar("dropcheck_session", default=None)
-
-
-def current_session(model: nn.Module) -> Optional[AnalyticSession]:
-    """The innermost active session of ``model`` (``None`` outside ``analytic_mode``)."""
-    s = _PASS.get()
-    while s is not None and s.model is not model:
-        s = getattr(s, "_parent", None)
-    return s
 
 
 def _fingerprint(model: nn.Module) -> tuple:
@@ -417,7 +368,7 @@ def analytic_mode(
     """
     own = sites is not None
     scope = SiteScope(sites) if own else _SCOPE.get()
-    session = AnalyticSession(model, find_sites(model, require=False), policy, scope)
+    session = AnalyticSession(model, module_sites(model, require=False), policy, scope)
     sites = session.sites
     site_ids = {id(s.module) for s in sites}
     flags = [(m, m.training) for m in model.modules()]
@@ -434,11 +385,9 @@ def analytic_mode(
             m.training = not (id(m) in site_ids or _keeps_eval(m))
         for s in sites:
             handles.append(s.module.register_forward_hook(session._hook(s)))
-        session._parent = _PASS.get()
-        token = _PASS.set(session)
+        session._parent = PASS.get()
+        token = PASS.set(session)
         if need_mode:
-            from ._functional import FunctionalMode
-
             mode = FunctionalMode(session)
             mode.__enter__()
             session.mode_on = True
@@ -447,7 +396,7 @@ def analytic_mode(
         if mode is not None:
             mode.__exit__(None, None, None)
         if token is not None:
-            _PASS.reset(token)
+            PASS.reset(token)
         for hnd in handles:
             hnd.remove()
         for m, flag in flags:
@@ -468,8 +417,6 @@ def fired_sites(model: nn.Module, inputs) -> list[SiteSpec]:
     """The sites that one analytic forward pass on ``inputs`` calls, in call
     order, one entry per site (``find_sites(model, inputs)``; a module that
     makes functional calls with different ``p`` gives one entry per ``p``)."""
-    from ._common import call_model
-
     with torch.no_grad(), analytic_mode(model, None) as session:
         session.detect_only = False
         try:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._errors import DropcheckError
+from ._session import current_session
 
 ESTIMATORS = ("exact", "sampled", "hutchinson", "fd")
 
@@ -70,8 +71,6 @@ def call_model(model: nn.Module, inputs) -> torch.Tensor:
     ``model(inputs)`` otherwise; the output as ``extract_logits`` reads it.
     Inside ``analytic_mode`` the pass is checked for unmodelled randomness."""
     check_input_dtypes(model, inputs)
-    from ._analytic import current_session  # the session machinery builds on this module
-
     session = current_session(model)
     if session is None:
         return extract_logits(_invoke(model, inputs))
@@ -284,66 +283,6 @@ def fd_step_and_tolerance(dtype: torch.dtype) -> tuple[float, float]:
     constants, floored at 1e-6: 1e-6 in float64, 2.4e-3 in float32."""
     u = float(torch.finfo(dtype).eps)
     return u ** (1.0 / 3.0), max(1e-6, 100.0 * u ** (2.0 / 3.0))
-
-
-_PRECISION = None  # WeakKeyDictionary: model -> ((module ids, param dtype), compute dtype)
-
-
-def compute_dtype(model: nn.Module, inputs) -> torch.dtype:
-    """The least precise floating dtype the model actually computes in: one
-    clean analytic forward pass (no grad, no random draw) records the dtype of
-    every floating result computed from more precise floating inputs; a
-    float32 RMSNorm inside a float64 model gives float32 (float32 masks or
-    position tables made from integers do not count).  Cached per model (and
-    its parameters' dtype)."""
-    import weakref
-
-    from torch.overrides import TorchFunctionMode
-
-    global _PRECISION
-    if _PRECISION is None:
-        _PRECISION = weakref.WeakKeyDictionary()
-    pdt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    fp = (tuple(id(m) for m in model.modules()), pdt)
-    hit = _PRECISION.get(model)
-    if hit is not None and hit[0] == fp:
-        return hit[1]
-    seen: set = set()
-
-    def floats(x, acc):
-        if isinstance(x, torch.Tensor):
-            if x.is_floating_point():
-                acc.append(x.dtype)
-        elif isinstance(x, (tuple, list)):
-            for v in x:
-                floats(v, acc)
-        return acc
-
-    class _Watch(TorchFunctionMode):
-        """Records the dtype of results computed from more precise floating
-        inputs (a downcast on the data path, e.g. ``h.to(torch.float32)``);
-        tensors made from integers or constants (masks, positions) do not count."""
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            ins = floats(args, floats(list((kwargs or {}).values()), []))
-            if ins:
-                finest = min(torch.finfo(d).eps for d in ins)
-                for d in floats(out, []):
-                    if torch.finfo(d).eps > finest:
-                        seen.add(d)
-            return out
-
-    from ._analytic import analytic_mode, current_session  # the clean network, no random draw
-
-    if current_session(model) is not None:  # inside another pass of this model: no pass of our own
-        return hit[1] if hit is not None else pdt
-    with torch.no_grad(), analytic_mode(model), _Watch():
-        call_model(model, inputs)
-    seen.add(pdt)
-    low = max(seen, key=lambda d: torch.finfo(d).eps)
-    _PRECISION[model] = (fp, low)
-    return low
 
 
 def quad_form(p: torch.Tensor, u: torch.Tensor, hessian: str = "output") -> torch.Tensor:

@@ -41,7 +41,6 @@ from ._common import (
     call_model,
     check_estimator,
     check_inputs,
-    compute_dtype,
     fd_eps,
     fd_step_and_tolerance,
     flatten_logits,
@@ -54,6 +53,7 @@ from ._common import (
     with_stderr,
 )
 from ._errors import DropcheckError
+from ._precision import compute_dtype
 
 Value = Union[torch.Tensor, dict]
 
@@ -175,7 +175,7 @@ def explicit_regularizer(
     - ``"fd"``: the same ``u`` by a central difference of two forward passes
       with multiplicative probes ``h(1 ± ε √λ_i v_i)`` at all sites at once
       (first-order autograd only); bias ``O(ε²)``; default ``ε`` from the
-      precision the model computes in (``_common.compute_dtype``).
+      precision the model computes in (``_precision.compute_dtype``).
 
     ``samples`` averages that many draws (ignored by ``"exact"``).
     ``hessian="identity"`` is the Section 5.2 ablation (``H_out`` replaced by

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ._errors import DropcheckError
+from ._session import functional_override, session_covering
 
 # --------------------------------------------------------------------------
 # naming a functional site
@@ -385,8 +386,6 @@ class OverrideMode(TorchFunctionMode):
         self.attention_depth = 0
 
     def _new_q(self, q: float, label: str) -> float:
-        from ._analytic import functional_override
-
         name, _ = site_name(self.names, sys._getframe(2), float(q), label)
         return functional_override(self.model, name, float(q))
 
@@ -417,8 +416,6 @@ def override_pre_hook(module, args):
     """Forward pre-hook of a ``with_drop_probability`` copy: enter
     ``OverrideMode`` for the pass (not inside a dropcheck analytic pass of a
     model containing it, which applies the same table itself)."""
-    from ._analytic import session_covering
-
     if session_covering(module) is not None or not module.__dict__.get("_dropcheck_q"):
         return None
     mode = OverrideMode(module)

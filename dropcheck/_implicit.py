@@ -24,7 +24,6 @@ from ._analytic import (
 from ._common import (
     check_estimator,
     check_inputs,
-    compute_dtype,
     fd_eps,
     fd_step_and_tolerance,
     flatten_logits,
@@ -34,6 +33,7 @@ from ._common import (
     site_weight_list,
 )
 from ._errors import DropcheckError
+from ._precision import compute_dtype
 from ._explicit import clean_forward, perturbed_logits, probe_forward
 
 Grads = dict

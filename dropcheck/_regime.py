@@ -13,7 +13,8 @@ from torch import nn
 from ._errors import DropcheckError
 from ._explicit import explicit_regularizer, taylor_regularizer
 from ._gap import dropout_gap, first_order_gap
-from ._sites import dropout_lambda, find_sites, with_drop_probability
+from ._site_api import find_sites, with_drop_probability
+from ._sites import dropout_lambda
 
 DEFAULT_REGIME_QS = (0.01, 0.05, 0.1, 0.3)
 

@@ -25,7 +25,8 @@ from torch import nn
 from ._errors import DropcheckError
 from ._explicit import explicit_regularizer, taylor_regularizer
 from ._gap import dropout_gap, first_order_gap
-from ._sites import dropout_lambda, with_drop_probability
+from ._site_api import with_drop_probability
+from ._sites import dropout_lambda
 
 DEFAULT_QS = (0.01, 0.03, 0.1, 0.2, 0.4, 0.6)
 DEFAULT_WIDTHS = (4, 16, 64, 256)

@@ -19,12 +19,14 @@ import torch
 from . import _reference as ref
 from ._analytic import as_generator
 from ._cases import Case
-from ._common import compute_dtype, fd_step_and_tolerance
+from ._common import fd_step_and_tolerance
 from ._explicit import clean_forward, explicit_regularizer, taylor_regularizer
 from ._gap import dropout_gap, first_order_gap
 from ._implicit import implicit_noise, implicit_noise_jacobian
+from ._precision import compute_dtype
 from ._errors import DropcheckError
-from ._sites import BERNOULLI, with_drop_probability
+from ._site_api import with_drop_probability
+from ._sites import BERNOULLI
 
 Z_TOL = 4.5
 DENSE_LIMIT = 4096  # largest numel(h) for the dense O(numel²) references

@@ -109,7 +109,7 @@ def test_taylor_map_r_drop_moves_with_q_on_opt():
 
 
 def test_compute_dtype_sees_the_float32_norm_and_only_it():
-    from dropcheck._common import compute_dtype
+    from dropcheck._precision import compute_dtype
 
     assert compute_dtype(Z.llama().model, Z.llama().inputs) == torch.float32  # RMSNorm upcasts to float32
     zoo = Z.opt()  # float32 masks made from integers are not a downcast of the data
