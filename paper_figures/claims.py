@@ -71,6 +71,8 @@ class ArmStats:
     curves: Optional[list] = None  # per seed: [(epoch, valid ppl, tokens seen)]
     runs: Optional[list] = None  # per seed: run name
     selected_on: tuple = ()  # seeds that chose this arm among its coefficients (not judged)
+    label: str = ""  # the paper's name (``Run.label``: the log header's, else the label table's)
+    claim: Optional[str] = None  # the claim the arm serves, where its logs' headers record one
 
     def __post_init__(self):
         if self.seed_ids is None:
@@ -102,6 +104,7 @@ class ArmStats:
             "best_epoch_mean": round(sum(self.best_epochs) / len(self.best_epochs), 2) if self.best_epochs else None,
             "test_ppl_mean": round(sum(self.test) / len(self.test), 4) if self.test else None,
             **({"selected_on_seeds": list(self.selected_on)} if self.selected_on else {}),
+            **({"claim": self.claim} if self.claim else {}),
         }
 
     def text(self) -> str:
@@ -114,8 +117,8 @@ class ArmStats:
 
 
 def arm_key(run: Run) -> str:
-    name = str(run.header.get("run_name") or run.path.stem)
-    return re.sub(r"-s\d+$", "", name)
+    """The arm a run is a seed of (``Run.arm_key``: the header's plan and arm, else the run name less ``-s<seed>``)."""
+    return run.arm_key
 
 
 def _seed(run: Run) -> Optional[int]:
@@ -176,7 +179,8 @@ def collect(runs: list[Run], max_epoch: Optional[float] = None) -> dict[str, Arm
             key, dict(items[0][1].config), [b for _, _, b, _, _ in items],
             [be for _, _, _, be, _ in items if be is not None],
             [r.test_ppl() for _, r, _, _, _ in items if max_epoch is None and math.isfinite(r.test_ppl())],
-            seeds, [c for *_, c in items], [str(r.header.get("run_name") or r.path.stem) for _, r, *_ in items])
+            seeds, [c for *_, c in items], [r.name for _, r, *_ in items],
+            label=items[0][1].label, claim=next((r.claim for _, r, *_ in items if r.claim), None))
     return arms
 
 

@@ -26,7 +26,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .arms import arm_label
 from .logs import Run
 
 
@@ -86,7 +85,7 @@ FIGURES: dict[str, tuple[str, str, Callable]] = {
 def run_label(r: Run) -> str:
     """The arm's paper name, with the training-set size when it is not the full corpus."""
     n = int(r.config.get("train_tokens", 0) or 0)
-    return arm_label(r.config) + (f" [{n} train tokens]" if n else "")
+    return r.label + (f" [{n} train tokens]" if n else "")
 
 
 def group_arms(runs: list[Run]) -> dict:

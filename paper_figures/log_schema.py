@@ -8,6 +8,13 @@ checkpoints and resume", says what they mean); ``REQUIRED`` the fields a
 reader needs, ``NUMBERS`` those that must be numbers (NaN and inf included:
 the logs write them).
 
+What the figures and the claims need to name a run is written into its
+header when it starts (``RULE_LABEL``; ``PLAN``, ``ARM``, ``CLAIM`` for a run
+of a study plan), so that they read it from the log and import neither torch
+nor the trainer; a log written before these fields existed is read the old
+way (``paper_figures.logs.Run``: the label from the config, the arm from the
+run name).
+
 The writer (``training.state.RunLog.write``) refuses a record that
 ``problems`` finds anything wrong with, so a field added to the trainer's
 records without an entry here fails at once, in the tests; the reader
@@ -17,15 +24,21 @@ rules.  No torch here: the figures read logs without the trainer.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 HEADER, EVAL, RESUME, FINAL = "header", "eval", "resume", "final"
+
+# header fields that say what the run is (strings; absent from logs written before them):
+RULE_LABEL = "rule_label"  # the rule's name in the paper's terms (training.rules.REGISTRY[rule].label(config))
+PLAN = "plan"  # a study arm's run: the plan (training/study.py), whose runs are named <plan>-<arm>-s<seed>
+ARM = "arm"  # ... the arm's name in the plan
+CLAIM = "claim"  # ... the claim it serves ("C1".."C7", "T2", "baseline")
 
 FIELDS: dict[str, frozenset[str]] = {
     HEADER: frozenset({
         "type", "run_name", "config_name", "config", "seed", "device", "arch", "backend", "dtype",
         "world_size", "git_commit", "torch", "python", "cpu", "cpu_capability", "corpus", "vocab",
-        "train_tokens", "valid_tokens", "test_tokens", "parameters", "started",
+        "train_tokens", "valid_tokens", "test_tokens", "parameters", "started", RULE_LABEL, PLAN, ARM, CLAIM,
     }),
     EVAL: frozenset({
         "type", "step", "epoch", "tokens_seen", "train_loss", "train_ppl", "clean_train_loss",
@@ -53,6 +66,9 @@ NUMBERS: dict[str, tuple[str, ...]] = {
     FINAL: ("step", "best_step", "best_valid_ppl", "valid_ppl", "test_ppl", "wall_time", "tokens_per_s"),
 }
 
+# fields that must be non-empty strings where present
+TEXTS: dict[str, tuple[str, ...]] = {HEADER: (RULE_LABEL, PLAN, ARM, CLAIM)}
+
 STOPS = ("budget", "patience", "diverged")  # a final record's ``stop``
 
 
@@ -63,6 +79,13 @@ def is_number(v: Any) -> bool:
 def mistyped(rec: Mapping[str, Any], kind: str) -> list[str]:
     """The fields of ``rec`` that ``NUMBERS`` wants numeric and are not."""
     return [k for k in NUMBERS.get(kind, ()) if k in rec and not is_number(rec[k])]
+
+
+def text(rec: Mapping[str, Any], key: str) -> Optional[str]:
+    """``rec[key]`` when it is a non-empty string, else ``None`` (absent from an
+    older log, or damaged)."""
+    v = rec.get(key)
+    return v if isinstance(v, str) and v else None
 
 
 def problems(rec: Mapping[str, Any]) -> list[str]:
@@ -78,6 +101,9 @@ def problems(rec: Mapping[str, Any]) -> list[str]:
     bad = mistyped(rec, kind)
     if bad:
         out.append(f"{kind} record with non-numeric {', '.join(bad)}")
+    bad = [k for k in TEXTS.get(kind, ()) if k in rec and text(rec, k) is None]
+    if bad:
+        out.append(f"{kind} record whose {', '.join(bad)} is not a non-empty string")
     if kind == HEADER and not isinstance(rec.get("config"), dict):
         out.append("header record whose config is not an object")
     if kind == FINAL and "stop" in rec and rec["stop"] not in STOPS:

@@ -6,6 +6,12 @@ cannot be attributed to an arm and is reported and skipped, and so is a run
 whose ``final`` record says it diverged (``"stop": "diverged"``).  Byte-identical
 copies of one log are read once (a copy is not another seed).
 
+What names a run (``Run.label``, ``Run.arm_key``, ``Run.claim``) is read
+from its header (``log_schema.RULE_LABEL``, ``PLAN``, ``ARM``, ``CLAIM``,
+written by the trainer when the run starts); a log from before those fields
+falls back to the label table (``arms.arm_label`` of its config) and to its
+run name less ``-s<seed>``.
+
 Seeds of one arm are runs whose configs agree in every key but the seed and
 the bookkeeping keys that change no number (``BOOKKEEPING``):
 ``arm_config`` / ``config_key``.
@@ -16,12 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from . import log_schema
-from .log_schema import EVAL, FINAL, HEADER, RESUME
+from .arms import arm_label
+from .log_schema import ARM, CLAIM, EVAL, FINAL, HEADER, PLAN, RESUME, RULE_LABEL
 
 
 # config keys that change no number (or name the seed's run): runs that differ only in these are seeds of one arm
@@ -46,6 +54,32 @@ class Run:
     @property
     def config_name(self) -> str:
         return str(self.header.get("config_name", "?"))
+
+    @property
+    def name(self) -> str:
+        """The run's name (the header's, else the log file's stem)."""
+        return str(self.header.get("run_name") or self.path.stem)
+
+    @property
+    def label(self) -> str:
+        """The arm's name in the paper's terms, e.g. ``DROPOUT_4 + ξ̃_drop``: the
+        header's ``rule_label``, else (an older log) the label table's for its config."""
+        return log_schema.text(self.header, RULE_LABEL) or arm_label(self.config)
+
+    @property
+    def arm_key(self) -> str:
+        """The arm its seeds share: ``<plan>-<arm>`` from the header of a study
+        arm's run, else (an older log, a run outside a plan) the run name less
+        ``-s<seed>``; the two agree, a plan's runs being named ``<plan>-<arm>-s<seed>``."""
+        plan, arm = log_schema.text(self.header, PLAN), log_schema.text(self.header, ARM)
+        if plan and arm:
+            return f"{plan}-{arm}"
+        return re.sub(r"-s\d+$", "", self.name)
+
+    @property
+    def claim(self) -> Optional[str]:
+        """The claim a study arm's run serves (``C1``.., ``baseline``), from its header; ``None`` when not recorded."""
+        return log_schema.text(self.header, CLAIM)
 
     def best_valid(self) -> float:
         if self.final and self.final.get("best_valid_ppl") is not None:

@@ -24,7 +24,7 @@ def summary_rows(arms: dict[str, ArmStats], plan_name: str = "") -> list[tuple[s
     """``(label, seeds' best validation perplexities, mean)`` per arm, worst first
     (the plot's bottom row first); the label is the paper's name, the arm and its seed count."""
     rows = sorted(arms.values(), key=lambda a: a.mean, reverse=True)
-    return [(f"{arm_label(a.cfg)}  [{a.key.removeprefix(plan_name + '-')}, {a.seeds}]", list(a.values), a.mean)
+    return [(f"{a.label or arm_label(a.cfg)}  [{a.key.removeprefix(plan_name + '-')}, {a.seeds}]", list(a.values), a.mean)
             for a in rows]
 
 

@@ -36,7 +36,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from .arms import arm_label
 from .claims import _seed
 from .logs import Run
 from .noise import NoiseRule, compare_arms, compare_gaps
@@ -74,7 +73,7 @@ def study_arms(runs: list[Run]) -> dict[tuple[str, str], dict[int, Run]]:
         seed = _seed(r)
         if seed is None or r.final is None:
             continue
-        out[(labels[int(r.config.get("train_tokens", 0) or 0)], arm_label(r.config))][seed] = r
+        out[(labels[int(r.config.get("train_tokens", 0) or 0)], r.label)][seed] = r
     return dict(out)
 
 

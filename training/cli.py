@@ -1,7 +1,7 @@
 """``dropcheck train``: language-model runs with the paper's update rules.
 
     dropcheck train --config NAME_OR_FILE [--data DIR] [--out DIR] [--resume]
-                    [--seed N] [key=value ...]
+                    [--seed N] [--arm PLAN:ARM] [key=value ...]
 
 ``NAME_OR_FILE``: a named config (``--list``) or a JSON file of keys
 (``"base": NAME`` starts from a named one).  ``key=value`` overrides are
@@ -11,6 +11,11 @@ or CPU processes: ``torchrun --nproc_per_node N -m dropcheck train ...``.
 SIGTERM or Ctrl-C stops a single-process run at the next step: it writes a
 checkpoint there and exits with status 128 + the signal (143, 130);
 ``--resume`` continues it.  A second Ctrl-C interrupts at once.
+
+``--arm PLAN:ARM`` (what ``dropcheck reproduce`` passes) marks the run as an
+arm of a study plan: its log header then records the plan, the arm and the
+claim it serves, where the figures read them.  The run's config must be the
+arm's (the plan's config, the arm's overrides, its run name), or it is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from typing import Any, Mapping
+
 from dropcheck import DropcheckError
+from paper_figures import log_schema
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,10 +38,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed (overrides the config's)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS", help="checkpoint and stop after this many steps in total (resume later)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--arm", default=None, metavar="PLAN:ARM", help="the run is this arm of a study plan (recorded in the log header; see --list)")
     parser.add_argument("--list", action="store_true", help="list the named configs and the paper's arms, then exit")
     parser.add_argument("--list-keys", action="store_true", help="list every config key with its default, then exit")
     parser.add_argument("--show", action="store_true", help="print the resolved config as JSON, then exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def study_arm(spec: str, config_name: str, cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The log header's ``plan``, ``arm`` and ``claim`` for ``--arm PLAN:ARM``
+    (``study.PLANS``), after checking that the run is that arm's: the plan's
+    config with every override of the plan and the arm, the seed's run name."""
+    from . import study
+
+    plan_name, sep, arm_name = spec.partition(":")
+    if not sep:
+        raise DropcheckError(f"--arm: expected PLAN:ARM, got {spec!r}")
+    plan = study.get_plan(plan_name)
+    arm = plan.arm(arm_name)
+    if config_name != plan.config:
+        raise DropcheckError(f"--arm {spec}: plan {plan.name!r} runs config {plan.config!r}, not {config_name!r}")
+    wrong = sorted(k for k, v in plan.overrides(arm.name, cfg["seed"]).items() if cfg.get(k) != v)
+    if wrong:
+        raise DropcheckError(f"--arm {spec}: the run's config differs from the arm's in {wrong}")
+    return {log_schema.PLAN: plan.name, log_schema.ARM: arm.name, log_schema.CLAIM: arm.claim}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.show:
         print(json.dumps(cfg, indent=2))
         return 0
+    arm = study_arm(args.arm, name, cfg) if args.arm else None
     if args.stop_after is not None and args.stop_after < 0:
         raise DropcheckError(f"--stop-after must be >= 0, got {args.stop_after}")
 
@@ -83,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             config_name=name,
             stop_after=args.stop_after,
+            study=arm,
         )
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -191,6 +191,8 @@ def _command(plan: Plan, job: RunJob, runs_dir: Path, data: Optional[str], threa
         over["threads"] = threads
     cmd = [sys.executable, "-m", "dropcheck", "train", "--config", plan.config, "--out", str(runs_dir),
            "--no-progress"]
+    if PLANS.get(plan.name) == plan:  # a registered plan's arm: its log header records the plan, arm and claim
+        cmd += ["--arm", f"{plan.name}:{job.arm}"]
     if data:
         cmd += ["--data", data]
     if job.state == "interrupted":

@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropcheck import DropcheckError, value_checks
+from paper_figures import log_schema
 
 from .configs import run_name as default_run_name, validate
 from .files import (atomic_torch_save, atomic_write_bytes, load_checkpoint, remove_run_outputs,
                     remove_stale_temporaries, run_files, run_lock, save_checkpoint)
 from .data import Corpus, batchify, check_corpus_name, get_batch, load_corpus, resolve_corpus_dir, sample_seq_len
 from .lm import LanguageModel, StatefulLM, get_arch
-from .rules import Gens, UpdateRule, make_rule, needs_double_backward
+from .rules import Gens, UpdateRule, make_rule, needs_double_backward, rule_class
 from .state import CKPT_VERSION, RESUME_MAY_DIFFER, Checkpointer, Diverged, RunLog, RunState  # noqa: F401 (re-exported)
 
 
@@ -420,9 +421,12 @@ class Trainer:
 # the run
 
 
-def _header(cfg, name, config_name, device, backend, world, corpus, tokens: dict, n_params: int) -> dict:
+def _header(cfg, name, config_name, device, backend, world, corpus, tokens: dict, n_params: int,
+            study: Optional[Mapping[str, str]] = None) -> dict:
+    """The log's first record; what names the run for the figures and the claims is in it
+    (``log_schema.RULE_LABEL``, and ``study``: a study arm's ``PLAN``, ``ARM``, ``CLAIM``)."""
     return {
-        "type": "header",
+        "type": log_schema.HEADER,
         "run_name": name,
         "config_name": config_name,
         "config": cfg,
@@ -441,6 +445,8 @@ def _header(cfg, name, config_name, device, backend, world, corpus, tokens: dict
         **tokens,
         "parameters": n_params,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        log_schema.RULE_LABEL: rule_class(cfg["rule"]).label(cfg),
+        **{k: study[k] for k in (log_schema.PLAN, log_schema.ARM, log_schema.CLAIM) if study},
     }
 
 
@@ -603,6 +609,7 @@ def train(
     config_name: str = "custom",
     stop_after: Optional[int] = None,
     corpus: Optional[Corpus] = None,
+    study: Optional[Mapping[str, str]] = None,
 ) -> TrainResult:
     """Run (or resume) one training run; returns a ``TrainResult``.
 
@@ -610,6 +617,8 @@ def train(
     stop after that many steps in total, writing a checkpoint (to simulate
     an interruption; the run is not finished).  ``corpus``: an already
     loaded corpus (tests), else it is read from ``data``/``$DROPCHECK_DATA``.
+    ``study``: ``{"plan", "arm", "claim"}`` of a study arm's run (``dropcheck
+    train --arm PLAN:ARM``), written into the log header for the figures.
     """
     cfg = validate(cfg)
     world, rank, device, dtype = _setup_process(cfg)
@@ -617,12 +626,13 @@ def train(
     # one process per run: a second driver or a stray resume cannot write the same log and checkpoints
     with run_lock(run_files(out, name).lock, enabled=rank == 0):
         return _run(cfg, name, out, world, rank, device, dtype, data=data, resume=resume, overwrite=overwrite,
-                    config_name=config_name, stop_after=stop_after, corpus=corpus)
+                    config_name=config_name, stop_after=stop_after, corpus=corpus, study=study)
 
 
 def _run(cfg: Mapping[str, Any], name: str, out: Path, world: int, rank: int, device: torch.device,
          dtype: torch.dtype, *, data: Optional[str], resume: bool, overwrite: bool, config_name: str,
-         stop_after: Optional[int], corpus: Optional[Corpus]) -> TrainResult:
+         stop_after: Optional[int], corpus: Optional[Corpus], study: Optional[Mapping[str, str]] = None
+         ) -> TrainResult:
     """``train``'s body, under the run's lock."""
     is_main = rank == 0
     files = run_files(out, name)
@@ -652,7 +662,7 @@ def _run(cfg: Mapping[str, Any], name: str, out: Path, world: int, rank: int, de
     else:
         log.start()
         log.write(_header(cfg, name, config_name, device, backend, world, corpus, d.token_counts(),
-                          sum(p.numel() for p in tr.params)))
+                          sum(p.numel() for p in tr.params), study))
     c = st.counters
 
     # ---- the loop

@@ -16,6 +16,7 @@ import pytest
 
 from dropcheck.cli import main as cli_main
 from training.reproduce import plan_jobs, run_plan, run_state
+from training.rules import REGISTRY
 from training.study import PLANS, Arm, Plan, best_member
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,6 +79,11 @@ def test_tiny_plan_end_to_end_then_redraw_only(tmp_path, tiny_corpus_dir, monkey
     winner = best_member(plan.best_of[0], {a: _final(runs / f"tiny-{a}-s1.jsonl")["best_valid_ppl"]
                                            for a in plan.best_of[0]})
     assert (runs / f"tiny-{winner}-s2.jsonl").exists()
+    # the driver marks each run as its arm (dropcheck train --arm): the header records plan, arm and claim
+    for a in plan.arms:
+        head = _records(runs / f"tiny-{a.name}-s1.jsonl")[0]
+        assert (head["plan"], head["arm"], head["claim"]) == ("tiny", a.name, a.claim)
+        assert head["rule_label"] == REGISTRY[a.overrides["rule"]].label(head["config"])
     # every eval logs the clean training perplexity beside the rule's loss
     for rec in _records(runs / "tiny-dropout-k1-s1.jsonl"):
         if rec["type"] == "eval":
@@ -113,6 +119,34 @@ def test_tiny_plan_end_to_end_then_redraw_only(tmp_path, tiny_corpus_dir, monkey
     assert cli_main(args) == 0
     assert "drawing in a new process" in capsys.readouterr().err
     assert (out / "claims.json").read_bytes() == claims_before
+
+
+@pytest.mark.parametrize("spec, over, words", [
+    ("tiny:none", {}, None),
+    ("tiny:nothing", {}, "has no arm 'nothing'"),
+    ("tiny-none", {}, "expected PLAN:ARM"),
+    ("noplan:none", {}, "unknown plan"),
+    ("tiny:none", {"rule": "dropout"}, "differs from the arm's in ['rule']"),
+    ("tiny:none", {"run_name": "tiny-none-s2"}, "differs from the arm's in ['run_name']"),
+    ("tiny:none", {"max_steps": 13}, "differs from the arm's in ['max_steps']"),
+])
+def test_arm_flag_records_the_arm_only_for_its_own_config(spec, over, words):
+    """``dropcheck train --arm PLAN:ARM``: the header's plan/arm/claim are
+    written only for a run whose config is that arm's (plan config, the
+    plan's and the arm's overrides, the seed's run name)."""
+    from dropcheck import DropcheckError
+    from training.cli import study_arm
+    from training.configs import get_config
+
+    plan = PLANS["tiny"]
+    name, cfg = get_config(plan.config, [f"{k}={v}" for k, v in {**plan.overrides("none", 1), **over}.items()])
+    if words is None:
+        assert study_arm(spec, name, cfg) == {"plan": "tiny", "arm": "none", "claim": "baseline"}
+    else:
+        with pytest.raises(DropcheckError, match=re.escape(words)):
+            study_arm(spec, name, cfg)
+    with pytest.raises(DropcheckError, match="runs config 'smoke', not 'cpu-ptb'"):
+        study_arm("tiny:none", "cpu-ptb", cfg)
 
 
 def _kill_plan(max_steps: int) -> Plan:

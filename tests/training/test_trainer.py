@@ -118,6 +118,10 @@ def test_log_contents_and_best_model_for_test(tiny_cfg, tiny_corpus, tmp_path):
     assert head["device"] == "cpu" and head["torch"] == torch.__version__ and "git_commit" in head
     assert head["cpu"] and head["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert head["vocab"] == len(tiny_corpus.dictionary)
+    # what the figures name the run by: the registry's label (DROPOUT_1 for k = 1 in the label table); a run
+    # that is no study arm records no plan, arm or claim
+    assert head["rule_label"] == "DROPOUT_1"
+    assert not {"plan", "arm", "claim"} & set(head)
     evals = [r for r in recs if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [3, 6, 9]
     for r in evals:
