@@ -63,12 +63,13 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from dropcheck import DropcheckError
 
+from .arm import Arm
 from .files import atomic_write_text
 
 SCHEMA = "dropcheck-bench/1"
@@ -76,50 +77,44 @@ DEFAULT_CONFIG = "smoke"
 BASELINE = "dropout"
 
 
-@dataclass(frozen=True)
-class Arm:
-    label: str
-    overrides: dict
-    backend: str  # fused | loop
-    what: str
-
-
 ARMS: tuple[Arm, ...] = (
-    Arm("dropout", {"rule": "dropout", "k": 1}, "fused", "DROPOUT_1 (baseline)"),
-    Arm("dropout-loop", {"rule": "dropout", "k": 1}, "loop", "DROPOUT_1 on the loop LSTM"),
-    Arm("none", {"rule": "none"}, "fused", "no dropout"),
-    Arm("explicit-sampled", {"rule": "explicit", "estimator": "sampled"}, "loop",
-        "L + R_approx, sampled labels, double backward"),
-    Arm("explicit-fd", {"rule": "explicit", "estimator": "fd"}, "fused",
-        "L + R_approx, finite differences (clean pass + the estimator's 3 passes)"),
-    Arm("explicit-fd_shared", {"rule": "explicit", "estimator": "fd_shared"}, "fused",
-        "L + R_approx through the Algorithm 2 surrogate with noise weight 0 (3 forward passes, 1 backward)"),
-    Arm("explicit-fd_mid", {"rule": "explicit", "estimator": "fd_mid"}, "fused",
-        "L + R_approx, no clean pass: L and p at the probe passes' midpoint (2 forward passes, 1 backward)"),
+    Arm("dropout", {"rule": "dropout", "k": 1}, backend="fused", what="DROPOUT_1 (baseline)"),
+    Arm("dropout-loop", {"rule": "dropout", "k": 1}, backend="loop", what="DROPOUT_1 on the loop LSTM"),
+    Arm("none", {"rule": "none"}, backend="fused", what="no dropout"),
+    Arm("explicit-sampled", {"rule": "explicit", "estimator": "sampled"}, backend="loop",
+        what="L + R_approx, sampled labels, double backward"),
+    Arm("explicit-fd", {"rule": "explicit", "estimator": "fd"}, backend="fused",
+        what="L + R_approx, finite differences (clean pass + the estimator's 3 passes)"),
+    Arm("explicit-fd_shared", {"rule": "explicit", "estimator": "fd_shared"}, backend="fused",
+        what="L + R_approx through the Algorithm 2 surrogate with noise weight 0 (3 forward passes, 1 backward)"),
+    Arm("explicit-fd_mid", {"rule": "explicit", "estimator": "fd_mid"}, backend="fused",
+        what="L + R_approx, no clean pass: L and p at the probe passes' midpoint (2 forward passes, 1 backward)"),
     Arm("explicit_implicit-autograd", {"rule": "explicit_implicit", "estimator": "sampled",
-                                       "noise_estimator": "autograd"}, "loop",
-        "Algorithm 2: sampled R_approx + autograd xi_approx, double backward"),
-    Arm("explicit_implicit-fd", {"rule": "explicit_implicit", "estimator": "fd", "noise_estimator": "fd"}, "fused",
-        "Algorithm 2: fd R_approx + fd xi_approx (5 forward passes, 3 backward)"),
-    Arm("explicit_implicit-fd_shared", {"rule": "explicit_implicit", "estimator": "fd_shared"}, "fused",
-        "Algorithm 2: one shared probe (3 forward passes, 1 backward)"),
-    Arm("explicit_implicit-fd_mid", {"rule": "explicit_implicit", "estimator": "fd_mid"}, "fused",
-        "Algorithm 2: one shared probe, no clean pass (2 forward passes, 1 backward)"),
-    Arm("dropout-k4", {"rule": "dropout", "k": 4}, "fused", "DROPOUT_4 (Algorithm 1)"),
-    Arm("dropout_inject-k4", {"rule": "dropout_inject", "k": 4}, "fused",
-        "DROPOUT_4 + ξ̃_drop (two more dropout draws for the injected noise)"),
-    Arm("dropout_implicit-k4", {"rule": "dropout_implicit", "k": 4, "noise_estimator": "fd"}, "fused",
-        "DROPOUT_4 + ξ_approx (Algorithm 4), fd noise"),
-    Arm("dropout_implicit-k4-fd_shared", {"rule": "dropout_implicit", "k": 4, "estimator": "fd_shared"}, "fused",
-        "DROPOUT_4 + ξ_approx, the noise as the shared-probe objective's term (3 more forward passes, one backward)"),
-    Arm("dropout_implicit-k4-fd_mid", {"rule": "dropout_implicit", "k": 4, "estimator": "fd_mid"}, "fused",
-        "DROPOUT_4 + ξ_approx, the shared-probe noise term without its clean pass (2 more forward passes)"),
-    Arm("identity-fd", {"rule": "identity_hessian", "estimator": "fd"}, "fused",
-        "L + R_approx with H_out -> I/c, finite differences"),
-    Arm("identity-fd_shared", {"rule": "identity_hessian", "estimator": "fd_shared"}, "fused",
-        "L + R_approx with H_out -> I/c through the surrogate (3 forward passes, 1 backward)"),
-    Arm("loss_jacobian", {"rule": "loss_jacobian"}, "loop",
-        "L + R̃_approx (5.1): the loss gradient in every site, double backward through the loop LSTM"),
+                                       "noise_estimator": "autograd"}, backend="loop",
+        what="Algorithm 2: sampled R_approx + autograd xi_approx, double backward"),
+    Arm("explicit_implicit-fd", {"rule": "explicit_implicit", "estimator": "fd", "noise_estimator": "fd"},
+        backend="fused",
+        what="Algorithm 2: fd R_approx + fd xi_approx (5 forward passes, 3 backward)"),
+    Arm("explicit_implicit-fd_shared", {"rule": "explicit_implicit", "estimator": "fd_shared"}, backend="fused",
+        what="Algorithm 2: one shared probe (3 forward passes, 1 backward)"),
+    Arm("explicit_implicit-fd_mid", {"rule": "explicit_implicit", "estimator": "fd_mid"}, backend="fused",
+        what="Algorithm 2: one shared probe, no clean pass (2 forward passes, 1 backward)"),
+    Arm("dropout-k4", {"rule": "dropout", "k": 4}, backend="fused", what="DROPOUT_4 (Algorithm 1)"),
+    Arm("dropout_inject-k4", {"rule": "dropout_inject", "k": 4}, backend="fused",
+        what="DROPOUT_4 + ξ̃_drop (two more dropout draws for the injected noise)"),
+    Arm("dropout_implicit-k4", {"rule": "dropout_implicit", "k": 4, "noise_estimator": "fd"}, backend="fused",
+        what="DROPOUT_4 + ξ_approx (Algorithm 4), fd noise"),
+    Arm("dropout_implicit-k4-fd_shared", {"rule": "dropout_implicit", "k": 4, "estimator": "fd_shared"},
+        backend="fused",
+        what="DROPOUT_4 + ξ_approx, the noise as the shared-probe objective's term (3 more forward passes, one backward)"),
+    Arm("dropout_implicit-k4-fd_mid", {"rule": "dropout_implicit", "k": 4, "estimator": "fd_mid"}, backend="fused",
+        what="DROPOUT_4 + ξ_approx, the shared-probe noise term without its clean pass (2 more forward passes)"),
+    Arm("identity-fd", {"rule": "identity_hessian", "estimator": "fd"}, backend="fused",
+        what="L + R_approx with H_out -> I/c, finite differences"),
+    Arm("identity-fd_shared", {"rule": "identity_hessian", "estimator": "fd_shared"}, backend="fused",
+        what="L + R_approx with H_out -> I/c through the surrogate (3 forward passes, 1 backward)"),
+    Arm("loss_jacobian", {"rule": "loss_jacobian"}, backend="loop",
+        what="L + R̃_approx (5.1): the loss gradient in every site, double backward through the loop LSTM"),
 )
 
 
@@ -192,7 +187,7 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
 def _select_arms(spec: Optional[str]) -> list[Arm]:
     if not spec:
         return list(ARMS)
-    by = {a.label: a for a in ARMS}
+    by = {a.name: a for a in ARMS}
     want = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [w for w in want if w not in by]
     if unknown:
@@ -242,7 +237,7 @@ def arms_for(arch: str, chosen: list[Arm]) -> list[Arm]:
         if key in seen:
             continue
         seen.add(key)
-        out.append(Arm(a.label, a.overrides, "n/a", a.what))
+        out.append(replace(a, backend="n/a"))
     return out
 
 
@@ -353,7 +348,7 @@ def _run_protocol(runs: list[_ArmRun], step: _Stepper, warmup: int, repeats: int
 
     t_start = time.perf_counter()
     for run in runs:
-        tick(f"warm-up {run.arm.label}")
+        tick(f"warm-up {run.arm.name}")
         for _ in range(warmup):
             step(run, "warmup")
             tick()
@@ -387,7 +382,7 @@ def _arm_record(run: _ArmRun, base_med: Optional[float], dev, tokens_per_step: i
     ok = med is not None
     params = run.trainer.params if run.trainer is not None else []
     return {
-        "label": arm.label,
+        "label": arm.name,
         "what": arm.what,
         "rule": cfg["rule"],
         "k": cfg["k"],
@@ -485,7 +480,7 @@ def bench(
         if bar is not None:
             bar.close()
 
-    base_run = next(r for r in runs if r.arm.label == BASELINE)
+    base_run = next(r for r in runs if r.arm.name == BASELINE)
     base_med = _quantiles(base_run.ms)[1] if base_run.ms and base_run.error is None else None
     return {
         "schema": SCHEMA,
@@ -559,7 +554,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         for a in ARMS:
             over = " ".join(f"{k}={v}" for k, v in a.overrides.items())
-            print(f"{a.label:30s} backend={a.backend:5s} {over}  # {a.what}")
+            print(f"{a.name:30s} backend={a.backend:5s} {over}  # {a.what}")
         return 0
     res = bench(
         args.config,

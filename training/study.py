@@ -25,15 +25,9 @@ from typing import Any, Mapping, Optional
 
 from dropcheck import DropcheckError
 
+from .arm import Arm  # a plan's arms: name, overrides, the claim served, key (runs --seeds seeds)
+
 __all__ = ["Arm", "Plan", "PLANS", "get_plan"]
-
-
-@dataclass(frozen=True)
-class Arm:
-    name: str
-    overrides: Mapping[str, Any]
-    claim: str  # "C1".."C6", or "baseline"
-    key: bool = False  # runs --seeds seeds
 
 
 @dataclass(frozen=True)

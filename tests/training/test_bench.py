@@ -35,7 +35,7 @@ def test_bench_writes_the_json_and_times_every_arm(tmp_path, capsys):
     assert res["baseline"] == BASELINE
 
     arms = {a["label"]: a for a in res["arms"]}
-    assert list(arms) == [a.label for a in ARMS]
+    assert list(arms) == [a.name for a in ARMS]
     for label, a in arms.items():
         assert a["error"] is None, (label, a["error"])
         assert len(a["ms"]) == 2 and all(t > 0 for t in a["ms"]), label
