@@ -19,10 +19,10 @@ from ._errors import DropcheckError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("dropcheck._cli_verify", "cross-check every regularizer by independent routes"),
     "taylor-map": ("dropcheck._cli_taylor_map", "where the second-order picture of dropout holds"),
-    "bound": ("training.bound_runs", "Theorem 4.1 terms along training of linear models"),
+    "bound": ("training.studies.bound_runs", "Theorem 4.1 terms along training of linear models"),
     "train": ("training.cli", "language-model experiments (update rules of the paper)"),
-    "bench": ("training.bench", "time every update rule side by side"),
-    "reproduce": ("training.reproduce", "run a study plan (claims C1-C6) to the end, then draw its results"),
+    "bench": ("training.studies.bench", "time every update rule side by side"),
+    "reproduce": ("training.studies.reproduce", "run a study plan (claims C1-C6) to the end, then draw its results"),
     "figures": ("paper_figures.cli", "draw the paper's figures and tables from run logs"),
 }
 

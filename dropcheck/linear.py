@@ -1,7 +1,7 @@
 """Dropout on the input of a linear softmax model, in closed form.
 
 The quantities a training run of a linear model needs (``dropcheck bound``
-trains with them; ``training/bound_runs.py``): the dropout-matched
+trains with them; ``training/studies/bound_runs.py``): the dropout-matched
 coefficient ``λ = q/(2(1-q))``, the explicit regularizer (4.2)-(4.4) and one
 sample of the implicit noise (4.5)-(4.6), all for dropout with probability
 ``q`` on the input ``x`` of ``z = W x``.  Conventions as in

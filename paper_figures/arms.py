@@ -1,6 +1,6 @@
 """The paper's names for our update rules (Figures 1-5, Table 1), read from
 the torch-free label table ``paper_figures.rule_labels`` (the rule classes of
-``training.rules`` return the same names)."""
+``training.pipeline.rules`` return the same names)."""
 
 from __future__ import annotations
 

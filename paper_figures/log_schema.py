@@ -15,7 +15,7 @@ nor the trainer; a log written before these fields existed is read the old
 way (``paper_figures.logs.Run``: the label from the config, the arm from the
 run name).
 
-The writer (``training.state.RunLog.write``) refuses a record that
+The writer (``training.pipeline.state.RunLog.write``) refuses a record that
 ``problems`` finds anything wrong with, so a field added to the trainer's
 records without an entry here fails at once, in the tests; the reader
 (``paper_figures.logs``) skips and reports a damaged record by the same
@@ -29,8 +29,8 @@ from typing import Any, Mapping, Optional
 HEADER, EVAL, RESUME, FINAL = "header", "eval", "resume", "final"
 
 # header fields that say what the run is (strings; absent from logs written before them):
-RULE_LABEL = "rule_label"  # the rule's name in the paper's terms (training.rules.REGISTRY[rule].label(config))
-PLAN = "plan"  # a study arm's run: the plan (training/study.py), whose runs are named <plan>-<arm>-s<seed>
+RULE_LABEL = "rule_label"  # the rule's name in the paper's terms (training.pipeline.rules.REGISTRY[rule].label(config))
+PLAN = "plan"  # a study arm's run: the plan (training/studies/study.py), whose runs are named <plan>-<arm>-s<seed>
 ARM = "arm"  # ... the arm's name in the plan
 CLAIM = "claim"  # ... the claim it serves ("C1".."C7", "T2", "baseline")
 

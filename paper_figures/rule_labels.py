@@ -3,7 +3,7 @@
 One entry per value of the config key ``rule``: a function of a run's config
 (a log header's config; keys may be missing) that gives the arm's name in the
 paper's terms, e.g. ``DROPOUT_4 + ξ̃_drop`` or ``R_approx + ξ_approx (×1.5)``.
-The rule classes of ``training.rules`` (``UpdateRule.label``) return these
+The rule classes of ``training.pipeline.rules`` (``UpdateRule.label``) return these
 same names by calling :func:`rule_label`, so the names are written once, here,
 where the figures and the claims can read them without importing torch or the
 trainer.  ``tests/paper_figures/test_rule_labels.py`` fails when a registered

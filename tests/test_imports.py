@@ -30,7 +30,7 @@ def imported_packages(path: Path) -> set[str]:
 
 def test_the_import_reader_sees_local_and_from_imports(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("import os.path\nfrom . import x\ndef f():\n    from training.rules import R\n    import torch\n")
+    f.write_text("import os.path\nfrom . import x\ndef f():\n    from training.pipeline.rules import R\n    import torch\n")
     assert imported_packages(f) == {"os", "training", "torch"}
 
 
@@ -138,3 +138,17 @@ def test_dropcheck_modules_import_each_other_without_a_cycle():
     assert "dropcheck._analytic" in graph and graph["dropcheck._analytic"], "the reader found no dropcheck imports"
     cycle = find_cycle(graph)
     assert not cycle, "import cycle in dropcheck/ (function-local imports count): " + " -> ".join(cycle)
+
+
+def test_training_rooms_import_downwards_only():
+    """``training/``'s rooms (``training/__init__.py``): ``pipeline`` and
+    ``models`` never import ``studies`` or the ``dropcheck train`` front end,
+    and the package has no import cycle."""
+    graph = package_graph("training")
+    assert "training.pipeline.trainer" in graph and "training.studies.reproduce" in graph, sorted(graph)
+    upward = sorted((a, b) for a, targets in graph.items() for b in targets
+                    if a.startswith(("training.pipeline", "training.models"))
+                    and b.startswith(("training.studies", "training.cli")))
+    assert not upward, f"the pipeline or a model imports a study or the CLI: {upward}"
+    cycle = find_cycle(graph)
+    assert not cycle, "import cycle in training/: " + " -> ".join(cycle)

@@ -49,7 +49,7 @@ def study_arm(spec: str, config_name: str, cfg: Mapping[str, Any]) -> dict[str, 
     """The log header's ``plan``, ``arm`` and ``claim`` for ``--arm PLAN:ARM``
     (``study.PLANS``), after checking that the run is that arm's: the plan's
     config with every override of the plan and the arm, the seed's run name."""
-    from . import study
+    from .studies import study
 
     plan_name, sep, arm_name = spec.partition(":")
     if not sep:
@@ -65,7 +65,8 @@ def study_arm(spec: str, config_name: str, cfg: Mapping[str, Any]) -> dict[str, 
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import configs, study
+    from .pipeline import configs
+    from .studies import study
 
     if args.list:
         for name, over in configs.CONFIGS.items():
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from .trainer import train
+    from .pipeline.trainer import train
 
     try:
         res = train(

@@ -67,8 +67,8 @@ def test_the_committed_runs_are_named_alike_with_the_header_fields_the_trainer_w
     today gets (label from the registry, plan/arm/claim from the plan, as
     ``dropcheck train --arm`` records them): labels, arm keys and the claims
     document are those of the old logs, plus each arm's claim."""
-    from training.rules import rule_class
-    from training.study import get_plan
+    from training.pipeline.rules import rule_class
+    from training.studies.study import get_plan
 
     plan = get_plan("cpu-ptb")
     src = ROOT / "results" / "runs" / "cpu-ptb"

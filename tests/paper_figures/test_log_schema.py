@@ -50,7 +50,7 @@ def test_a_clean_record_has_no_problems():
 
 def test_the_writer_refuses_a_record_outside_the_schema(tmp_path):
     from dropcheck import DropcheckError
-    from training.state import RunLog
+    from training.pipeline.state import RunLog
 
     log = RunLog(tmp_path / "r.jsonl", enabled=True)
     log.start()

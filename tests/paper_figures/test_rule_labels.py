@@ -1,7 +1,7 @@
 """The figures read logs only, and every registered rule reaches them.
 
 ``paper_figures`` names arms from the torch-free table
-``paper_figures.rule_labels``; the rule classes of ``training.rules`` return
+``paper_figures.rule_labels``; the rule classes of ``training.pipeline.rules`` return
 the same names.  These tests fail when the figures start importing torch or
 the trainer again, when a rule is registered without a name in the table (or
 the table names a rule that is not registered), when a rule class names
@@ -37,14 +37,14 @@ def test_the_figures_and_claims_import_neither_torch_nor_the_trainer():
 
 
 def test_every_registered_rule_has_a_paper_name_and_no_other():
-    from training.rules import REGISTRY
+    from training.pipeline.rules import REGISTRY
 
     assert set(RULE_LABELS) == set(REGISTRY)
 
 
 @pytest.mark.parametrize("rule", sorted(RULE_LABELS))
 def test_the_rule_class_names_itself_as_the_table_does(rule):
-    from training.rules import REGISTRY
+    from training.pipeline.rules import REGISTRY
 
     keys = dict(k=[None, 1, 4], l2=[None, 3e-5], explicit_mult=[None, 1.0, 1.5], implicit_mult=[None, 0.5],
                 noise_structure=[None, "locked", "positions"], ablation_noise=[None, False, True])

@@ -44,7 +44,7 @@ def tiny_corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tiny_corpus_dir):
-    from training.data import load_corpus
+    from training.pipeline.data import load_corpus
 
     return load_corpus(tiny_corpus_dir)
 
@@ -80,7 +80,7 @@ TINY = dict(
 # The same run on a tiny GPT-2 (arch=gpt2): the keys only the AWD-LSTM reads (its registry entry's
 # ``keys``) stay at their defaults.
 def _without_lstm_keys(cfg: dict) -> dict:
-    from training.lm import get_arch
+    from training.pipeline.lm import get_arch
 
     return {k: v for k, v in cfg.items() if k not in get_arch("awd-lstm").keys}
 
@@ -103,7 +103,7 @@ TINY_GPT2 = dict(
 def tiny_cfg():
     """``tiny_cfg(**over)``: the tiny AWD-LSTM run, or with ``arch="gpt2"`` the
     tiny GPT-2 run (``smoke-gpt2`` with ``TINY_GPT2``)."""
-    from training.configs import make_config
+    from training.pipeline.configs import make_config
 
     def make(**over):
         if over.get("arch") == "gpt2":

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dropcheck.cli import main
-from training.bench import ARMS, BASELINE, SCHEMA
+from training.studies.bench import ARMS, BASELINE, SCHEMA
 
 TINY = ["emb=4", "hidden=5", "layers=2", "bptt=4", "batch_size=2"]
 
@@ -78,7 +78,7 @@ def test_bench_rejects_bad_sizes(bad, capsys):
 
 
 def test_a_failing_arm_is_reported_and_the_others_go_on(tmp_path, capsys, monkeypatch):
-    from training.trainer import Trainer
+    from training.pipeline.trainer import Trainer
 
     real = Trainer.step
 
@@ -100,14 +100,14 @@ def test_a_failing_arm_is_reported_and_the_others_go_on(tmp_path, capsys, monkey
 
 @pytest.mark.slow
 def test_gpu_check_script_dry_run_on_cpu(tmp_path):
-    """training/gpu_check.sh with DRY_RUN=1: the same commands on CPU at a tiny
+    """training/scripts/gpu_check.sh with DRY_RUN=1: the same commands on CPU at a tiny
     size, so that the script a GPU session will run has no plumbing error."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "training" / "gpu_check.sh"
+    script = Path(__file__).resolve().parents[2] / "training" / "scripts" / "gpu_check.sh"
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -122,7 +122,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
 
 
 def test_sweep_writes_every_point_and_the_plot(tmp_path):
-    from training.bench import plot_sweep, sweep
+    from training.studies.bench import plot_sweep, sweep
 
     over = ["emb=4", "layers=2", "bptt=4", "batch_size=2"]
     res = sweep("smoke", over, vocabs=(20, 40), hiddens=(3, 5), base_vocab=20, arms=("dropout", "explicit-fd_mid"),
@@ -137,7 +137,7 @@ def test_sweep_writes_every_point_and_the_plot(tmp_path):
 def test_bench_times_every_rule_on_gpt2_once(tmp_path, capsys):
     """arch=gpt2 has no LSTM backend: each rule is one arm (the -loop variants,
     which differ from another arm by the backend alone, are dropped)."""
-    from training.bench import bench
+    from training.studies.bench import bench
 
     res = bench("smoke-gpt2", ["emb=8", "heads=2", "bptt=6", "batch_size=4", "layers=1"], warmup=0, repeats=1,
                 vocab=20, progress=False)

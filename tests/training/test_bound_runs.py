@@ -1,4 +1,4 @@
-"""``dropcheck bound`` (``training/bound_runs.py``): data loading, training
+"""``dropcheck bound`` (``training/studies/bound_runs.py``): data loading, training
 with the five regularizers, CSV/JSON/figures, and clear errors."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dropcheck import DataError, DropcheckError
-from training import bound_runs as _cli_bound
+from training.studies import bound_runs as _cli_bound
 
 # ---------------------------------------------------------------------------
 # the command

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from dropcheck import DropcheckError
-from training.configs import CONFIGS, DEFAULTS, get_config, make_config, parse_overrides, run_name
+from training.pipeline.configs import CONFIGS, DEFAULTS, get_config, make_config, parse_overrides, run_name
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import pytest
 
 from dropcheck import DataError
-from training.data import (
+from training.pipeline.data import (
     EOS,
     batchify,
     get_batch,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.trainer import spawn_train, train
+from training.pipeline.trainer import spawn_train, train
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
-"""The model factory behind `dropcheck taylor-map --model training.factories:smoke_lm`."""
+"""The model factory behind `dropcheck taylor-map --model training.pipeline.factories:smoke_lm`."""
 
 import torch
 
 import dropcheck as dc
-from training.factories import smoke_lm
+from training.pipeline.factories import smoke_lm
 
 
 def test_smoke_lm_factory_gives_a_checkable_case(data_root, monkeypatch):
@@ -21,9 +21,9 @@ def test_study_lm_loads_a_runs_best_checkpoint_with_its_logged_config(data_root,
     import pytest
 
     from dropcheck import DropcheckError
-    from training.configs import make_config
-    from training.factories import study_lm
-    from training.trainer import train
+    from training.pipeline.configs import make_config
+    from training.pipeline.factories import study_lm
+    from training.pipeline.trainer import train
 
     monkeypatch.setenv("DROPCHECK_DATA", str(data_root))
     cfg = make_config("smoke", emb=6, hidden=8, max_steps=2, eval_every=2, progress=False, run_name="tiny-run-s1")

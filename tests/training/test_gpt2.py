@@ -12,10 +12,10 @@ import torch
 
 import dropcheck as dc
 from dropcheck import DropcheckError
-from training.configs import make_config
-from training.lm import StatefulLM
-from training.rules import Gens, make_rule, site_table
-from training.trainer import build_lm
+from training.pipeline.configs import make_config
+from training.pipeline.lm import StatefulLM
+from training.pipeline.rules import Gens, make_rule, site_table
+from training.pipeline.trainer import build_lm
 
 V = 20
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import dropcheck as dc
 from dropcheck import DropcheckError
-from training.model import AWDLSTM, EmbeddingRowDropout, LSTMLayer, StatefulLM, site_groups
+from training.models.awd_lstm import AWDLSTM, EmbeddingRowDropout, LSTMLayer, StatefulLM, site_groups
 
 V = 13
 

@@ -1,4 +1,4 @@
-"""training/noise_scale.py: the rule-noise / batch-noise decomposition."""
+"""training/studies/noise_scale.py: the rule-noise / batch-noise decomposition."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dropcheck import DropcheckError
-from training.noise_scale import NoiseSums, clipped, markdown, measure, rows
+from training.studies.noise_scale import NoiseSums, clipped, markdown, measure, rows
 
 
 def test_noise_sums_recover_known_within_and_between_batch_variances():
@@ -51,8 +51,8 @@ def test_clipped_scales_long_rows_to_the_clip_norm_and_leaves_short_ones():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_corpus_dir, tiny_corpus):
-    from training.configs import make_config
-    from training.trainer import train
+    from training.pipeline.configs import make_config
+    from training.pipeline.trainer import train
 
     from .conftest import TINY
 
@@ -90,7 +90,7 @@ def test_each_rules_noise_matches_its_derivation_on_a_trained_model(tiny_run, ti
 def test_main_writes_json_markdown_and_figure(tiny_run, tiny_corpus_dir, tmp_path, capsys):
     import json
 
-    from training.noise_scale import main
+    from training.studies.noise_scale import main
 
     out = tmp_path / "ns"
     assert main(["tiny-s1", "--arms", "none", "dropout-k1", "--batches", "3", "--draws", "2", "--runs-dir",

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from dropcheck.cli import main as cli_main
-from training.reproduce import plan_jobs, run_plan, run_state
-from training.rules import REGISTRY
-from training.study import PLANS, Arm, Plan, best_member
+from training.studies.reproduce import plan_jobs, run_plan, run_state
+from training.pipeline.rules import REGISTRY
+from training.studies.study import PLANS, Arm, Plan, best_member
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = {"emb": 5, "hidden": 6, "layers": 2, "bptt": 6, "batch_size": 4, "eval_batch_size": 2,
@@ -34,7 +34,7 @@ def _records(path: Path) -> list[dict]:
 
 
 def test_plans_are_valid_configs():
-    from training.configs import get_config
+    from training.pipeline.configs import get_config
 
     for plan in PLANS.values():
         names = [a.name for a in plan.arms]
@@ -109,7 +109,7 @@ def test_tiny_plan_end_to_end_then_redraw_only(tmp_path, tiny_corpus_dir, monkey
     assert {p.name: p.read_bytes() for p in runs.glob("*.jsonl")} == logs_before
     assert (out / "claims.json").read_bytes() == claims_before
     # the drawing code changed on disk while the driver ran: it draws in a new process, not with what it loaded
-    import training.reproduce as reproduce
+    import training.studies.reproduce as reproduce
 
     digests = iter(["at start", "changed since"])
     monkeypatch.setattr(reproduce, "_drawing_code", lambda: next(digests))
@@ -136,7 +136,7 @@ def test_arm_flag_records_the_arm_only_for_its_own_config(spec, over, words):
     plan's and the arm's overrides, the seed's run name)."""
     from dropcheck import DropcheckError
     from training.cli import study_arm
-    from training.configs import get_config
+    from training.pipeline.configs import get_config
 
     plan = PLANS["tiny"]
     name, cfg = get_config(plan.config, [f"{k}={v}" for k, v in {**plan.overrides("none", 1), **over}.items()])
@@ -156,8 +156,8 @@ def _kill_plan(max_steps: int) -> Plan:
 
 
 def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path, tiny_corpus_dir):
-    from training.configs import get_config
-    from training.trainer import train
+    from training.pipeline.configs import get_config
+    from training.pipeline.trainer import train
 
     # reference: the same run uninterrupted (in this process: same numbers, one thread)
     plan = _kill_plan(120)
@@ -167,7 +167,7 @@ def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path, tiny_corpus
 
     runs = tmp_path / "runs"
     code = ("import sys; sys.path.insert(0, %r); from tests.training.test_reproduce import _kill_plan; "
-            "from training.reproduce import run_plan; from pathlib import Path; "
+            "from training.studies.reproduce import run_plan; from pathlib import Path; "
             "run_plan(_kill_plan(120), Path(%r), jobs=1, data=%r, progress=False, poll=0.2)"
             % (str(REPO), str(runs), str(tiny_corpus_dir)))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True,
@@ -201,7 +201,7 @@ def test_time_limit_stops_the_jobs_at_a_checkpoint_and_exits_75(tmp_path, tiny_c
     import time as real_time
     import types
 
-    import training.reproduce as reproduce
+    import training.studies.reproduce as reproduce
 
     runs = tmp_path / "runs"
     name = "killme-dropout-k1-s1"
@@ -237,7 +237,7 @@ def test_time_limit_stops_the_jobs_at_a_checkpoint_and_exits_75(tmp_path, tiny_c
 def test_launch_sizes_the_thread_pools_from_the_run_config(threads, extra, want, tmp_path, monkeypatch):
     """Without ``--threads`` a run's OpenMP/MKL pools take its config's
     ``threads`` (the smoke config says 1); 0 leaves the environment's size."""
-    import training.reproduce as reproduce
+    import training.studies.reproduce as reproduce
 
     seen = {}
     monkeypatch.setattr(reproduce.subprocess, "Popen", lambda cmd, **kw: seen.update(kw, cmd=cmd))
@@ -257,7 +257,7 @@ def test_counts_below_one_are_refused(flag, capsys):
 
 
 def test_a_run_held_by_another_process_is_left_to_it(tmp_path, tiny_corpus_dir, capsys):
-    from training.files import run_lock
+    from training.pipeline.files import run_lock
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -272,7 +272,7 @@ def test_a_run_held_by_another_process_is_left_to_it(tmp_path, tiny_corpus_dir, 
 
 
 def test_broken_log_starts_again_and_recheck_compares_the_first_epoch(tmp_path, tiny_corpus_dir, capsys):
-    from training.reproduce import recheck
+    from training.studies.reproduce import recheck
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -282,7 +282,7 @@ def test_broken_log_starts_again_and_recheck_compares_the_first_epoch(tmp_path, 
     assert run_plan(plan, runs, jobs=1, data=str(tiny_corpus_dir), progress=False, poll=0.2) == ([], [])
     assert run_state(runs, "killme-dropout-k1-s1") == "done"
 
-    from training.trainer import cpu_kernels
+    from training.pipeline.trainer import cpu_kernels
 
     assert recheck(plan, runs, "killme-dropout-k1-s1", str(tiny_corpus_dir), 0.01) == 0
     out = capsys.readouterr().out
@@ -354,7 +354,7 @@ def test_plan_jobs_adds_the_seeds_the_claims_ask_for(tmp_path):
 
 
 def test_status_lists_the_equalizing_runs(tmp_path, capsys):
-    from training.reproduce import print_status
+    from training.studies.reproduce import print_status
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -372,7 +372,7 @@ def test_status_lists_the_equalizing_runs(tmp_path, capsys):
 
 
 def _gpu_study(env: dict) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["bash", str(REPO / "training" / "gpu_study.sh")], env=env, capture_output=True,
+    proc = subprocess.run(["bash", str(REPO / "training" / "scripts" / "gpu_study.sh")], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -380,7 +380,7 @@ def _gpu_study(env: dict) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_gpu_study_script_dry_run_on_cpu(tmp_path, tiny_corpus_dir):
-    """training/gpu_study.sh with DRY_RUN=1 (the tiny plan on CPU): the two
+    """training/scripts/gpu_study.sh with DRY_RUN=1 (the tiny plan on CPU): the two
     drivers, the progress loop and the packed logs a device call brings back."""
     import tarfile
 
@@ -400,7 +400,7 @@ def test_gpu_study_script_dry_run_on_cpu(tmp_path, tiny_corpus_dir):
 
 
 def test_status_estimates_the_training_left_from_complete_seeds(tmp_path, capsys):
-    from training.reproduce import print_status
+    from training.studies.reproduce import print_status
 
     runs = tmp_path / "runs"
     runs.mkdir()

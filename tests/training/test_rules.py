@@ -11,8 +11,8 @@ import torch
 
 import dropcheck as dc
 from dropcheck import DropcheckError
-from training.configs import RULES, make_config, run_name
-from training.rules import REGISTRY, lam, make_rule, needs_double_backward, rule_class
+from training.pipeline.configs import RULES, make_config, run_name
+from training.pipeline.rules import REGISTRY, lam, make_rule, needs_double_backward, rule_class
 
 from rule_fixtures import Q, V, X, Y, _clean_loss, _gens, _grad, _setup, _train_briefly  # noqa: F401
 

@@ -16,8 +16,8 @@ import torch
 import dropcheck as dc
 from dropcheck._common import default_eps
 from dropcheck import DropcheckError
-from training.configs import make_config
-from training.rules import Gens, needs_double_backward
+from training.pipeline.configs import make_config
+from training.pipeline.rules import Gens, needs_double_backward
 
 from rule_fixtures import Q, V, X, Y, _clean_loss, _gens, _grad, _setup, _train_briefly  # noqa: F401
 
@@ -287,7 +287,7 @@ def test_it_lowers_the_training_loss():
 
 
 def test_trainer_runs_it_and_logs_r(tiny_cfg, tiny_corpus, tmp_path):
-    from training.trainer import train
+    from training.pipeline.trainer import train
 
     cfg = tiny_cfg(rule="explicit_implicit", estimator="fd_shared", max_steps=4, eval_every=2)
     res = train(cfg, out=tmp_path, corpus=tiny_corpus)
@@ -300,7 +300,7 @@ def test_trainer_runs_it_and_logs_r(tiny_cfg, tiny_corpus, tmp_path):
 def test_two_processes_keep_identical_replicas(tiny_cfg, tiny_corpus_dir, tmp_path):
     """The fast path through the DDP backward (locked sites only, each rank's
     own probes): the run finishes and the replicas stay identical."""
-    from training.trainer import spawn_train
+    from training.pipeline.trainer import spawn_train
 
     cfg = tiny_cfg(rule="explicit_implicit", estimator="fd_shared", q_weights=0.0, q_rows=0.0,
                    dtype="float64", max_steps=3, eval_every=0)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 import dropcheck as dc
-from training.configs import make_config
-from training.model import AWDLSTM, StatefulLM
-from training.rules import Gens, make_rule
+from training.pipeline.configs import make_config
+from training.models.awd_lstm import AWDLSTM, StatefulLM
+from training.pipeline.rules import Gens, make_rule
 
 V = 11
 Q = dict(q_embedding=0.3, q_hidden=0.2, q_output=0.4, q_weights=0.25, q_rows=0.1)

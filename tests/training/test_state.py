@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from training.rules import Gens
-from training.state import Counters, RunState
+from training.pipeline.rules import Gens
+from training.pipeline.state import Counters, RunState
 
 
 def _state(seed: int) -> RunState:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dropcheck import DropcheckError
-from training.trainer import train
+from training.pipeline.trainer import train
 
 TIME_FIELDS = ("wall_time", "tokens_per_s")
 
@@ -65,7 +65,7 @@ def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resume_is_exact(
     """SIGTERM (a batch system, ``reproduce``'s stop) or Ctrl-C mid-run: the loop
     finishes the step, checkpoints it (the evaluations and checkpoint_every
     would only have saved steps 3 and 4) and returns; the resumed run is the uninterrupted one bit for bit."""
-    import training.trainer as trainer
+    import training.pipeline.trainer as trainer
 
     cfg = tiny_cfg(rule="dropout", max_steps=9, eval_every=3, checkpoint_every=4)
     full = train(cfg, out=tmp_path / "full", corpus=tiny_corpus)
@@ -96,7 +96,7 @@ def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resume_is_exact(
 def test_a_run_that_is_running_elsewhere_is_refused(tiny_cfg, tiny_corpus, tmp_path):
     """``<run>.lock``: two processes never write one run's log and checkpoints
     (a second driver, a resume typed while the run goes on)."""
-    from training.files import is_locked, run_lock
+    from training.pipeline.files import is_locked, run_lock
 
     cfg = tiny_cfg(rule="none", max_steps=2, run_name="locked-s1")
     with run_lock(tmp_path / "locked-s1.lock"):  # as a running `dropcheck train` holds it
@@ -192,7 +192,7 @@ def test_cli_smoke_on_ptb_stop_and_resume(data_root, tmp_path, capsys):
 def test_git_commit_is_dirty_for_code_changes_not_for_run_logs(tmp_path):
     """A run writes its log under results/, often over a committed partial log:
     that must not mark the code it ran as changed; a changed module must."""
-    from training.trainer import _git_head
+    from training.pipeline.trainer import _git_head
 
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)

@@ -17,8 +17,8 @@ import torch
 
 from dropcheck import DropcheckError
 from dropcheck.cli import main as cli_main
-from training.files import digest_path, load_checkpoint, run_files, safe_name, save_checkpoint
-from training.trainer import train
+from training.pipeline.files import digest_path, load_checkpoint, run_files, safe_name, save_checkpoint
+from training.pipeline.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,7 +91,7 @@ def test_the_cli_refuses_a_doctored_checkpoint_in_one_line(tiny_corpus_dir, tmp_
 
 
 def test_study_checkpoint_refuses_a_doctored_best_model(tmp_path):
-    from training.factories import study_checkpoint
+    from training.pipeline.factories import study_checkpoint
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -117,7 +117,7 @@ def test_a_kill_between_the_record_and_the_file_leaves_a_checkpoint_that_loads(t
     """``save_checkpoint`` writes the record before it replaces the file: the
     record names both the new digest and the one on disk, so a kill between
     the two leaves the old checkpoint, which still loads."""
-    import training.files as files
+    import training.pipeline.files as files
 
     path = tmp_path / "r.ckpt.pt"
     save_checkpoint({"step": 1}, path)
@@ -167,7 +167,7 @@ def test_safe_name_refuses_what_is_not_one_plain_component(name):
 
 
 def test_safe_name_keeps_the_study_names():
-    from training.study import PLANS
+    from training.studies.study import PLANS
 
     for plan in PLANS.values():
         for a in plan.arms:
@@ -184,8 +184,8 @@ def test_recheck_refuses_a_log_header_that_would_write_outside_the_runs_folder(t
                                                                              tiny_corpus_dir):
     import tempfile
 
-    from training.reproduce import recheck
-    from training.study import PLANS
+    from training.studies.reproduce import recheck
+    from training.studies.study import PLANS
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -202,8 +202,8 @@ def test_recheck_refuses_a_log_header_that_would_write_outside_the_runs_folder(t
 
 
 def test_recheck_refuses_a_run_argument_that_is_a_path(tmp_path):
-    from training.reproduce import recheck
-    from training.study import PLANS
+    from training.studies.reproduce import recheck
+    from training.studies.study import PLANS
 
     with pytest.raises(DropcheckError, match="one plain file name"):
         recheck(PLANS["tiny"], tmp_path, "../elsewhere", None, 0.01)
@@ -221,8 +221,8 @@ def test_a_symlinked_lock_is_refused_not_followed(tiny_cfg, tiny_corpus, tmp_pat
 
 
 def test_the_drivers_output_file_is_not_followed_through_a_symlink(tmp_path, monkeypatch):
-    import training.reproduce as reproduce
-    from training.study import Arm, Plan
+    import training.studies.reproduce as reproduce
+    from training.studies.study import Arm, Plan
 
     monkeypatch.setattr(reproduce.subprocess, "Popen", lambda cmd, **kw: pytest.fail("started a run"))
     victim = tmp_path / "victim"
@@ -301,7 +301,7 @@ def test_the_header_records_the_corpus_by_content_not_by_path(tiny_cfg, tiny_cor
 
 def test_resume_refuses_another_corpus_of_the_same_vocabulary_size(tiny_cfg, tiny_corpus, tmp_path,
                                                                    make_tiny_corpus):
-    from training.data import load_corpus
+    from training.pipeline.data import load_corpus
 
     other = load_corpus(make_tiny_corpus(tmp_path / "other", seed=1))
     assert other.vocab_size == tiny_corpus.vocab_size  # same words, other text: the model's shapes agree
@@ -313,7 +313,7 @@ def test_resume_refuses_another_corpus_of_the_same_vocabulary_size(tiny_cfg, tin
 
 
 def test_resume_with_another_vocabulary_is_one_error_line(tiny_cfg, tiny_corpus, tmp_path, make_tiny_corpus):
-    from training.data import load_corpus
+    from training.pipeline.data import load_corpus
 
     root = make_tiny_corpus(tmp_path / "bigger")
     with open(root / "train.txt", "a", encoding="utf-8") as f:
@@ -339,7 +339,7 @@ def test_the_known_corpus_checksums_are_the_data_folders(data_root):
     """``KNOWN_CORPORA`` copies the data README's SHA-256 table: the files must have them."""
     import hashlib
 
-    from training.data import KNOWN_CORPORA
+    from training.pipeline.data import KNOWN_CORPORA
 
     for name, files in KNOWN_CORPORA.items():
         for f, digest in files.items():
@@ -347,8 +347,8 @@ def test_the_known_corpus_checksums_are_the_data_folders(data_root):
 
 
 def test_recheck_refuses_a_log_of_another_corpus(tiny_cfg, tiny_corpus_dir, tmp_path, make_tiny_corpus):
-    from training.reproduce import recheck
-    from training.study import PLANS
+    from training.studies.reproduce import recheck
+    from training.studies.study import PLANS
 
     runs = tmp_path / "runs"
     res = train(tiny_cfg(rule="none", max_steps=4, eval_every=2, run_name="mine-s1"), data=str(tiny_corpus_dir),
@@ -388,8 +388,8 @@ def test_draw_only_takes_the_plans_own_runs_not_those_that_share_its_prefix(tmp_
     """``reproduce --plan cpu-ptb --runs results/runs`` pooled cpu-ptb-cuda's and
     the clip study's DROPOUT_1 logs (their names begin ``cpu-ptb-``) into the
     plan's arms."""
-    from training.reproduce import _complete_runs
-    from training.study import PLANS
+    from training.studies.reproduce import _complete_runs
+    from training.studies.study import PLANS
 
     plan = PLANS["tiny"]
     arm = plan.arms[0].name
@@ -407,7 +407,7 @@ def test_arms_that_match_nothing_are_an_error_listing_the_arms(tmp_path, capsys)
     rc = cli_main(["reproduce", "--plan", "tiny", "--runs", str(tmp_path), "--arms", "dropuot-*", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "--arms dropuot-* matches no arm of plan 'tiny'; its arms: " in err
-    from training.study import PLANS
+    from training.studies.study import PLANS
 
     assert all(a.name in err for a in PLANS["tiny"].arms) and "every run is done" not in err
 
@@ -416,9 +416,9 @@ def test_a_run_another_driver_takes_first_is_reported_held_not_failed(tmp_path, 
     """Driver A looked (the run was free), driver B took the run's lock, then
     A started it: A's process is refused by the lock.  A reports it held by
     another process, does not start it again, and does not count it failed."""
-    import training.reproduce as reproduce
-    from training.files import run_lock
-    from training.study import Arm, Plan
+    import training.studies.reproduce as reproduce
+    from training.pipeline.files import run_lock
+    from training.studies.study import Arm, Plan
 
     plan = Plan("held", "smoke", (Arm("none", {"rule": "none"}, "baseline"),),
                 extra={"emb": 5, "hidden": 6, "layers": 2, "bptt": 6, "batch_size": 4, "eval_batch_size": 2,
@@ -435,8 +435,8 @@ def test_a_run_another_driver_takes_first_is_reported_held_not_failed(tmp_path, 
 
 
 def test_a_log_with_a_damaged_header_is_backed_up_and_started_again_once(tmp_path, tiny_corpus_dir):
-    from training.reproduce import run_plan, run_state
-    from training.study import Arm, Plan
+    from training.studies.reproduce import run_plan, run_state
+    from training.studies.study import Arm, Plan
 
     plan = Plan("dmg", "smoke", (Arm("none", {"rule": "none"}, "baseline"),),
                 extra={"emb": 5, "hidden": 6, "layers": 2, "bptt": 6, "batch_size": 4, "eval_batch_size": 2,
@@ -490,7 +490,7 @@ def test_a_full_disk_or_read_only_output_is_one_error_line_and_no_litter(tiny_co
     flush to disk of a run's files fails with that error."""
     import errno
 
-    import training.files as files
+    import training.pipeline.files as files
 
     def fail(fd):
         raise OSError(getattr(errno, errno_), os.strerror(getattr(errno, errno_)))
@@ -531,8 +531,8 @@ def test_wrongly_typed_eval_fields_are_reported_and_skipped(tmp_path, field, val
 
 
 def test_figures_and_status_survive_wrongly_typed_log_fields(tmp_path, capsys):
-    from training.reproduce import print_status
-    from training.study import Arm, Plan
+    from training.studies.reproduce import print_status
+    from training.studies.study import Arm, Plan
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -551,7 +551,7 @@ def test_figures_and_status_survive_wrongly_typed_log_fields(tmp_path, capsys):
 
 
 def test_a_byte_order_mark_does_not_become_a_word(tmp_path, make_tiny_corpus):
-    from training.data import load_corpus
+    from training.pipeline.data import load_corpus
 
     root = make_tiny_corpus(tmp_path / "bom")
     plain = load_corpus(root)
@@ -563,7 +563,7 @@ def test_a_byte_order_mark_does_not_become_a_word(tmp_path, make_tiny_corpus):
 
 
 def test_draw_refuses_seeds_of_one_arm_that_differ_in_another_key(tmp_path, capsys):
-    from training.study import PLANS
+    from training.studies.study import PLANS
 
     plan = PLANS["tiny"]
     arm = plan.arms[0].name

@@ -4,7 +4,7 @@
 # Run from the repository root through the device tool, e.g. (one call,
 # timeout_s=540; it finishes in well under 8 minutes):
 #
-#   DROPCHECK_GIT_COMMIT=<sha of the checkout> bash training/gpu_check.sh
+#   DROPCHECK_GIT_COMMIT=<sha of the checkout> bash training/scripts/gpu_check.sh
 #
 # Nothing needs installing there: the image's python3 has torch and tqdm, and
 # the packages are imported from the copied tree.  Writes into $OUT (default
@@ -12,7 +12,7 @@
 # rule timed side by side at the paper's AWD-LSTM size, `dropcheck bench
 # --config ptb --device cuda`), fd_check.json + fd_check.log (do the
 # finite-difference estimators agree with the exact ones within their
-# statistical error in float32 / TF32 on cuDNN?  `python -m training.fd_check`).
+# statistical error in float32 / TF32 on cuDNN?  `python -m training.studies.fd_check`).
 # Copy cuda-bench.json to results/bench/cuda-ptb.json to commit it.
 #
 # Budget: the bench is every arm of `dropcheck bench --list` (18) x (5 warm-up
@@ -24,7 +24,7 @@
 # (about 10 s on one core here).  Each part has its own timeout (270 s +
 # 150 s), so even a hung part leaves the script inside 8 minutes.
 set -u -o pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/bench}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -51,7 +51,7 @@ timeout 270 $PY -m dropcheck bench --device "$DEV" "${BENCH[@]}" --no-progress \
     --out "$OUT/$DEV-bench.json" 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}; echo "bench exit status $rc"; [ "$rc" -eq 0 ] || status=1
 
-timeout 150 $PY -m training.fd_check --device "$DEV" "${FD[@]}" --out "$OUT/fd_check.json" 2>&1 | tee "$OUT/fd_check.log"
+timeout 150 $PY -m training.studies.fd_check --device "$DEV" "${FD[@]}" --out "$OUT/fd_check.json" 2>&1 | tee "$OUT/fd_check.log"
 rc=${PIPESTATUS[0]}; echo "fd_check exit status $rc"; [ "$rc" -eq 0 ] || status=1
 
 exit $status

@@ -40,7 +40,7 @@ from torch import nn
 
 from dropcheck import DropcheckError, SiteSpec
 
-from .lm import Arch, LanguageModel, StatefulLM
+from ..pipeline.lm import Arch, LanguageModel, StatefulLM
 
 __all__ = ["GPT2LM", "build", "ARCH", "GROUPS"]
 
@@ -95,7 +95,7 @@ class GPT2LM(LanguageModel):
 def max_segment(cfg: Mapping[str, Any]) -> int:
     """The longest segment the data can give: ``bptt``, or under
     ``variable_bptt`` the cap of ``data.sample_seq_len``."""
-    from .data import max_seq_len
+    from ..pipeline.data import max_seq_len
 
     return max_seq_len(cfg["bptt"]) if cfg["variable_bptt"] else int(cfg["bptt"])
 

@@ -1,5 +1,5 @@
 """Do the finite-difference estimators agree with the exact ones in float32
-(and TF32) on the fused LSTM?  ``python -m training.fd_check --device cuda``.
+(and TF32) on the fused LSTM?  ``python -m training.studies.fd_check --device cuda``.
 
 On a small AWD-LSTM (every dropout group on, q = 0.4, rows 0.1) and one
 batch, the reference is computed on the CPU in float64 on the loop LSTM
@@ -40,8 +40,8 @@ import torch
 
 import dropcheck as dc
 
-from .model import AWDLSTM, StatefulLM
-from .trainer import device_name
+from ..models.awd_lstm import AWDLSTM, StatefulLM
+from ..pipeline.trainer import device_name
 
 
 def _setting(name: str):
@@ -202,7 +202,7 @@ def check(device: str = "cpu", samples: int = 200, settings=None, *, V=30, emb=1
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.fd_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.studies.fd_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--settings", default=None, help="comma-separated (float64, float32, fp32-strict, fp32-default, tf32)")

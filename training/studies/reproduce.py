@@ -71,7 +71,7 @@ from typing import Mapping, NamedTuple, Optional
 
 from dropcheck import DropcheckError
 
-from .files import is_locked, open_append, run_files, safe_name
+from ..pipeline.files import is_locked, open_append, run_files, safe_name
 from .study import Plan, best_member, get_plan, PLANS
 
 
@@ -219,7 +219,7 @@ def _job_threads(plan: Plan, job: RunJob, threads: Optional[int]) -> int:
     config's ``threads`` (1 for cpu-ptb; 0: torch's default)."""
     if threads is not None:
         return threads
-    from .configs import get_config
+    from ..pipeline.configs import get_config
 
     return get_config(plan.config, plan.overrides(job.arm, job.seed))[1]["threads"]
 
@@ -358,7 +358,7 @@ def _drawing_code() -> str:
     which holds the plans).  A driver that ran for hours holds the code it
     loaded when it started: if these files changed meanwhile, ``run`` draws in
     a new process, so that the results always come from the code on disk."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     h = hashlib.sha256()
     for pkg in ("paper_figures", "training"):
         for f in sorted((root / pkg).rglob("*.py")):
@@ -471,9 +471,9 @@ def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance
     different processor or kernel instruction set rounds differently, and 300
     steps at lr 20 grow that into a few percent (results/cpu-ptb/README.md,
     "Re-checking a run"), so the machine of both is printed beside the verdict."""
-    from .configs import validate
-    from .data import load_corpus, resolve_corpus_dir
-    from .trainer import cpu_kernels, train
+    from ..pipeline.configs import validate
+    from ..pipeline.data import load_corpus, resolve_corpus_dir
+    from ..pipeline.trainer import cpu_kernels, train
 
     safe_name(run, "--recheck")
     log = run_files(runs_dir, run).log
@@ -485,7 +485,7 @@ def recheck(plan: Plan, runs_dir: Path, run: str, data: Optional[str], tolerance
     config_name = safe_name(header.get("config_name", plan.config), f"config_name in the header of {log}")
     if not isinstance(header.get("config"), dict) or not isinstance(first.get("step"), int) or first["step"] < 1:
         raise DropcheckError(f"{log}: the header's config or the first evaluation's step is malformed")
-    from .configs import DEFAULTS
+    from ..pipeline.configs import DEFAULTS
 
     try:
         # keys added since the run was logged take their defaults, which compute what the code did before them

@@ -6,7 +6,7 @@ the λ-weighted ``R_approx`` with the locked structure and with
 ``independent_positions=True``, by the sampled-label estimator (20 batches
 of 10 draws each; mean ± standard error).  About a minute on CPU::
 
-    python -m training.locked_vs_positions
+    python -m training.studies.locked_vs_positions
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 import dropcheck as dc
 
-from .factories import smoke_lm
+from ..pipeline.factories import smoke_lm
 
 
 def measure(reps: int = 20, samples: int = 10, seed: int = 0) -> dict:

@@ -26,5 +26,5 @@ class Arm:
 
     @property
     def rule(self) -> str:
-        """The update rule (config value ``rule``; a key of ``training.rules.REGISTRY``)."""
+        """The update rule (config value ``rule``; a key of ``training.pipeline.rules.REGISTRY``)."""
         return str(self.overrides.get("rule", ""))

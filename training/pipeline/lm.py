@@ -118,8 +118,8 @@ class Arch:
 
 # config value ``arch`` -> the module that defines ``ARCH``
 ARCHS: dict[str, str] = {
-    "awd-lstm": "training.model",
-    "gpt2": "training.gpt2",
+    "awd-lstm": "training.models.awd_lstm",
+    "gpt2": "training.models.gpt2",
 }
 
 

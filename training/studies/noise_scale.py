@@ -7,7 +7,7 @@ minibatch noise of SGD dwarfs the noise dropout adds (measured: it does not;
 dropout's is 2.2-2.6 times SGD's there).  This measures both on a trained
 study model (a run's best checkpoint with its logged config)::
 
-    python -m training.noise_scale cpu-ptb-dropout-k1-s1 [--arms dropout-k1 inject-k4 ...]
+    python -m training.studies.noise_scale cpu-ptb-dropout-k1-s1 [--arms dropout-k1 inject-k4 ...]
                                    [--batches 10] [--draws 5] [--out results/cpu-ptb/noise_scale]
 
 For each arm of the plan (its update rule exactly as the study trains it,
@@ -127,12 +127,13 @@ def measure(run: str, arms: Sequence[str] = DEFAULT_ARMS, *, plan: str = "cpu-pt
     ``$DROPCHECK_DATA`` or ``../shared/data`` beside the checkout."""
     from tqdm import tqdm
 
-    from . import configs, study
-    from .data import batchify, get_batch, load_corpus, resolve_corpus_dir
-    from .factories import _ptb_dir, study_checkpoint
-    from .model import StatefulLM, detach_hidden
-    from .rules import Gens, make_rule, sites_off
-    from .trainer import build_lm, resolve_backend
+    from ..pipeline import configs
+    from . import study
+    from ..pipeline.data import batchify, get_batch, load_corpus, resolve_corpus_dir
+    from ..pipeline.factories import _ptb_dir, study_checkpoint
+    from ..models.awd_lstm import StatefulLM, detach_hidden
+    from ..pipeline.rules import Gens, make_rule, sites_off
+    from ..pipeline.trainer import build_lm, resolve_backend
 
     if batches < 3 or draws < 2:
         raise DropcheckError(f"need --batches >= 3 and --draws >= 2, got {batches} and {draws}")
@@ -202,10 +203,10 @@ def rows(res: dict, which: str = "clipped") -> list[dict]:
 
 def markdown(res: dict) -> str:
     head = (f"# Gradient noise at `{res['run']}` (step {res['step']}, valid ppl {res['valid_ppl']:.2f})\n\n"
-            f"`python -m training.noise_scale {res['run']}`: {res['batches']} consecutive training batches of "
+            f"`python -m training.studies.noise_scale {res['run']}`: {res['batches']} consecutive training batches of "
             f"{res['batch_size']} x {res['bptt']} tokens, {res['draws']} draws of each arm's update per batch "
             f"(seed {res['seed']}).  tr Cov summed over all parameters; ± a standard error over batches (the "
-            "jackknife for batch noise).  See `training/noise_scale.py` for the estimators.\n")
+            "jackknife for batch noise).  See `training/studies/noise_scale.py` for the estimators.\n")
     parts = [head]
     for which, what in (("clipped", f"the clipped update (clip {res['clip']}), as the optimizer applies it"),
                         ("raw", "the raw update, before clipping")):
@@ -253,7 +254,7 @@ def plot(results: Sequence[dict], stem: Path, which: str = "clipped") -> list[Pa
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.noise_scale", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.studies.noise_scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="study runs whose best checkpoints to measure")
     ap.add_argument("--plan", default="cpu-ptb")
     ap.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), help="arms of the plan whose update rules to draw")
@@ -269,7 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "runs' JSON files in --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    out = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "results" / args.plan / "noise_scale"
+    out = Path(args.out) if args.out else Path(__file__).resolve().parents[2] / "results" / args.plan / "noise_scale"
     out.mkdir(parents=True, exist_ok=True)
     try:
         results = [_one(run, args, out) for run in args.runs]

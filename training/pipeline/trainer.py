@@ -250,7 +250,7 @@ def resolve_backend(cfg: Mapping[str, Any], device: torch.device) -> str:
 
 def build_lm(cfg: Mapping[str, Any], vocab: int, device: torch.device, dtype: torch.dtype,
              backend: str = "auto") -> LanguageModel:
-    """The run's model (its ``arch``, ``training.lm.ARCHS``), initialised from
+    """The run's model (its ``arch``, ``training.pipeline.lm.ARCHS``), initialised from
     the run's seed; ``backend``: the LSTM's (``resolve_backend``)."""
     arch = get_arch(cfg.get("arch", "awd-lstm"))
     torch.manual_seed(stream_seed(cfg["seed"], 0))

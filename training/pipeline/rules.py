@@ -74,7 +74,7 @@ def site_table(model: StatefulLM, arch: str = "awd-lstm") -> dict[str, tuple[dc.
     """``{site name: (SiteSpec, group)}`` for every site with ``q > 0`` that a
     forward pass of ``model`` calls: the sites, their ``q`` and structure come
     from dropcheck's core (``dc.find_sites(model, tokens)`` on a two-token
-    probe segment), the group from the architecture (``training.lm.Arch``)."""
+    probe segment), the group from the architecture (``training.pipeline.lm.Arch``)."""
     p0 = next(model.parameters())
     probe = torch.zeros((2, 2), dtype=torch.long, device=p0.device)
     saved, model.hidden = model.hidden, None

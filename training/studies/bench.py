@@ -70,7 +70,7 @@ from typing import Any, Optional
 from dropcheck import DropcheckError
 
 from .arm import Arm
-from .files import atomic_write_text
+from ..pipeline.files import atomic_write_text
 
 SCHEMA = "dropcheck-bench/1"
 DEFAULT_CONFIG = "smoke"
@@ -227,7 +227,7 @@ def arms_for(arch: str, chosen: list[Arm]) -> list[Arm]:
     LSTM's ``backend`` key runs each rule once (its arms without a backend;
     the ``-loop`` variants, which differ from another arm by the backend
     alone, are dropped)."""
-    from .lm import get_arch
+    from ..pipeline.lm import get_arch
 
     if "backend" in get_arch(arch).keys:
         return chosen
@@ -245,8 +245,8 @@ def _build_arms(chosen: list[Arm], base: dict, vocab: int, dev, dtype) -> list[_
     """Every arm's model, trainer and hidden state, before any step runs; an
     arm that cannot be built (e.g. multipliers fd_shared cannot share) keeps
     its error and is reported."""
-    from . import configs
-    from .trainer import Trainer, build_lm
+    from ..pipeline import configs
+    from ..pipeline.trainer import Trainer, build_lm
 
     runs = []
     for arm in arms_for(base["arch"], chosen):
@@ -368,7 +368,7 @@ def _arm_record(run: _ArmRun, base_med: Optional[float], dev, tokens_per_step: i
     """One arm's entry of the JSON."""
     import torch
 
-    from .rules import rule_class
+    from ..pipeline.rules import rule_class
 
     arm, cfg = run.arm, run.cfg
     rule = rule_class(cfg["rule"])
@@ -412,7 +412,7 @@ def _environment(dev) -> dict:
 
     import dropcheck
 
-    from .trainer import device_name
+    from ..pipeline.trainer import device_name
 
     return {
         "device_type": dev.type,
@@ -447,8 +447,8 @@ def bench(
     """Run the bench; returns the JSON-ready result (module docstring)."""
     import torch
 
-    from . import configs
-    from .trainer import git_commit, stream_seed
+    from ..pipeline import configs
+    from ..pipeline.trainer import git_commit, stream_seed
 
     if warmup < 0 or repeats < 1:
         raise DropcheckError(f"--warmup must be >= 0 and --repeats >= 1, got {warmup} and {repeats}")
@@ -601,7 +601,7 @@ def sweep(
     over ``hiddens`` at ``base_vocab`` (``emb`` as in the config).  Returns
     ``{"vocab": [...], "hidden": [...]}`` with each point's ratios to the
     dropout step, medians and peak memory."""
-    from . import configs
+    from ..pipeline import configs
 
     _, base = configs.get_config(config, list(overrides))
     base_hidden = base["hidden"] if base_hidden is None else base_hidden
@@ -664,7 +664,7 @@ def plot_sweep(res: dict, path: Path) -> None:
 
 
 def _sweep_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.bench",
+    p = argparse.ArgumentParser(prog="python -m training.studies.bench",
                                 description="sweep of the bench ratios over vocabulary and hidden size")
     p.add_argument("--config", default="cpu-ptb")
     p.add_argument("--vocabs", default="1000,3300,10000,33000")

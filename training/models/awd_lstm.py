@@ -55,7 +55,7 @@ from torch import nn
 from dropcheck import DropcheckError, SiteSpec
 from dropcheck import DropConnect, LockedDropout
 
-from .lm import Arch, LanguageModel, StatefulLM, detach_state
+from ..pipeline.lm import Arch, LanguageModel, StatefulLM, detach_state
 
 BACKENDS = ("loop", "fused")
 INITS = ("uniform", "xavier")
@@ -167,7 +167,7 @@ class LSTMLayer(nn.Module):
 
 
 class AWDLSTM(LanguageModel):
-    """The language model (a ``training.lm.LanguageModel``): ``forward(tokens
+    """The language model (a ``training.pipeline.lm.LanguageModel``): ``forward(tokens
     (T, B), hidden)`` -> ``(logits (T, B, V), new_hidden)``; ``hidden=None``
     starts from zeros (``init_state``); ``decoder`` is the tied ``nn.Linear``.
 

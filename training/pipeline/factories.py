@@ -1,4 +1,4 @@
-"""Model factories for ``dropcheck verify/taylor-map --model training.factories:NAME``.
+"""Model factories for ``dropcheck verify/taylor-map --model training.pipeline.factories:NAME``.
 
 Each returns ``(model, inputs, targets)``: ``model(inputs)`` gives logits
 ``(T, B, V)``, ``targets`` the next words.  They need the PTB corpus
@@ -16,14 +16,14 @@ import torch
 from .configs import make_config
 from .files import load_checkpoint, run_files
 from .data import batchify, get_batch, load_corpus, resolve_corpus_dir
-from .model import StatefulLM
+from ..models.awd_lstm import StatefulLM
 from .trainer import build_lm, train
 
 
 def _ptb_dir() -> Path:
     if os.environ.get("DROPCHECK_DATA"):
         return resolve_corpus_dir(None, "ptb")
-    return resolve_corpus_dir(Path(__file__).resolve().parents[2] / "shared" / "data", "ptb")
+    return resolve_corpus_dir(Path(__file__).resolve().parents[3] / "shared" / "data", "ptb")
 
 
 def smoke_lm(steps: int = 300, seed: int = 1, batch: int = 8, seq_len: int = 20):
@@ -44,7 +44,7 @@ def smoke_lm(steps: int = 300, seed: int = 1, batch: int = 8, seq_len: int = 20)
     return StatefulLM(lm), X, Y
 
 
-_RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"
+_RUNS = Path(__file__).resolve().parents[2] / "results" / "runs"
 
 
 def study_checkpoint(run: str, *, plan: str = "cpu-ptb", runs_dir=None) -> tuple[dict, dict]:
@@ -77,7 +77,7 @@ def study_lm(run: str, *, plan: str = "cpu-ptb", batch: int = 10, seq_len: int =
     return StatefulLM(lm), X, Y
 
 
-# ``dropcheck taylor-map --model training.factories:NAME``: the cpu-ptb study's seed-1 models
+# ``dropcheck taylor-map --model training.pipeline.factories:NAME``: the cpu-ptb study's seed-1 models
 def cpu_ptb_none():
     """The cpu-ptb model trained without regularization."""
     return study_lm("cpu-ptb-none-s1")

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The cpu-ptb study on one CUDA GPU in one device call (plan cpu-ptb-cuda of
-# training/study.py: the cpu-ptb config and arms, device=cuda).
+# training/studies/study.py: the cpu-ptb config and arms, device=cuda).
 #
 # From the repository root, through the device tool (timeout_s=600):
 #
-#   bash training/gpu_study.sh
+#   bash training/scripts/gpu_study.sh
 #
 # with the PTB folder at $DATA (default .data/ptb: copy the corpus there, keep
 # .data out of git with .git/info/exclude, and name it in the call's carry).
@@ -28,7 +28,7 @@
 # DRY_RUN=1: the same plumbing on the CPU with the tiny plan and $DATA's
 # corpus (tests/training/test_reproduce.py).
 set -u -o pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/gpu-study}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}

@@ -57,7 +57,7 @@ from dropcheck import DataError, DropcheckError
 from dropcheck import bound as bd
 from dropcheck import linear
 
-from .files import atomic_write_bytes
+from ..pipeline.files import atomic_write_bytes
 
 REGULARIZERS = ("none", "l2", "dropout", "explicit", "explicit+implicit")
 
