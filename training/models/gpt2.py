@@ -1,4 +1,4 @@
-"""A Hugging Face GPT-2 as a ``training.lm.LanguageModel`` (config ``arch=gpt2``).
+"""A Hugging Face GPT-2 as a ``training.pipeline.lm.LanguageModel`` (config ``arch=gpt2``).
 
 ``transformers.GPT2LMHeadModel`` built from a ``GPT2Config`` (no weights, no
 hub access), with the output decoder tied to the token embedding.  It plays

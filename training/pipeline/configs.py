@@ -54,7 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "train_tokens": 0,  # 0: all; else the first N training tokens (vocabulary stays full)
     "valid_tokens": 0,
     "test_tokens": 0,
-    # model (arch: a key of training.lm.ARCHS; keys marked with an arch are read by it alone)
+    # model (arch: a key of training.pipeline.lm.ARCHS; keys marked with an arch are read by it alone)
     "arch": "awd-lstm",
     "emb": 400,
     "hidden": 1150,
@@ -245,7 +245,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "bptt": 35,
         **_CPU_STUDY,
     },
-    # GPT-2 (arch=gpt2, training/gpt2.py): the smoke check's data and budget on a 2-layer, 32-wide
+    # GPT-2 (arch=gpt2, training/models/gpt2.py): the smoke check's data and budget on a 2-layer, 32-wide
     # GPT-2 with fixed 20-token segments and q = 0.1 at every site (embedding, attention, residual).
     "smoke-gpt2": {
         **{k: v for k, v in _SMOKE.items() if k not in ("hidden", "q_hidden", "q_output", "q_weights")},
@@ -262,7 +262,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "clip": 1.0,
         "weight_decay": 0.0,
     },
-    # The CPU study of Table 2 and claim C7 (training/study.py, plan cpu-ptb-gpt2): PTB's full vocabulary
+    # The CPU study of Table 2 and claim C7 (training/studies/study.py, plan cpu-ptb-gpt2): PTB's full vocabulary
     # (WikiText-2's 33k words made a dropout step 4.4x slower in the pilot's bench: results/cpu-ptb-gpt2/
     # README.md), a 2-layer GPT-2 (emb 128, 4 heads) on fixed 35-token segments, q at every site, Adam,
     # one thread per run.  The training slice and the schedule are the pilot's.

@@ -137,12 +137,12 @@ def _table2_arms(sizes=TABLE2_SIZES) -> tuple[Arm, ...]:
 PLANS: dict[str, Plan] = {
     "cpu-ptb": Plan("cpu-ptb", "cpu-ptb", _paper_arms(l2s=(1e-5, 3e-5, 1e-4)), best_of=_best_of((1e-5, 3e-5, 1e-4)),
                     note="2-core CPU study (one thread per run); see results/cpu-ptb/README.md"),
-    # The same config and arms on one CUDA GPU (training/gpu_study.sh runs it in one device call): the
+    # The same config and arms on one CUDA GPU (training/scripts/gpu_study.sh runs it in one device call): the
     # DROPOUT_k arms cost k dropout steps each, more than a CPU session holds for k = 8.  Its logs live
     # apart (results/runs/cpu-ptb-cuda) and its claims are judged among themselves, like with like.
     "cpu-ptb-cuda": Plan("cpu-ptb-cuda", "cpu-ptb", _paper_arms(l2s=(1e-5, 3e-5, 1e-4)),
                          best_of=_best_of((1e-5, 3e-5, 1e-4)), extra={"device": "cuda"},
-                         note="the cpu-ptb plan on one CUDA GPU (training/gpu_study.sh)"),
+                         note="the cpu-ptb plan on one CUDA GPU (training/scripts/gpu_study.sh)"),
     # The paper's size, for a GPU (ptb: the paper's AWD-LSTM; the same arms).
     "ptb": Plan("ptb", "ptb", _paper_arms(l2s=(1e-6, 1e-5, 1e-4)), best_of=_best_of((1e-6, 1e-5, 1e-4)),
                 note="the paper's AWD-LSTM on PTB; a GPU run (several GPU-days for every arm)"),
