@@ -23,9 +23,9 @@ from pathlib import Path
 
 from .logs import Run, read_runs
 
-COLUMNS = ("size", "train tokens", "Adam lr", "model", "run", "q (emb/attn/resid)", "best valid",
+COLUMNS = ("size", "train tokens", "Adam lr", "model", "run", "q (emb/attn/resid/head)", "best valid",
            "epoch of best", "clean train ppl there", "end", "training min")
-_Q = ("q_embedding", "q_attention", "q_residual")
+_Q = ("q_embedding", "q_attention", "q_residual", "q_head")  # q_head: 0 in logs older than the key
 
 
 def _size(tokens: int, full: int) -> str:
@@ -75,7 +75,7 @@ def rows(runs: list[Run]) -> list[dict]:
             "Adam lr": f"{float(cfg.get('lr', 0)):g}",
             "model": _model(cfg),
             "run": f"`{r.header.get('run_name', r.path.stem)}`",
-            "q (emb/attn/resid)": _q(cfg),
+            "q (emb/attn/resid/head)": _q(cfg),
             "best valid": f"{r.best_valid():.2f}",
             "epoch of best": f"{best['epoch']:g}" if best else "-",
             "clean train ppl there": f"{best['clean_train_ppl']:.1f}" if best and "clean_train_ppl" in best else "-",

@@ -28,6 +28,6 @@ def test_rows_give_size_best_epoch_and_how_the_run_ended(tmp_path):
     assert lines[2].startswith("| 1x | 200,000 | 0.0003 | emb 128, 2 layers, 4 heads | `big-none` | - | 250.00 | 2 | 102.0 "
                                "| patience | 3 |")
     assert lines[3].startswith("| 0.2x | 40,000 |")
-    assert "| 0.3/0.1/0.2 | 450.00 | 2 |" in lines[3]
+    assert "| 0.3/0.1/0.2/0 | 450.00 | 2 |" in lines[3]
     assert lines[3].endswith("| stopped by hand at epoch 2 | 2 |")
     assert lines[-1] == "2 runs, 5 training minutes in all."

@@ -93,6 +93,7 @@ TINY_GPT2 = dict(
     q_embedding=0.3,
     q_attention=0.2,
     q_residual=0.25,
+    q_head=0.15,
     variable_bptt=False,
     optimizer="sgd",
     lr=0.5,

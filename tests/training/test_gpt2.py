@@ -44,15 +44,28 @@ def test_sites_q_and_groups_come_from_the_core(tiny_cfg):
     table = site_table(model, "gpt2")
     groups = {n: g for n, (_s, g) in table.items()}
     q = {n: s.q for n, (s, _g) in table.items()}
-    # one embedding site, per layer one functional attention site and two residual modules
-    assert sorted(groups.values()) == sorted(["embedding"] + ["attention", "residual", "residual"] * cfg["layers"])
+    # one embedding site, per layer one functional attention site and two residual modules, the head's site
+    assert sorted(groups.values()) == sorted(["embedding", "output"]
+                                             + ["attention", "residual", "residual"] * cfg["layers"])
     for n, (s, g) in table.items():
-        assert q[n] == {"embedding": 0.3, "attention": 0.2, "residual": 0.25}[g], n
+        assert q[n] == {"embedding": 0.3, "attention": 0.2, "residual": 0.25, "output": 0.15}[g], n
         assert s.functional == (g == "attention"), n
         assert s.structure == "position"
     # the same sites the core lists for a forward pass
     x, _ = _batch()
     assert {s.name for s in dc.find_sites(model, x)} == set(table)
+
+
+def test_without_head_dropout_the_model_is_hugging_faces_alone(tiny_cfg):
+    """q_head = 0 adds no site and no module: the logits are GPT2LMHeadModel's own."""
+    cfg = tiny_cfg(arch="gpt2", dtype="float64", q_head=0.0)
+    model = _model(cfg, scale=0.7).eval()
+    assert "output" not in {g for _s, g in site_table(model, "gpt2").values()}
+    x, _ = _batch()
+    with torch.no_grad():
+        ours = model(x)
+        theirs = model.lm.hf(input_ids=x.t()).logits.transpose(0, 1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)  # the same sums, up to their order
 
 
 def test_the_exact_rule_is_the_cores_exact_regularizer_split_by_group(tiny_cfg):
@@ -67,7 +80,7 @@ def test_the_exact_rule_is_the_cores_exact_regularizer_split_by_group(tiny_cfg):
     for key, v in per.items():
         grp = rule.groups[key.split("#", 1)[0]]
         by_group[grp] = by_group.get(grp, 0.0) + v.item() * (3.0 if grp == "attention" else 1.0)
-    assert set(by_group) == {"embedding", "attention", "residual"}
+    assert set(by_group) == {"embedding", "attention", "residual", "output"}
     for grp, v in by_group.items():
         assert res.reg[f"R/{grp}"].item() == pytest.approx(v, rel=1e-12), grp
     assert res.reg["R"].item() == pytest.approx(sum(by_group.values()), rel=1e-12)

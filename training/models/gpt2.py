@@ -16,7 +16,14 @@ attention   attention probabilities ``(B, heads,      ``q_attention`` (``attn_pd
             T, T)``, one draw per weight
 residual    each attention and MLP output before      ``q_residual`` (``resid_pdrop``)
             its residual add
+output      the last layer's features (after          ``q_head`` (not in GPT2Config:
+            ``ln_f``) entering the tied decoder        an ``nn.Dropout`` of this model)
 ==========  ========================================  =================================
+
+The ``output`` site is not Hugging Face's: GPT-2 has no dropout before its
+head, but the paper's Transformer-XL drops the last layer's output before its
+softmax, as the AWD-LSTM's output dropout does; ``q_head = 0`` (the default)
+leaves it out, and the model is then Hugging Face's alone.
 
 Attention runs through transformers' eager implementation, whose attention
 dropout is an ``F.dropout`` call that dropcheck's core sees as a functional
@@ -44,7 +51,7 @@ from ..pipeline.lm import Arch, LanguageModel, StatefulLM
 
 __all__ = ["GPT2LM", "build", "ARCH", "GROUPS"]
 
-GROUPS = ("embedding", "attention", "residual")
+GROUPS = ("embedding", "attention", "residual", "output")
 
 
 def _transformers():
@@ -61,7 +68,8 @@ class GPT2LM(LanguageModel):
     """``forward(tokens (T, B), state=()) -> (logits (T, B, V), ())``."""
 
     def __init__(self, vocab: int, emb: int = 128, layers: int = 2, heads: int = 4, positions: int = 64, *,
-                 q_embedding: float = 0.1, q_attention: float = 0.1, q_residual: float = 0.1):
+                 q_embedding: float = 0.1, q_attention: float = 0.1, q_residual: float = 0.1,
+                 q_head: float = 0.0):
         super().__init__()
         tf = _transformers()
         if emb % heads:
@@ -77,6 +85,7 @@ class GPT2LM(LanguageModel):
         if self.hf.lm_head.weight is not self.hf.transformer.wte.weight:
             raise DropcheckError("GPT-2: the decoder is not tied to the token embedding")
         self.decoder: nn.Linear = self.hf.lm_head
+        self.drop_head = nn.Dropout(q_head) if q_head > 0 else None  # group output (module docstring)
         self.positions = positions
 
     def init_state(self, batch_size: int):
@@ -89,7 +98,10 @@ class GPT2LM(LanguageModel):
             raise DropcheckError(f"a segment of {tokens.shape[0]} tokens is longer than the model's "
                                  f"{self.positions} positions")
         feats = self.hf.transformer(input_ids=tokens.t(), use_cache=False).last_hidden_state  # (B, T, d)
-        return self.decoder(feats.transpose(0, 1)), ()
+        feats = feats.transpose(0, 1)
+        if self.drop_head is not None:
+            feats = self.drop_head(feats)
+        return self.decoder(feats), ()
 
 
 def max_segment(cfg: Mapping[str, Any]) -> int:
@@ -103,7 +115,8 @@ def max_segment(cfg: Mapping[str, Any]) -> int:
 def build(cfg: Mapping[str, Any], vocab: int) -> GPT2LM:
     """The GPT-2 of a run config (``ARCH.build``)."""
     return GPT2LM(vocab, cfg["emb"], cfg["layers"], cfg["heads"], max_segment(cfg),
-                  q_embedding=cfg["q_embedding"], q_attention=cfg["q_attention"], q_residual=cfg["q_residual"])
+                  q_embedding=cfg["q_embedding"], q_attention=cfg["q_attention"], q_residual=cfg["q_residual"],
+                  q_head=cfg["q_head"])
 
 
 def site_group(spec: SiteSpec, model: nn.Module) -> str:
@@ -117,6 +130,8 @@ def site_group(spec: SiteSpec, model: nn.Module) -> str:
     attention = tf.models.gpt2.modeling_gpt2.GPT2Attention
     if spec.module is lm.hf.transformer.drop:
         return "embedding"
+    if lm.drop_head is not None and spec.module is lm.drop_head:
+        return "output"
     attns = [a for a in lm.hf.modules() if isinstance(a, attention)]
     if spec.functional and (isinstance(spec.module, attention) or any(spec.module is a.attn_dropout for a in attns)):
         return "attention"  # named after the calling module or after the module that holds its q
@@ -143,7 +158,7 @@ ARCH = Arch(
     build=build,
     groups=GROUPS,
     site_group=site_group,
-    keys=("heads", "q_attention", "q_residual"),
+    keys=("heads", "q_attention", "q_residual", "q_head"),
     check=check,
-    summary="Hugging Face GPT-2 (tied decoder; embedding, attention and residual dropout)",
+    summary="Hugging Face GPT-2 (tied decoder; embedding, attention, residual and optional head dropout)",
 )

@@ -70,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "heads": 4,  # gpt2: attention heads
     "q_attention": 0.0,  # gpt2: attention-probability dropout (attn_pdrop)
     "q_residual": 0.0,  # gpt2: dropout before each residual add (resid_pdrop)
+    "q_head": 0.0,  # gpt2: dropout on the last layer's features entering the tied decoder (group output)
     # update rule
     "rule": "dropout",
     "k": 1,
@@ -135,7 +136,7 @@ NONNEG_FLOAT = (
     *(f"explicit_mult_{g}" for g in GROUPS),
     *(f"implicit_mult_{g}" for g in GROUPS),
 )
-PROBS = ("q_embedding", "q_hidden", "q_output", "q_weights", "q_rows", "q_attention", "q_residual")
+PROBS = ("q_embedding", "q_hidden", "q_output", "q_weights", "q_rows", "q_attention", "q_residual", "q_head")
 
 _PAPER = {
     "corpus": "ptb",
