@@ -8,8 +8,8 @@ folder fails the test until the notebook is regenerated::
 
     python -m paper_figures.pilot results/runs/cpu-ptb-gpt2-pilot
 
-Rows are sorted by training-set size (largest first), then model, then Adam
-learning rate, then run name.  "best valid" is the run's best validation
+Rows are sorted by training-set size (largest first), then model, then
+optimizer and learning rate, then run name.  "best valid" is the run's best validation
 perplexity; "end" is the final record's stop reason, or "stopped by hand at
 epoch N" for a log without a final record (a run ended with SIGTERM once its
 trend was clear); "training min" is the log's training wall time.
@@ -23,9 +23,14 @@ from pathlib import Path
 
 from .logs import Run, read_runs
 
-COLUMNS = ("size", "train tokens", "Adam lr", "model", "run", "q (emb/attn/resid/head)", "best valid",
+COLUMNS = ("size", "train tokens", "optimizer, lr", "model", "run", "q", "best valid",
            "epoch of best", "clean train ppl there", "end", "training min")
-_Q = ("q_embedding", "q_attention", "q_residual", "q_head")  # q_head: 0 in logs older than the key
+# the drop probabilities of each arch, as the q column names them (a key missing from an older log is 0)
+_Q = {
+    "gpt2": (("q_embedding", "emb"), ("q_attention", "attn"), ("q_residual", "resid"), ("q_head", "head")),
+    "awd-lstm": (("q_embedding", "emb"), ("q_hidden", "hidden"), ("q_output", "out"), ("q_weights", "weights"),
+                 ("q_rows", "rows")),
+}
 
 
 def _size(tokens: int, full: int) -> str:
@@ -33,15 +38,22 @@ def _size(tokens: int, full: int) -> str:
     return f"{r:g}x"
 
 
+def _arch(cfg: dict) -> str:
+    return cfg.get("arch", "awd-lstm")  # logs older than the arch key are the AWD-LSTM's
+
+
 def _model(cfg: dict) -> str:
-    return f"emb {cfg.get('emb')}, {cfg.get('layers')} layers, {cfg.get('heads')} heads"
+    if _arch(cfg) == "awd-lstm":
+        return f"AWD-LSTM emb {cfg.get('emb')}, hidden {cfg.get('hidden')}, {cfg.get('layers')} layers"
+    return f"GPT-2 emb {cfg.get('emb')}, {cfg.get('layers')} layers, {cfg.get('heads')} heads"
 
 
 def _q(cfg: dict) -> str:
+    """The nonzero drop probabilities, e.g. ``emb 0.3, attn 0.1``; ``-`` for a run without dropout."""
     if cfg.get("rule") == "none":
         return "-"
-    qs = [cfg.get(k, 0.0) for k in _Q]
-    return "/".join(f"{q:g}" for q in qs)
+    qs = [f"{label} {cfg.get(key, 0.0):g}" for key, label in _Q.get(_arch(cfg), ()) if cfg.get(key, 0.0)]
+    return ", ".join(qs) or "-"
 
 
 def _best_eval(run: Run):
@@ -68,14 +80,14 @@ def rows(runs: list[Run]) -> list[dict]:
     for r in runs:
         cfg, best = r.config, _best_eval(r)
         out.append({
-            "_sort": (-int(cfg.get("train_tokens", 0)), cfg.get("emb", 0), cfg.get("layers", 0),
-                      -float(cfg.get("lr", 0)), r.header.get("run_name", "")),
+            "_sort": (-int(cfg.get("train_tokens", 0)), _arch(cfg), cfg.get("emb", 0), cfg.get("layers", 0),
+                      cfg.get("optimizer", ""), -float(cfg.get("lr", 0)), r.header.get("run_name", "")),
             "size": _size(int(cfg.get("train_tokens", 0)), full),
             "train tokens": f"{int(cfg.get('train_tokens', 0)):,}",
-            "Adam lr": f"{float(cfg.get('lr', 0)):g}",
+            "optimizer, lr": f"{cfg.get('optimizer', 'sgd')} {float(cfg.get('lr', 0)):g}",
             "model": _model(cfg),
             "run": f"`{r.header.get('run_name', r.path.stem)}`",
-            "q (emb/attn/resid/head)": _q(cfg),
+            "q": _q(cfg),
             "best valid": f"{r.best_valid():.2f}",
             "epoch of best": f"{best['epoch']:g}" if best else "-",
             "clean train ppl there": f"{best['clean_train_ppl']:.1f}" if best and "clean_train_ppl" in best else "-",

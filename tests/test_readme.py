@@ -150,3 +150,17 @@ def test_results_readme_names_every_results_folder():
     folders = sorted(p.name for p in (ROOT / "results").iterdir() if p.is_dir())
     missing = [f for f in folders if f"{f}/" not in text]
     assert folders and not missing, f"results/README.md has no row for: {missing}"
+
+
+GPT2_NOTEBOOK = ROOT / "results" / "cpu-ptb-gpt2" / "README.md"
+GPT2_PILOT = ROOT / "results" / "runs" / "cpu-ptb-gpt2-pilot"
+
+
+def test_the_gpt2_pilot_table_is_the_one_its_logs_give():
+    """The notebook's pilot table is ``python -m paper_figures.pilot`` over the committed pilot logs:
+    a pilot run added without regenerating the table (or a cell typed by hand) fails here."""
+    from paper_figures.pilot import pilot_table
+
+    table = pilot_table(GPT2_PILOT)
+    assert table in GPT2_NOTEBOOK.read_text(encoding="utf-8"), (
+        "regenerate the table: python -m paper_figures.pilot results/runs/cpu-ptb-gpt2-pilot")
