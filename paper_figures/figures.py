@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .logs import Run
+from .rule_labels import RULE_LABELS
 
 
 def _k(r: Run) -> int:
@@ -37,9 +38,20 @@ def _rule(r: Run) -> str:
     return r.config.get("rule", "?")
 
 
+def _of(*rules: str):
+    """Predicate: the run's rule is one of ``rules``, each a registered rule
+    (``RULE_LABELS``): a renamed or unknown rule raises here instead of
+    selecting nothing."""
+    unknown = [x for x in rules if x not in RULE_LABELS]
+    if unknown:
+        raise ValueError(f"no update rule {unknown}; known: {list(RULE_LABELS)}")
+    names = frozenset(rules)
+    return lambda r: _rule(r) in names
+
+
 def _dropout(ks: Iterable[int]):
-    ks = set(ks)
-    return lambda r: _rule(r) == "dropout" and _k(r) in ks
+    ks, is_dropout = set(ks), _of("dropout")
+    return lambda r: is_dropout(r) and _k(r) in ks
 
 
 def _any(*preds):
@@ -47,24 +59,26 @@ def _any(*preds):
 
 
 def _select_fig2(runs):
-    ks = {_k(r) for r in runs if _rule(r) == "dropout_inject"}
-    return _any(lambda r: _rule(r) == "dropout_inject", _dropout(ks | {1}))
+    inject = _of("dropout_inject")
+    ks = {_k(r) for r in runs if inject(r)}
+    return _any(inject, _dropout(ks | {1}))
 
 
 def _select_fig3(runs):
-    ks = [_k(r) for r in runs if _rule(r) == "dropout"]
-    return _any(lambda r: _rule(r) in ("explicit", "none"), _dropout({1, max(ks, default=1)}))
+    ks = [_k(r) for r in runs if _of("dropout")(r)]
+    return _any(_of("explicit", "none"), _dropout({1, max(ks, default=1)}))
 
 
 def _select_fig4(runs):
-    ks = {_k(r) for r in runs if _rule(r) == "dropout_implicit"}
-    return _any(lambda r: _rule(r) == "dropout_implicit", _dropout(ks | {1}))
+    implicit = _of("dropout_implicit")
+    ks = {_k(r) for r in runs if implicit(r)}
+    return _any(implicit, _dropout(ks | {1}))
 
 
 # name -> (title: the arms shown and the claim, claim id, selector)
 FIGURES: dict[str, tuple[str, str, Callable]] = {
     "figure1_dropout_k": ("Figure 1: DROPOUT_k for each k, and no dropout (C1)", "C1",
-                          lambda runs: _any(lambda r: _rule(r) in ("dropout", "none"))),
+                          lambda runs: _of("dropout", "none")),
     "figure2_noise_injection": ("Figure 2: DROPOUT_k + ξ̃_drop beside DROPOUT_1 and DROPOUT_k (C2)", "C2",
                                 _select_fig2),
     "figure3_explicit": ("Figure 3: R_approx alone beside DROPOUT_1, the largest-k DROPOUT_k and no dropout (C3)",
@@ -73,11 +87,11 @@ FIGURES: dict[str, tuple[str, str, Callable]] = {
                                    "C4", _select_fig4),
     "figure5_explicit_implicit": (
         "Figure 5: R_approx + ξ_approx beside R_approx alone and DROPOUT_1 (C5)", "C5",
-        lambda runs: _any(lambda r: _rule(r) in ("explicit_implicit", "explicit"), _dropout({1})),
+        lambda runs: _any(_of("explicit_implicit", "explicit"), _dropout({1})),
     ),
     "ablations": (
         "Section 5.2: identity H_out, loss-Jacobian R̃_approx and ℓ2 beside DROPOUT_1 and no dropout (C6)", "C6",
-        lambda runs: _any(lambda r: _rule(r) in ("identity_hessian", "loss_jacobian", "l2", "none"), _dropout({1})),
+        lambda runs: _any(_of("identity_hessian", "loss_jacobian", "l2", "none"), _dropout({1})),
     ),
 }
 

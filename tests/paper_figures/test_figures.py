@@ -166,3 +166,13 @@ def test_wall_time_only_for_one_machine_and_thread_count(runs_dir):
     assert machine(r) == "AMD EPYC, 2 thread(s)"
     r.config["threads"] = 1
     assert machine(r) == "AMD EPYC, 1 thread(s)"
+
+
+def test_a_figure_selector_naming_an_unregistered_rule_raises():
+    """The selectors check their rule names against the registry's labels: a renamed rule raises
+    instead of leaving its figure silently empty."""
+    from paper_figures import figures
+
+    assert figures._of("dropout", "none")  # registered names pass
+    with pytest.raises(ValueError, match="no update rule"):
+        figures._of("dropout_injected")
