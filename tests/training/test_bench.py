@@ -117,7 +117,10 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert set(fd["settings"]) == {"float64", "float32"} and fd["pass"]
     assert fd["settings"]["float32"]["xi_fd_rel_error"]["median"] < 1e-3
     assert fd["device_name"] == bench["device_name"]  # one reader of the processor's name
-    for name in ("nvidia-smi.txt", "bench.log", "fd_check.log"):
+    gpt2 = json.loads((tmp_path / "cpu-bench-gpt2.json").read_text())
+    assert all(a["error"] is None and a["median_ms"] > 0 for a in gpt2["arms"])
+    assert {a["backend_impl"] for a in gpt2["arms"]} == {"gpt2"}
+    for name in ("nvidia-smi.txt", "bench.log", "bench-gpt2.log", "fd_check.log"):
         assert (tmp_path / name).exists()
 
 

@@ -25,6 +25,10 @@
 # logs into that folder and draw them with
 # `dropcheck reproduce --plan cpu-ptb-cuda --draw-only`.
 #
+# PLAN=cpu-ptb-gpt2-cuda: the Table 2 / C7 plan instead (GPT-2 at all of PTB and
+# a fifth of it; driver A the DROPOUT_2/4 arms, driver B the rest; transformers is
+# in the device image).
+#
 # DRY_RUN=1: the same plumbing on the CPU with the tiny plan and $DATA's
 # corpus (tests/training/test_reproduce.py).
 set -u -o pipefail
@@ -38,6 +42,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${DRY_RUN:-0}" = 1 ]; then
     PLAN=tiny BUDGET=${BUDGET:-300} EVERY=5  # a cap: the tiny plan takes about a minute on an idle machine
     : "${ARMS_A:=dropout-*}" "${ARMS_B:=none explicit*}" "${JOBS_A:=1}" "${JOBS_B:=1}"
+elif [ "${PLAN:-cpu-ptb-cuda}" = cpu-ptb-gpt2-cuda ]; then
+    BUDGET=${BUDGET:-530} EVERY=60
+    : "${ARMS_A:=*-dropout-k[24]}" "${ARMS_B:=*-none *-dropout-k1 *-explicit*}"
+    : "${JOBS_A:=4}" "${JOBS_B:=8}"
 else
     PLAN=cpu-ptb-cuda BUDGET=${BUDGET:-530} EVERY=60
     : "${ARMS_A:=dropout-k[248] inject-k4 dropout-implicit-k*}" "${ARMS_B:=none dropout-k1 l2-* explicit* identity-*}"

@@ -113,6 +113,7 @@ def _best_of(l2s, identity_mults=_IDENTITY_MULTS, lj_mults=_LJ_MULTS) -> tuple[t
 # in the paper's ratio, 1x and 0.2x of a training slice, with the same arms at both.  Every arm is
 # key (--seeds seeds, 2 by default); the cheap 0.2x arms run first.  Judged by paper_figures/table2.py.
 TABLE2_SIZES = {"1x": 200_000, "0.2x": 40_000}
+TABLE2_SIZES_CUDA = {"1x": 929_589, "0.2x": 185_918}  # all of PTB's training tokens, and a fifth of them
 # GPT-2 carries no state between segments, so fd_mid (no clean pass; L and p at the probe passes' midpoint,
 # O(ε²) from the clean ones) loses nothing: 2.16-2.23x a dropout step against 2.44-2.48x for fd_shared
 # (results/bench/cpu-ptb-gpt2.json).
@@ -148,6 +149,13 @@ PLANS: dict[str, Plan] = {
                 note="the paper's AWD-LSTM on PTB; a GPU run (several GPU-days for every arm)"),
     "cpu-ptb-gpt2": Plan("cpu-ptb-gpt2", "cpu-ptb-gpt2", _table2_arms(), judge="table2",
                          note="Table 2 and C7 at CPU scale: GPT-2 on PTB at 1x and 0.2x of a 200k-token slice"),
+    # The same config and arms on one CUDA GPU at 5x the CPU slice, capped at all of PTB (929,589 training
+    # tokens; 0.2x = 185,918): the CPU pilot found no regime at 40k tokens for GPT-2 or the AWD-LSTM, whose
+    # regime does hold at 200k (results/cpu-ptb-gpt2/README.md).  Judged among its own runs
+    # (training/scripts/gpu_study.sh with PLAN=cpu-ptb-gpt2-cuda).
+    "cpu-ptb-gpt2-cuda": Plan("cpu-ptb-gpt2-cuda", "cpu-ptb-gpt2", _table2_arms(TABLE2_SIZES_CUDA), judge="table2",
+                              extra={"device": "cuda"},
+                              note="the cpu-ptb-gpt2 plan on one CUDA GPU, at all of PTB and a fifth of it"),
     # A few steps per arm, for the driver's tests and a quick look at the pipeline.
     "tiny": Plan(
         "tiny",
