@@ -252,7 +252,8 @@ def draw(name: str, runs: list[Run], out: Path, colours: dict | None = None) -> 
                          transform=axes[2].transAxes)
         for ax in axes:
             ax.grid(alpha=0.3, which="both")
-        axes[0].legend(fontsize=7)
+        if axes[0].get_legend_handles_labels()[0]:  # a figure of runs with no finite curve has nothing to list
+            axes[0].legend(fontsize=7)
         devices = sorted({r.device for r in chosen})
         configs = sorted({r.config_name for r in chosen})
         fig.suptitle(f"{title} — {corpus}\nconfig: {', '.join(configs)}; device: {', '.join(devices)}; "
