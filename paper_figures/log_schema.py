@@ -34,6 +34,18 @@ PLAN = "plan"  # a study arm's run: the plan (training/studies/study.py), whose 
 ARM = "arm"  # ... the arm's name in the plan
 CLAIM = "claim"  # ... the claim it serves ("C1".."C7", "T2", "baseline")
 
+# Config keys added after the first committed logs, with the value that means what a log without the key
+# ran (each is its default in training.pipeline.configs.DEFAULTS, chosen to change nothing for the runs
+# made before it; tests/training/test_configs.py checks both).  A reader fills them in before comparing
+# the configs of two runs, so a seed run today is a seed of the same arm as one run before the key existed.
+LATER_KEYS: dict[str, Any] = {
+    "arch": "awd-lstm", "heads": 4, "lstm_init": "uniform", "noise_structure": "locked",
+    "q_attention": 0.0, "q_residual": 0.0, "q_head": 0.0,
+    "explicit_mult_attention": 1.0, "explicit_mult_residual": 1.0,
+    "implicit_mult_attention": 1.0, "implicit_mult_residual": 1.0,
+    "lr_decay": 1.0, "min_improvement": 0.0, "patience": 0, "train_eval_tokens": 20_000,
+}
+
 FIELDS: dict[str, frozenset[str]] = {
     HEADER: frozenset({
         "type", "run_name", "config_name", "config", "seed", "device", "arch", "backend", "dtype",

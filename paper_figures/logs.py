@@ -163,8 +163,9 @@ def read_runs(root, problems: Optional[list[str]] = None) -> list[Run]:
 
 
 def arm_config(run: Run) -> dict:
-    """The run's config without the seed and the ``BOOKKEEPING`` keys."""
-    return {k: v for k, v in run.config.items() if k not in BOOKKEEPING}
+    """The run's config without the seed and the ``BOOKKEEPING`` keys, a key
+    its log predates filled in with what the log ran (``log_schema.LATER_KEYS``)."""
+    return {k: v for k, v in {**log_schema.LATER_KEYS, **run.config}.items() if k not in BOOKKEEPING}
 
 
 def config_key(run: Run) -> str:
