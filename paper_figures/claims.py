@@ -41,7 +41,7 @@ from typing import Callable, Optional
 
 from .logs import Run
 from .noise import Comparison, NoiseRule, common_seeds, compare_arms, first_within
-from .rule_labels import RULE_LABELS
+from .rule_labels import check_rules
 
 VERDICTS = ("reproduced", "partly", "not reproduced", "untestable here", "not yet run")
 PART_VERDICTS = ("holds", "fails", "untestable here", "not yet run")
@@ -197,8 +197,7 @@ def capped_still_improving(runs: list[Run]) -> list[str]:
 # --- recognising arms from their configs ------------------------------------
 
 def _is(rule: str, **kw) -> Callable[[dict], bool]:
-    if rule not in RULE_LABELS:
-        raise ValueError(f"no update rule {rule!r}; known: {list(RULE_LABELS)}")
+    check_rules(rule)
 
     def pred(c: dict) -> bool:
         if c.get("rule") != rule:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .logs import Run
-from .rule_labels import RULE_LABELS
+from .rule_labels import check_rules
 
 
 def _k(r: Run) -> int:
@@ -40,11 +40,9 @@ def _rule(r: Run) -> str:
 
 def _of(*rules: str):
     """Predicate: the run's rule is one of ``rules``, each a registered rule
-    (``RULE_LABELS``): a renamed or unknown rule raises here instead of
-    selecting nothing."""
-    unknown = [x for x in rules if x not in RULE_LABELS]
-    if unknown:
-        raise ValueError(f"no update rule {unknown}; known: {list(RULE_LABELS)}")
+    (``rule_labels.check_rules``): a renamed or unknown rule raises here
+    instead of selecting nothing."""
+    check_rules(*rules)
     names = frozenset(rules)
     return lambda r: _rule(r) in names
 

@@ -21,6 +21,7 @@ import argparse
 import math
 from pathlib import Path
 
+from .log_schema import LATER_KEYS
 from .logs import Run, read_runs
 
 COLUMNS = ("size", "train tokens", "optimizer, lr", "model", "run", "q", "best valid",
@@ -39,7 +40,7 @@ def _size(tokens: int, full: int) -> str:
 
 
 def _arch(cfg: dict) -> str:
-    return cfg.get("arch", "awd-lstm")  # logs older than the arch key are the AWD-LSTM's
+    return cfg.get("arch", LATER_KEYS["arch"])  # a log older than the key ran what LATER_KEYS says
 
 
 def _model(cfg: dict) -> str:
@@ -81,12 +82,12 @@ def rows(runs: list[Run]) -> list[dict]:
         cfg, best = r.config, _best_eval(r)
         out.append({
             "_sort": (-int(cfg.get("train_tokens", 0)), _arch(cfg), cfg.get("emb", 0), cfg.get("layers", 0),
-                      cfg.get("optimizer", ""), -float(cfg.get("lr", 0)), r.header.get("run_name", "")),
+                      cfg.get("optimizer", ""), -float(cfg.get("lr", 0)), r.name),
             "size": _size(int(cfg.get("train_tokens", 0)), full),
             "train tokens": f"{int(cfg.get('train_tokens', 0)):,}",
             "optimizer, lr": f"{cfg.get('optimizer', 'sgd')} {float(cfg.get('lr', 0)):g}",
             "model": _model(cfg),
-            "run": f"`{r.header.get('run_name', r.path.stem)}`",
+            "run": f"`{r.name}`",
             "q": _q(cfg),
             "best valid": f"{r.best_valid():.2f}",
             "epoch of best": f"{best['epoch']:g}" if best else "-",

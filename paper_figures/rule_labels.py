@@ -49,6 +49,15 @@ RULE_LABELS: dict[str, Callable[[Config], str]] = {
 }
 
 
+def check_rules(*rules: str) -> None:
+    """Raise ``ValueError`` for a name that is no registered rule (a selector
+    naming a renamed or unknown rule would otherwise select nothing)."""
+    unknown = [r for r in rules if r not in RULE_LABELS]
+    if unknown:
+        raise ValueError(f"no update rule {unknown[0] if len(unknown) == 1 else unknown!r}; "
+                         f"known: {list(RULE_LABELS)}")
+
+
 def rule_label(rule: str, cfg: Config) -> str:
     """The paper's name of config value ``rule`` under config ``cfg``."""
     return RULE_LABELS[rule](cfg)

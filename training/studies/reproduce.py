@@ -376,7 +376,7 @@ def _check_seeds_agree(runs: list) -> None:
 
     arms: dict = {}
     for r in runs:
-        arms.setdefault(re.sub(r"-s\d+$", "", r.header["run_name"]), []).append(r)
+        arms.setdefault(r.arm_key, []).append(r)
     for arm, members in sorted(arms.items()):
         cfgs = {config_key(m): m for m in members}
         if len(cfgs) > 1:
