@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .claims import _is, _pick_one, collect
 from .logs import Run
 from .rule_labels import check_rules
 
@@ -69,15 +70,12 @@ def _select_fig3(runs):
 
 def _select_ablations(runs):
     """C6's arms, and R_approx alone at the coefficient its first half is
-    judged against: the one ``claims.pick`` chooses on the first shared seed,
-    so the figure shows the ℓ2 → R_approx gap the identity threshold is a
-    share of."""
-    from .claims import collect, pick
-
-    explicit = _of("explicit")
-    best, _ = pick(sorted(collect([r for r in runs if explicit(r)]).values(), key=lambda a: a.key))
-    chosen = (lambda r: explicit(r) and r.arm_key == best.key) if best else (lambda r: False)
-    return _any(_of("identity_hessian", "loss_jacobian", "l2", "none"), _dropout({1}), chosen)
+    judged against: the one ``claims._c6`` picks (``claims._pick_one``, on the
+    first shared seed), so the figure shows the ℓ2 → R_approx gap the identity
+    threshold is a share of."""
+    best = _pick_one(collect(runs), _is("explicit"))
+    return _any(_of("identity_hessian", "loss_jacobian", "l2", "none"), _dropout({1}),
+                lambda r: best is not None and r.arm_key == best.key)
 
 
 def _select_fig4(runs):
@@ -101,8 +99,8 @@ FIGURES: dict[str, tuple[str, str, Callable]] = {
         lambda runs: _any(_of("explicit_implicit", "explicit"), _dropout({1})),
     ),
     "ablations": (
-        "Section 5.2: identity H_out, loss-Jacobian R̃_approx and ℓ2 beside R_approx alone (the coefficient C6 "
-        "judges against), DROPOUT_1 and no dropout (C6)", "C6", _select_ablations,
+        ("Section 5.2: identity H_out, loss-Jacobian R̃_approx and ℓ2 beside R_approx alone (the coefficient C6 "
+         "judges against), DROPOUT_1 and no dropout (C6)"), "C6", _select_ablations,
     ),
 }
 
